@@ -1,0 +1,199 @@
+//! One AMQP connection per service process, kept alive by a supervisor.
+//!
+//! lapin's built-in auto-recovery still has open bugs (see CRATES.md, L1), so
+//! recovery is explicit and simple: [`Broker::supervise`] connects with
+//! backoff, declares the topology, and hands the connection out. Components
+//! (consumers, the outbox relay) open their own channels on it; when anything
+//! fails they call [`Broker::report_broken`], the supervisor drops the
+//! connection and makes a new one, and every component starts over on the new
+//! connection. Nothing is lost: unacked deliveries are redelivered by the
+//! broker, unconfirmed outbox rows are re-sent by the relay, and inboxes absorb
+//! the duplicates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use futures_util::StreamExt as _;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::telemetry::metric;
+use crate::topology;
+
+/// A live connection, shared by the service's components.
+pub type SharedConnection = Arc<Connection>;
+
+/// Handle to the service's broker connection (cheap to clone).
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    connection_name: String,
+    current: watch::Sender<Option<SharedConnection>>,
+    /// Wakes the supervisor when a component saw the connection fail.
+    broken: tokio::sync::Notify,
+}
+
+impl Broker {
+    /// `connection_name` shows in the management UI's connection list.
+    pub fn new(url: impl Into<String>, connection_name: impl Into<String>) -> Self {
+        let (current, _) = watch::channel(None);
+        Self {
+            inner: Arc::new(Inner {
+                url: url.into(),
+                connection_name: connection_name.into(),
+                current,
+                broken: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// True while a connection with a declared topology is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// Waits for a live connection; `None` once `cancel` fires.
+    pub async fn connection(&self, cancel: &CancellationToken) -> Option<SharedConnection> {
+        let mut rx = self.inner.current.subscribe();
+        loop {
+            if let Some(conn) = rx.borrow_and_update().as_ref()
+                && conn.status().connected()
+            {
+                return Some(conn.clone());
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                changed = rx.changed() => if changed.is_err() { return None },
+                // The status can turn bad without a watch update.
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// A confirm-mode channel on the current connection.
+    pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(channel)
+    }
+
+    /// Tells the supervisor the current connection looks dead.
+    pub fn report_broken(&self) {
+        self.inner.broken.notify_one();
+    }
+
+    /// Keeps a connection up until `cancel` fires. Run it in its own task.
+    pub async fn supervise(self, cancel: CancellationToken) {
+        let mut backoff = reconnect_backoff(Duration::from_millis(100), Duration::from_secs(5));
+        while !cancel.is_cancelled() {
+            let conn = match self.connect().await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
+                    metrics::counter!(metric::BROKER_CONNECT_FAILURES).increment(1);
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            backoff = reconnect_backoff(Duration::from_millis(100), Duration::from_secs(5));
+            info!(name = %self.inner.connection_name, "broker connected, topology declared");
+            metrics::gauge!(metric::BROKER_CONNECTED).set(1.0);
+            let conn = Arc::new(conn);
+            let mut events = conn.events_listener();
+            self.inner.current.send_replace(Some(conn.clone()));
+
+            // Wait until the connection fails, a component reports it, or we stop.
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = self.inner.broken.notified() => break,
+                    event = events.next() => match event {
+                        Some(lapin::Event::Error(error)) => {
+                            warn!(%error, "broker connection error");
+                            break;
+                        }
+                        Some(_) => continue,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if !conn.status().connected() { break; }
+                    }
+                }
+            }
+            metrics::gauge!(metric::BROKER_CONNECTED).set(0.0);
+            self.inner.current.send_replace(None);
+            if !cancel.is_cancelled() {
+                warn!("broker connection lost; reconnecting");
+            }
+            // Closing an already dead connection fails; that is fine.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, BrokerError> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(self.inner.connection_name.as_str().into());
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(&self.inner.url, props),
+        )
+        .await
+        .map_err(|_| BrokerError::Timeout)??;
+        let channel = conn.create_channel().await?;
+        topology::declare_all(&channel).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(conn)
+    }
+}
+
+/// Reconnect delays: exponential from `min` to `max`, with jitter, endless.
+pub fn reconnect_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_jitter()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .without_max_times()
+        .build()
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error("timed out connecting to the broker")]
+    Timeout,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_backoff_grows_and_stays_capped() {
+        let delays: Vec<_> = reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1))
+            .take(30)
+            .collect();
+        assert_eq!(delays.len(), 30);
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[10] >= Duration::from_millis(500));
+    }
+}

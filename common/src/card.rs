@@ -1,0 +1,285 @@
+//! Card data hand-off: order-svc seals the card for payment-svc, and only
+//! payment-svc can open it.
+//!
+//! A sealed box (X25519 + XSalsa20-Poly1305, libsodium's `crypto_box_seal`)
+//! encrypts to payment-svc's *public* key: order-svc holds only that public
+//! key, so even order-svc cannot read a card back out of its own outbox. The
+//! clear fields of a [`SealedCard`] (`brand`, `last4`) are the ones PCI DSS
+//! allows to be shown.
+//!
+//! [`CardDetails`] never prints its number or CVV: its `Debug` is redacted so a
+//! stray `?card` in a log line cannot leak it.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use crypto_box::aead::OsRng;
+use crypto_box::{PublicKey, SecretKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Seed of the development key pair used when no key is configured. It is
+/// public (it is in this file), so services log a warning when they use it.
+const DEV_KEY_SEED: &str = "order-saga development card sealing key - never use in production";
+
+/// Identifier written next to each sealed card, so keys can be rotated.
+pub const DEV_KEY_ID: &str = "dev";
+
+/// The card as the client sent it. Never logged, never stored in clear.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CardDetails {
+    /// Digits only (separators removed by validation).
+    pub card_number: String,
+    /// `MM/YY`.
+    pub expiry_date: String,
+    pub cvv: String,
+}
+
+impl fmt::Debug for CardDetails {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CardDetails")
+            .field("card_number", &format_args!("****{}", self.last4()))
+            .field("expiry_date", &self.expiry_date)
+            .field("cvv", &"***")
+            .finish()
+    }
+}
+
+impl CardDetails {
+    pub fn last4(&self) -> &str {
+        let n = self.card_number.len();
+        &self.card_number[n.saturating_sub(4)..]
+    }
+
+    pub fn brand(&self) -> &'static str {
+        brand_of(&self.card_number)
+    }
+}
+
+/// The card as it travels in `order.created`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedCard {
+    /// Which key sealed it.
+    pub key_id: String,
+    /// Base64 of the sealed box holding the JSON of [`CardDetails`].
+    pub sealed: String,
+    pub brand: String,
+    pub last4: String,
+}
+
+/// Why a card could not be sealed or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("card sealing key is not valid base64 of 32 bytes")]
+    BadKey,
+    #[error("sealed card was made with key {0:?}, which this service does not hold")]
+    UnknownKey(String),
+    #[error("sealed card cannot be opened (corrupt, or sealed for another key)")]
+    CannotOpen,
+}
+
+/// Seals cards for payment-svc (held by order-svc).
+#[derive(Clone)]
+pub struct CardSealer {
+    key_id: String,
+    public: PublicKey,
+}
+
+impl CardSealer {
+    /// From a base64 public key; `None` gives the development key.
+    pub fn new(public_key_b64: Option<&str>) -> Result<Self, CardError> {
+        match public_key_b64 {
+            None => Ok(Self {
+                key_id: DEV_KEY_ID.to_owned(),
+                public: dev_secret_key().public_key(),
+            }),
+            Some(b64) => Ok(Self {
+                key_id: key_id_of(b64),
+                public: PublicKey::from_slice(&decode_key(b64)?).map_err(|_| CardError::BadKey)?,
+            }),
+        }
+    }
+
+    pub fn is_dev_key(&self) -> bool {
+        self.key_id == DEV_KEY_ID
+    }
+
+    pub fn seal(&self, card: &CardDetails) -> SealedCard {
+        let plain = serde_json::to_vec(card).expect("CardDetails serializes");
+        let sealed = self
+            .public
+            .seal(&mut OsRng, &plain)
+            .expect("sealing a small message cannot fail");
+        SealedCard {
+            key_id: self.key_id.clone(),
+            sealed: B64.encode(sealed),
+            brand: card.brand().to_owned(),
+            last4: card.last4().to_owned(),
+        }
+    }
+}
+
+/// Opens sealed cards (held by payment-svc only).
+#[derive(Clone)]
+pub struct CardOpener {
+    key_id: String,
+    secret: SecretKey,
+}
+
+impl CardOpener {
+    /// From a base64 secret key; `None` gives the development key.
+    pub fn new(secret_key_b64: Option<&str>) -> Result<Self, CardError> {
+        match secret_key_b64 {
+            None => Ok(Self {
+                key_id: DEV_KEY_ID.to_owned(),
+                secret: dev_secret_key(),
+            }),
+            Some(b64) => {
+                let secret =
+                    SecretKey::from_slice(&decode_key(b64)?).map_err(|_| CardError::BadKey)?;
+                let public_b64 = B64.encode(secret.public_key().as_bytes());
+                Ok(Self {
+                    key_id: key_id_of(&public_b64),
+                    secret,
+                })
+            }
+        }
+    }
+
+    pub fn is_dev_key(&self) -> bool {
+        self.key_id == DEV_KEY_ID
+    }
+
+    /// The base64 public key that order-svc must be configured with.
+    pub fn public_key_b64(&self) -> String {
+        B64.encode(self.secret.public_key().as_bytes())
+    }
+
+    pub fn open(&self, card: &SealedCard) -> Result<CardDetails, CardError> {
+        if card.key_id != self.key_id {
+            return Err(CardError::UnknownKey(card.key_id.clone()));
+        }
+        let bytes = B64
+            .decode(&card.sealed)
+            .map_err(|_| CardError::CannotOpen)?;
+        let plain = self
+            .secret
+            .unseal(&bytes)
+            .map_err(|_| CardError::CannotOpen)?;
+        serde_json::from_slice(&plain).map_err(|_| CardError::CannotOpen)
+    }
+}
+
+/// A fresh key pair `(secret_b64, public_b64)` for configuring production.
+pub fn generate_key_pair() -> (String, String) {
+    let secret = SecretKey::generate(&mut OsRng);
+    (
+        B64.encode(secret.to_bytes()),
+        B64.encode(secret.public_key().as_bytes()),
+    )
+}
+
+fn dev_secret_key() -> SecretKey {
+    SecretKey::from_bytes(Sha256::digest(DEV_KEY_SEED.as_bytes()).into())
+}
+
+fn decode_key(b64: &str) -> Result<Vec<u8>, CardError> {
+    let bytes = B64.decode(b64.trim()).map_err(|_| CardError::BadKey)?;
+    if bytes.len() != 32 {
+        return Err(CardError::BadKey);
+    }
+    Ok(bytes)
+}
+
+/// A short, stable id for a public key: the first 8 hex digits of its SHA-256.
+fn key_id_of(public_b64: &str) -> String {
+    let digest = Sha256::digest(public_b64.trim().as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Card brand from the number's prefix (enough for receipts and logs).
+pub fn brand_of(number: &str) -> &'static str {
+    let two: u32 = number.get(..2).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let four: u32 = number.get(..4).and_then(|p| p.parse().ok()).unwrap_or(0);
+    match () {
+        _ if number.starts_with('4') => "visa",
+        _ if (51..=55).contains(&two) || (2221..=2720).contains(&four) => "mastercard",
+        _ if two == 34 || two == 37 => "amex",
+        _ if number.starts_with("6011") || two == 65 => "discover",
+        _ => "unknown",
+    }
+}
+
+/// The Luhn checksum every real card number satisfies.
+pub fn luhn_valid(digits: &str) -> bool {
+    let mut sum = 0;
+    for (i, c) in digits.chars().rev().enumerate() {
+        let Some(mut d) = c.to_digit(10) else {
+            return false;
+        };
+        if i % 2 == 1 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    !digits.is_empty() && sum % 10 == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card() -> CardDetails {
+        CardDetails {
+            card_number: "4242424242424242".into(),
+            expiry_date: "12/30".into(),
+            cvv: "123".into(),
+        }
+    }
+
+    #[test]
+    fn a_card_sealed_with_the_dev_key_opens_with_the_dev_key() {
+        let sealed = CardSealer::new(None).unwrap().seal(&card());
+        assert_eq!(sealed.last4, "4242");
+        assert_eq!(sealed.brand, "visa");
+        assert!(!sealed.sealed.contains("4242424242424242"));
+        assert_eq!(
+            CardOpener::new(None).unwrap().open(&sealed).unwrap(),
+            card()
+        );
+    }
+
+    #[test]
+    fn a_configured_key_pair_round_trips_and_rejects_other_keys() {
+        let (secret, public) = generate_key_pair();
+        let sealed = CardSealer::new(Some(&public)).unwrap().seal(&card());
+        let opener = CardOpener::new(Some(&secret)).unwrap();
+        assert_eq!(opener.public_key_b64(), public);
+        assert_eq!(opener.open(&sealed).unwrap(), card());
+        assert!(matches!(
+            CardOpener::new(None).unwrap().open(&sealed),
+            Err(CardError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_number_or_cvv() {
+        let text = format!("{:?}", card());
+        assert!(!text.contains("4242424242424242"));
+        assert!(!text.contains("123"));
+        assert!(text.contains("****4242"));
+    }
+
+    #[test]
+    fn luhn_accepts_published_test_cards_and_rejects_typos() {
+        for n in ["4242424242424242", "4000000000000002", "5555555555554444"] {
+            assert!(luhn_valid(n), "{n}");
+        }
+        assert!(!luhn_valid("4242424242424241"));
+        assert!(!luhn_valid(""));
+    }
+}

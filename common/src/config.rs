@@ -1,0 +1,148 @@
+//! Configuration shared by every service, from the environment (or flags).
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` | broker (vhost percent-encoded) |
+//! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/<db>` | the service's own database (created if missing) |
+//! | `HTTP_ADDR` | `127.0.0.1:<port>` | HTTP API, `/health`, `/metrics` |
+//! | `DB_POOL_SIZE` | 8 | PostgreSQL connections in the pool |
+//! | `PREFETCH` | 16 | unacked deliveries (and handlers) in flight |
+//! | `RETRY_MAX_ATTEMPTS` | 8 | attempts before a failing message is parked |
+//! | `FAULT_DELAY_MS` | unset | delay before each message: `N` or `MIN-MAX` |
+//! | `OUTBOX_BATCH_SIZE` | 256 | rows per relay pass |
+//! | `OUTBOX_POLL_MS` | 500 | relay poll period when no NOTIFY arrives |
+//! | `SHUTDOWN_GRACE_MS` | 10000 | time allowed to drain on SIGTERM |
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::fault::FaultDelay;
+use crate::topology::ServiceIdentity;
+
+/// The local broker's default vhost `/`.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Settings every service reads.
+#[derive(clap::Args, Clone)]
+pub struct CommonConfig {
+    /// AMQP broker URL; the vhost is percent-encoded (`%2f` is `/`).
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    /// PostgreSQL URL of this service's own database (created if missing)
+    /// [default: postgres://postgres@127.0.0.1:5432/<service database>].
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// HTTP listen address [default: 127.0.0.1:<service port>].
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: u32,
+    /// Unacked deliveries (and concurrent handlers) at most.
+    #[arg(long, env = "PREFETCH", default_value_t = 16)]
+    pub prefetch: u16,
+    /// Attempts (first delivery + retries) before a failing message is parked.
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 8)]
+    pub retry_max_attempts: u32,
+    /// Artificial delay before handling each message: `N` or `MIN-MAX` ms.
+    #[arg(long, env = "FAULT_DELAY_MS")]
+    pub fault_delay_ms: Option<FaultDelay>,
+    /// Outbox rows published per relay pass.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 256)]
+    pub outbox_batch_size: i64,
+    /// Relay poll period when no notification arrives, in ms.
+    #[arg(long, env = "OUTBOX_POLL_MS", default_value_t = 500)]
+    pub outbox_poll_ms: u64,
+    /// Time allowed to drain on SIGTERM, in ms.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+impl CommonConfig {
+    /// Defaults with the given broker and database (tests, tools).
+    pub fn new(amqp_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            amqp_url: amqp_url.into(),
+            database_url: Some(database_url.into()),
+            http_addr: None,
+            db_pool_size: 8,
+            prefetch: 16,
+            retry_max_attempts: 8,
+            fault_delay_ms: None,
+            outbox_batch_size: 256,
+            outbox_poll_ms: 500,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+
+    pub fn database_url(&self, svc: &ServiceIdentity) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("postgres://postgres@127.0.0.1:5432/{}", svc.database))
+    }
+
+    pub fn http_addr(&self, svc: &ServiceIdentity) -> String {
+        self.http_addr
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", svc.http_port))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+impl fmt::Debug for CommonConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommonConfig")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("http_addr", &self.http_addr)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("prefetch", &self.prefetch)
+            .field("retry_max_attempts", &self.retry_max_attempts)
+            .field(
+                "fault_delay_ms",
+                &self.fault_delay_ms.map(|d| d.to_string()),
+            )
+            .field("outbox_batch_size", &self.outbox_batch_size)
+            .field("outbox_poll_ms", &self.outbox_poll_ms)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@h/db"),
+            "postgres://postgres@h/db"
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! PostgreSQL: database creation, the pool, migrations, and which errors are
+//! worth retrying.
+//!
+//! Each service owns one database. The outbox and inbox tables come from
+//! `common/migrations` and are merged with the service's own migrations into
+//! one [`Migrator`], so every service gets the same shared schema without a
+//! copy of its SQL.
+
+use std::borrow::Cow;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, PgPool};
+use tracing::info;
+
+use crate::telemetry::metric;
+
+/// The shared tables (outbox, inbox, escalations).
+pub static COMMON_MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+/// Why the database could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid DATABASE_URL: {0}")]
+    Url(#[source] sqlx::Error),
+    #[error("DATABASE_URL names no database")]
+    NoDatabase,
+    #[error("database name {0:?} must be letters, digits and underscores")]
+    BadName(String),
+    #[error("could not create database {name:?}: {source}")]
+    Create {
+        name: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not connect: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// The common migrations followed by the service's own.
+pub fn migrator(service: &Migrator) -> Migrator {
+    let mut all: Vec<_> = COMMON_MIGRATIONS
+        .migrations
+        .iter()
+        .chain(service.migrations.iter())
+        .cloned()
+        .collect();
+    all.sort_by_key(|m| m.version);
+    Migrator {
+        migrations: Cow::Owned(all),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// Creates the database named in `url` if it does not exist, opens a pool
+/// on it and runs the migrations (sqlx takes an advisory lock, so replicas
+/// starting together are safe).
+pub async fn connect_and_migrate(
+    url: &str,
+    pool_size: u32,
+    migrations: &Migrator,
+) -> Result<PgPool, DbError> {
+    let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+    ensure_database(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .idle_timeout(Duration::from_secs(60))
+        .connect_with(options)
+        .await
+        .map_err(DbError::Connect)?;
+    migrator(migrations)
+        .run(&pool)
+        .await
+        .map_err(DbError::Migrate)?;
+    Ok(pool)
+}
+
+/// `CREATE DATABASE` unless it exists, through the server's `postgres` database.
+pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> {
+    let name = options
+        .get_database()
+        .ok_or(DbError::NoDatabase)?
+        .to_owned();
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DbError::BadName(name));
+    }
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(DbError::Connect)?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .map_err(DbError::Connect)?;
+    if !exists {
+        let created = sqlx::query(AssertSqlSafe(format!("create database \"{name}\"")))
+            .execute(&mut admin)
+            .await;
+        match created {
+            Ok(_) => info!(database = %name, "created database"),
+            // Another replica created it first (42P04, or a unique violation
+            // on pg_database when both raced).
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
+            Err(source) => return Err(DbError::Create { name, source }),
+        }
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// Drops a database (tests and tooling), closing other sessions first.
+pub async fn drop_database(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
+    let name = options
+        .get_database()
+        .ok_or_else(|| sqlx::Error::Configuration("no database".into()))?
+        .to_owned();
+    let mut admin = options.clone().database("postgres").connect().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "drop database if exists \"{name}\" with (force)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// A retryable database failure, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryableKind {
+    Deadlock,
+    Serialization,
+    LockTimeout,
+    Connection,
+    Other,
+}
+
+impl RetryableKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            RetryableKind::Deadlock => "deadlock",
+            RetryableKind::Serialization => "serialization",
+            RetryableKind::LockTimeout => "lock_timeout",
+            RetryableKind::Connection => "connection",
+            RetryableKind::Other => "other",
+        }
+    }
+}
+
+/// Classifies an error: `Some` if trying again later may succeed.
+pub fn retryable(e: &sqlx::Error) -> Option<RetryableKind> {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => Some(RetryableKind::Connection),
+        sqlx::Error::Database(db) => {
+            let code = db.code()?;
+            Some(match code.as_ref() {
+                "40P01" => RetryableKind::Deadlock,
+                "40001" => RetryableKind::Serialization,
+                "55P03" | "57014" => RetryableKind::LockTimeout,
+                c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {
+                    RetryableKind::Connection
+                }
+                _ => return None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Counts a retryable error in `db_retryable_errors_total`.
+pub fn record_retryable(service: &'static str, kind: RetryableKind) {
+    metrics::counter!(metric::DB_RETRYABLE_ERRORS, "service" => service, "kind" => kind.label())
+        .increment(1);
+}

@@ -1,0 +1,207 @@
+//! The event catalogue: every event type of the saga, its routing key, and the
+//! shape of its `data`.
+//!
+//! This module *is* the messaging contract (docs/events.md describes the same
+//! thing for humans): adding a field is backwards compatible, renaming or
+//! removing one is not and needs a new envelope `version`.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::card::SealedCard;
+use crate::order::{OrderLine, SagaResult};
+
+/// The topic exchange every service publishes to and consumes from.
+pub const EXCHANGE: &str = "saga.events";
+
+/// Every event of the saga. The serialized form is the routing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    /// A client asks for an order (body: the order dict, not an envelope).
+    #[serde(rename = "order.requested")]
+    OrderRequested,
+    /// order-svc accepted and priced the order; the saga starts.
+    #[serde(rename = "order.created")]
+    OrderCreated,
+    /// payment-svc charged the customer.
+    #[serde(rename = "payment.completed")]
+    PaymentCompleted,
+    /// payment-svc could not charge (the saga fails).
+    #[serde(rename = "payment.failed")]
+    PaymentFailed,
+    /// payment-svc refunded a charge (compensation).
+    #[serde(rename = "payment.refunded")]
+    PaymentRefunded,
+    /// inventory-svc holds stock for every line of the order.
+    #[serde(rename = "inventory.reserved")]
+    InventoryReserved,
+    /// inventory-svc could not reserve (the saga fails).
+    #[serde(rename = "inventory.failed")]
+    InventoryFailed,
+    /// inventory-svc released a reservation (compensation).
+    #[serde(rename = "inventory.released")]
+    InventoryReleased,
+    /// notification-svc sent the confirmation email.
+    #[serde(rename = "notification.sent")]
+    NotificationSent,
+    /// notification-svc could not send the confirmation (the saga fails).
+    #[serde(rename = "notification.failed")]
+    NotificationFailed,
+    /// Terminal: the saga succeeded (data carries the result dict).
+    #[serde(rename = "order.confirmed")]
+    OrderConfirmed,
+    /// Terminal: the saga failed (data carries the result dict); every service
+    /// compensates what it did.
+    #[serde(rename = "order.failed")]
+    OrderFailed,
+    /// The saga was cancelled before it completed (its deadline passed); every
+    /// service compensates what it did and applies nothing more.
+    #[serde(rename = "order.cancelled")]
+    OrderCancelled,
+}
+
+impl EventType {
+    /// Every event type, in saga order.
+    pub const ALL: [EventType; 13] = [
+        EventType::OrderRequested,
+        EventType::OrderCreated,
+        EventType::PaymentCompleted,
+        EventType::PaymentFailed,
+        EventType::PaymentRefunded,
+        EventType::InventoryReserved,
+        EventType::InventoryFailed,
+        EventType::InventoryReleased,
+        EventType::NotificationSent,
+        EventType::NotificationFailed,
+        EventType::OrderConfirmed,
+        EventType::OrderFailed,
+        EventType::OrderCancelled,
+    ];
+
+    /// The routing key on [`EXCHANGE`] (also the AMQP `type` property).
+    pub fn routing_key(self) -> &'static str {
+        match self {
+            EventType::OrderRequested => "order.requested",
+            EventType::OrderCreated => "order.created",
+            EventType::PaymentCompleted => "payment.completed",
+            EventType::PaymentFailed => "payment.failed",
+            EventType::PaymentRefunded => "payment.refunded",
+            EventType::InventoryReserved => "inventory.reserved",
+            EventType::InventoryFailed => "inventory.failed",
+            EventType::InventoryReleased => "inventory.released",
+            EventType::NotificationSent => "notification.sent",
+            EventType::NotificationFailed => "notification.failed",
+            EventType::OrderConfirmed => "order.confirmed",
+            EventType::OrderFailed => "order.failed",
+            EventType::OrderCancelled => "order.cancelled",
+        }
+    }
+
+    /// The event type for a routing key, if it is one of ours.
+    pub fn from_routing_key(key: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.routing_key() == key)
+    }
+
+    /// True for the events that end a saga or roll it back: every service
+    /// that acted compensates when it sees one of them.
+    pub fn is_abort(self) -> bool {
+        matches!(self, EventType::OrderFailed | EventType::OrderCancelled)
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.routing_key())
+    }
+}
+
+/// `order.created`: the priced order, with the card sealed for payment-svc.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderCreated {
+    pub customer_id: String,
+    pub items: Vec<OrderLine>,
+    pub amount_cents: i64,
+    pub currency: String,
+    /// Only payment-svc holds the key that opens this.
+    pub payment: SealedCard,
+}
+
+/// `payment.completed`: the charge succeeded; carries what the next steps need.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentCompleted {
+    pub customer_id: String,
+    pub items: Vec<OrderLine>,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub card_last4: String,
+}
+
+/// A step's failure: a stable machine code and a human reason. Used by
+/// `payment.failed`, `inventory.failed` and `notification.failed`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StepFailed {
+    /// Stable, documented code, e.g. `insufficient_funds`, `out_of_stock`.
+    pub code: String,
+    /// Human readable; becomes the `reason` of the result dict.
+    pub reason: String,
+}
+
+/// `payment.refunded`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentRefunded {
+    pub customer_id: String,
+    pub amount_cents: i64,
+}
+
+/// `inventory.reserved`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InventoryReserved {
+    pub customer_id: String,
+    pub items: Vec<OrderLine>,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// `inventory.released`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InventoryReleased {
+    pub items: Vec<OrderLine>,
+}
+
+/// `notification.sent`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NotificationSent {
+    pub email_id: Uuid,
+    pub kind: String,
+}
+
+/// `order.confirmed` / `order.failed`: the saga's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderDecided {
+    pub customer_id: String,
+    pub amount_cents: i64,
+    /// The result dict, exactly as the client receives it.
+    pub result: SagaResult,
+}
+
+/// `order.cancelled`: the saga was cancelled (its deadline passed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    pub customer_id: String,
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_keys_round_trip_through_serde_and_lookup() {
+        for t in EventType::ALL {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(json, format!("\"{}\"", t.routing_key()));
+            assert_eq!(EventType::from_routing_key(t.routing_key()), Some(t));
+        }
+        assert_eq!(EventType::from_routing_key("order.exploded"), None);
+    }
+}

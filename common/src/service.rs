@@ -1,0 +1,195 @@
+//! The wiring every service shares: database, broker supervisor, outbox
+//! relay, consumer, HTTP server, background tasks, and an orderly shutdown.
+//!
+//! A service's `main` is: parse config, [`ServiceRuntime::build`], build its
+//! handler and routes on the runtime's pool, then [`ServiceRuntime::run`].
+//!
+//! Shutdown (on the token passed to `run`) happens in phases, so nothing in
+//! flight is lost:
+//! 1. stop intake: the HTTP server stops accepting and drains, the consumer
+//!    stops taking deliveries and lets its handlers finish and ack, background
+//!    tasks (timeout watcher) stop;
+//! 2. flush: the outbox relay publishes what those handlers committed;
+//! 3. close the broker connection and the pool.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use futures_util::future::BoxFuture;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use tracing::{info, warn};
+
+use crate::broker::Broker;
+use crate::config::CommonConfig;
+use crate::consumer::{Consumer, ConsumerSettings, MessageHandler};
+use crate::outbox::{OutboxRelay, RelaySettings};
+use crate::topology::ServiceIdentity;
+use crate::{db, http, telemetry};
+
+/// A task that runs until the intake token is cancelled.
+pub type BackgroundTask = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
+/// A service's infrastructure, ready to run.
+pub struct ServiceRuntime {
+    pub identity: ServiceIdentity,
+    pub config: CommonConfig,
+    pub pool: PgPool,
+    pub broker: Broker,
+    listener: TcpListener,
+}
+
+impl ServiceRuntime {
+    /// Creates and migrates the database, binds the HTTP port. Spawns nothing.
+    pub async fn build(
+        identity: ServiceIdentity,
+        config: CommonConfig,
+        migrations: &Migrator,
+    ) -> anyhow::Result<Self> {
+        let database_url = config.database_url(&identity);
+        let pool = db::connect_and_migrate(&database_url, config.db_pool_size, migrations)
+            .await
+            .with_context(|| {
+                format!(
+                    "preparing database {}",
+                    crate::config::redact_url(&database_url)
+                )
+            })?;
+        let addr = config.http_addr(&identity);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding HTTP on {addr}"))?;
+        let connection_name = format!("{}@{}", identity.name, std::process::id());
+        let broker = Broker::new(config.amqp_url.clone(), connection_name);
+        // Register the recorder before anything records.
+        let _ = telemetry::prometheus();
+        Ok(Self {
+            identity,
+            config,
+            pool,
+            broker,
+            listener,
+        })
+    }
+
+    /// The bound HTTP address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address") // startup invariant
+    }
+
+    /// Runs everything until `cancel` fires, then shuts down in phases.
+    pub async fn run<H: MessageHandler>(
+        self,
+        handler: H,
+        routes: Router,
+        background: Vec<BackgroundTask>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let name = self.identity.name;
+        let grace = self.config.shutdown_grace();
+        let intake = CancellationToken::new();
+        let relay_stop = CancellationToken::new();
+        let infra_stop = CancellationToken::new();
+
+        let infra = TaskTracker::new();
+        infra.spawn(self.broker.clone().supervise(infra_stop.clone()));
+        infra.spawn(telemetry::run_upkeep(infra_stop.clone()));
+
+        let relay = OutboxRelay::new(
+            name,
+            self.pool.clone(),
+            self.broker.clone(),
+            RelaySettings {
+                batch_size: self.config.outbox_batch_size,
+                poll_interval: Duration::from_millis(self.config.outbox_poll_ms),
+            },
+        );
+        let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+
+        let intake_tasks = TaskTracker::new();
+        let consumer = Consumer::new(
+            self.identity,
+            self.broker.clone(),
+            ConsumerSettings {
+                prefetch: self.config.prefetch,
+                max_attempts: self.config.retry_max_attempts,
+                fault_delay: self.config.fault_delay_ms,
+            },
+            Arc::new(handler),
+        );
+        intake_tasks.spawn(consumer.run(intake.clone()));
+        for task in background {
+            intake_tasks.spawn(task(intake.clone()));
+        }
+
+        let router = routes
+            .merge(http::ops_routes(
+                name,
+                self.broker.clone(),
+                self.pool.clone(),
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                name,
+                http::track_metrics,
+            ))
+            .layer(CatchPanicLayer::new())
+            .layer(TraceLayer::new_for_http());
+        let server = axum::serve(self.listener, router)
+            .with_graceful_shutdown(intake.clone().cancelled_owned());
+        let mut http_task = tokio::spawn(async move { server.await });
+        info!(service = name, "started");
+
+        let http_failure = tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = &mut http_task => Some(r),
+        };
+
+        info!(service = name, "stopping intake");
+        intake.cancel();
+        intake_tasks.close();
+        let drained = tokio::time::timeout(grace, async {
+            intake_tasks.wait().await;
+            if http_failure.is_none() {
+                let _ = (&mut http_task).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                service = name,
+                "intake did not drain within the grace period"
+            );
+        }
+
+        info!(service = name, "flushing the outbox");
+        relay_stop.cancel();
+        if tokio::time::timeout(grace, relay_task).await.is_err() {
+            warn!(
+                service = name,
+                "outbox flush did not finish within the grace period"
+            );
+        }
+
+        infra_stop.cancel();
+        infra.close();
+        infra.wait().await;
+        self.pool.close().await;
+        info!(service = name, "stopped");
+
+        match http_failure {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(anyhow::Error::from(e).context("HTTP server failed")),
+            Some(Err(e)) => Err(anyhow::Error::from(e).context("HTTP server panicked")),
+        }
+    }
+}
