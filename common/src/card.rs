@@ -198,6 +198,19 @@ fn key_id_of(public_b64: &str) -> String {
     digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `MM/YY` (or `MM/YYYY`) → (year, month).
+pub fn parse_expiry(s: &str) -> Option<(i32, u32)> {
+    let (m, y) = s.split_once('/')?;
+    let month: u32 = m.trim().parse().ok().filter(|m| (1..=12).contains(m))?;
+    let y = y.trim();
+    let year: i32 = match y.len() {
+        2 => 2000 + y.parse::<i32>().ok()?,
+        4 => y.parse().ok()?,
+        _ => return None,
+    };
+    Some((year, month))
+}
+
 /// Card brand from the number's prefix (enough for receipts and logs).
 pub fn brand_of(number: &str) -> &'static str {
     let two: u32 = number.get(..2).and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -272,6 +285,14 @@ mod tests {
         assert!(!text.contains("4242424242424242"));
         assert!(!text.contains("123"));
         assert!(text.contains("****4242"));
+    }
+
+    #[test]
+    fn expiry_dates_parse_in_both_year_forms() {
+        assert_eq!(parse_expiry("12/24"), Some((2024, 12)));
+        assert_eq!(parse_expiry("01/2031"), Some((2031, 1)));
+        assert_eq!(parse_expiry("13/24"), None);
+        assert_eq!(parse_expiry("1224"), None);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 pub mod broker;
 pub mod card;
+pub mod compensation;
 pub mod config;
 pub mod consumer;
 pub mod db;

@@ -12,6 +12,7 @@
 //! 2. flush: the outbox relay publishes what those handlers committed;
 //! 3. close the broker connection and the pool.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,4 +193,35 @@ impl ServiceRuntime {
             Some(Err(e)) => Err(anyhow::Error::from(e).context("HTTP server panicked")),
         }
     }
+}
+
+/// A runnable service: how `main` and the tests start one.
+pub trait Service: Sized + Send + 'static {
+    /// The service's configuration (flags and environment).
+    type Config: clap::Parser + Send + 'static;
+
+    /// Fallible set-up: database, migrations, HTTP port. Spawns nothing.
+    fn build(config: Self::Config) -> impl Future<Output = anyhow::Result<Self>> + Send;
+
+    /// The bound HTTP address.
+    fn local_addr(&self) -> SocketAddr;
+
+    /// Runs until `cancel` fires, then drains and returns.
+    fn run(self, cancel: CancellationToken) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// The whole of a service binary's `main`: parse the configuration, start
+/// the runtime, build, run until SIGTERM or ctrl-c.
+pub fn main<S: Service>() -> anyhow::Result<()> {
+    let config = <S::Config as clap::Parser>::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(async move {
+            telemetry::init_tracing();
+            let app = S::build(config).await?;
+            info!(addr = %app.local_addr(), "listening");
+            app.run(crate::shutdown::on_signal()).await
+        })
 }

@@ -1,1 +1,6 @@
-fn main() {}
+//! `inventory-svc` binary. Run with `cargo run --bin inventory-svc`;
+//! `--help` lists the settings (each also read from the environment).
+
+fn main() -> anyhow::Result<()> {
+    common::service::main::<inventory_svc::App>()
+}

@@ -1,0 +1,141 @@
+//! Stock rules (pure): can an order be reserved, and what each saga event does
+//! to a reservation.
+//!
+//! Model: reserve-then-commit. A reservation *holds* units (they leave
+//! `available` at once, so concurrent orders can never oversell) and the
+//! saga's decision either commits them (`order.confirmed`) or releases them
+//! (`order.failed` / `order.cancelled`). Compared with deducting stock
+//! outright, the units of undecided sagas stay visible as `held` and a
+//! release puts back exactly what was held.
+
+use std::collections::HashMap;
+
+use common::compensation::StepState;
+use common::events::StepFailed;
+use common::order::OrderLine;
+
+/// Checks every line against the available stock (items not stocked count
+/// as 0). The error names every short item.
+pub fn check_availability(
+    lines: &[OrderLine],
+    available: &HashMap<String, i32>,
+) -> Result<(), StepFailed> {
+    let short: Vec<String> = lines
+        .iter()
+        .filter_map(|l| {
+            let have = available.get(&l.item_id).copied().unwrap_or(0);
+            (have < l.quantity)
+                .then(|| format!("{} (requested {}, available {have})", l.item_id, l.quantity))
+        })
+        .collect();
+    if short.is_empty() {
+        Ok(())
+    } else {
+        Err(StepFailed {
+            code: "out_of_stock".to_owned(),
+            reason: format!("Out of stock: {}", short.join(", ")),
+        })
+    }
+}
+
+/// Item ids in the one global order every transaction locks stock rows in,
+/// so concurrent multi-item reservations cannot deadlock.
+pub fn lock_order(lines: &[OrderLine]) -> Vec<String> {
+    let mut ids: Vec<String> = lines.iter().map(|l| l.item_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// A reservation's status (the `reservations.status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationStatus {
+    Held,
+    Committed,
+    Released,
+    Rejected,
+    /// Tombstone: the saga was rolled back before any reservation.
+    Cancelled,
+}
+
+impl ReservationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Held => "held",
+            ReservationStatus::Committed => "committed",
+            ReservationStatus::Released => "released",
+            ReservationStatus::Rejected => "rejected",
+            ReservationStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ReservationStatus::Held,
+            ReservationStatus::Committed,
+            ReservationStatus::Released,
+            ReservationStatus::Rejected,
+            ReservationStatus::Cancelled,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+impl StepState for ReservationStatus {
+    fn needs_undo(self) -> bool {
+        self == ReservationStatus::Held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::compensation::{Compensation, compensation_for};
+
+    fn line(item: &str, quantity: i32) -> OrderLine {
+        OrderLine {
+            item_id: item.into(),
+            quantity,
+            unit_price_cents: 100,
+        }
+    }
+
+    #[test]
+    fn enough_stock_passes_and_shortages_name_every_short_item() {
+        let stock = HashMap::from([("a".to_owned(), 5), ("b".to_owned(), 1)]);
+        assert!(check_availability(&[line("a", 5), line("b", 1)], &stock).is_ok());
+        let err =
+            check_availability(&[line("a", 6), line("b", 1), line("z", 1)], &stock).unwrap_err();
+        assert_eq!(err.code, "out_of_stock");
+        assert_eq!(
+            err.reason,
+            "Out of stock: a (requested 6, available 5), z (requested 1, available 0)"
+        );
+    }
+
+    #[test]
+    fn stock_rows_are_locked_in_one_global_order() {
+        assert_eq!(lock_order(&[line("b", 1), line("a", 1)]), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn rollback_releases_only_held_stock() {
+        assert_eq!(
+            compensation_for::<ReservationStatus>(None),
+            Compensation::Tombstone
+        );
+        assert_eq!(
+            compensation_for(Some(ReservationStatus::Held)),
+            Compensation::Undo
+        );
+        assert_eq!(
+            compensation_for(Some(ReservationStatus::Committed)),
+            Compensation::Nothing
+        );
+        assert_eq!(
+            compensation_for(Some(ReservationStatus::Rejected)),
+            Compensation::Nothing
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! inventory-svc's HTTP API.
+//!
+//! - `PUT /items/{item_id}` — `{"available": N}` sets the units on sale.
+//! - `GET /items/{item_id}` — `{"item_id", "available", "held"}`: `held`
+//!   counts units reserved by sagas not yet decided.
+//! - `GET /reservations/{order_id}` — status (`held`, `committed`,
+//!   `released`, `rejected`, `cancelled`), reason and lines.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use common::http::ApiError;
+use serde::Deserialize;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db;
+
+pub fn routes(pool: PgPool) -> Router {
+    Router::new()
+        .route("/items/{item_id}", get(get_item).put(put_item))
+        .route("/reservations/{order_id}", get(get_reservation))
+        .with_state(pool)
+}
+
+#[derive(Deserialize)]
+struct Available {
+    available: i32,
+}
+
+async fn put_item(
+    State(pool): State<PgPool>,
+    Path(item_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Available { available } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"available\": N}}: {e}")))?;
+    if available < 0 {
+        return Err(ApiError::BadRequest("available must be >= 0".into()));
+    }
+    let mut conn = pool.acquire().await?;
+    Ok(Json(db::put_available(&mut conn, &item_id, available).await?).into_response())
+}
+
+async fn get_item(
+    State(pool): State<PgPool>,
+    Path(item_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = pool.acquire().await?;
+    let item = db::get_item(&mut conn, &item_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no item {item_id:?}")))?;
+    Ok(Json(item).into_response())
+}
+
+async fn get_reservation(
+    State(pool): State<PgPool>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order_id = Uuid::parse_str(&order_id)
+        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let mut conn = pool.acquire().await?;
+    let r = db::get_reservation(&mut conn, order_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no reservation for order {order_id}")))?;
+    let lines: Vec<_> = db::lines(&mut conn, order_id)
+        .await?
+        .into_iter()
+        .map(|l| json!({"item_id": l.item_id, "quantity": l.quantity}))
+        .collect();
+    Ok(Json(json!({
+        "order_id": r.order_id,
+        "status": r.status,
+        "reason": r.reason,
+        "lines": lines,
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+    }))
+    .into_response())
+}

@@ -1,0 +1,73 @@
+//! InventoryService: reserves stock for each paid order, commits it when the
+//! order is confirmed and releases it when the saga is rolled back.
+//!
+//! Consumes: `payment.completed`, `order.confirmed`, `order.failed`,
+//! `order.cancelled`.
+//! Emits: `inventory.reserved`, `inventory.failed`, `inventory.released`.
+//!
+//! See [`domain`] for why reserve-then-commit, and [`db`] for how
+//! concurrent multi-item reservations avoid deadlocks.
+
+pub mod db;
+pub mod domain;
+pub mod handlers;
+pub mod http;
+
+use std::net::SocketAddr;
+
+use common::config::CommonConfig;
+use common::service::{Service, ServiceRuntime};
+use common::topology::INVENTORY_SVC;
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+
+use crate::handlers::InventoryHandler;
+
+/// This service's name (queue prefix, metrics label).
+pub const SERVICE: &str = INVENTORY_SVC.name;
+
+/// inventory-svc's own migrations.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// inventory-svc's configuration.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(
+    name = "inventory-svc",
+    version,
+    about = "InventoryService of the order saga"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonConfig,
+}
+
+impl Config {
+    pub fn new(common: CommonConfig) -> Self {
+        Self { common }
+    }
+}
+
+pub struct App {
+    runtime: ServiceRuntime,
+}
+
+impl Service for App {
+    type Config = Config;
+
+    async fn build(config: Config) -> anyhow::Result<Self> {
+        let runtime = ServiceRuntime::build(INVENTORY_SVC, config.common, &MIGRATOR).await?;
+        Ok(Self { runtime })
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.runtime.local_addr()
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let pool = self.runtime.pool.clone();
+        let handler = InventoryHandler { pool: pool.clone() };
+        self.runtime
+            .run(handler, http::routes(pool), Vec::new(), cancel)
+            .await
+    }
+}

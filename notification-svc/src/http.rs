@@ -1,0 +1,103 @@
+//! notification-svc's HTTP API.
+//!
+//! - `PUT /customers/{customer_id}` — `{"email": "..."}`.
+//! - `GET /customers/{customer_id}` — the address on file, or the default
+//!   `<customer_id>@<DEFAULT_EMAIL_DOMAIN>` with `"is_default": true`.
+//! - `GET /emails?order_id=ID` — the emails sent for an order, oldest first,
+//!   each with its `kind` (`confirmation`, `cancellation`).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use common::http::ApiError;
+use serde::Deserialize;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{db, domain};
+
+#[derive(Clone)]
+struct HttpState {
+    pool: PgPool,
+    default_email_domain: Arc<str>,
+}
+
+pub fn routes(pool: PgPool, default_email_domain: &str) -> Router {
+    Router::new()
+        .route(
+            "/customers/{customer_id}",
+            get(get_customer).put(put_customer),
+        )
+        .route("/emails", get(list_emails))
+        .with_state(HttpState {
+            pool,
+            default_email_domain: default_email_domain.into(),
+        })
+}
+
+#[derive(Deserialize)]
+struct Address {
+    email: String,
+}
+
+async fn put_customer(
+    State(s): State<HttpState>,
+    Path(customer_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Address { email } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"email\": \"...\"}}: {e}")))?;
+    let email = email.trim().to_owned();
+    if !domain::valid_address(&email) {
+        return Err(ApiError::BadRequest(format!(
+            "{email:?} is not an email address"
+        )));
+    }
+    let mut conn = s.pool.acquire().await?;
+    db::put_customer_email(&mut conn, &customer_id, &email).await?;
+    Ok(
+        Json(json!({"customer_id": customer_id, "email": email, "is_default": false}))
+            .into_response(),
+    )
+}
+
+async fn get_customer(
+    State(s): State<HttpState>,
+    Path(customer_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = s.pool.acquire().await?;
+    let (email, is_default) = match db::get_customer_email(&mut conn, &customer_id).await? {
+        Some(email) => (email, false),
+        None => (
+            domain::default_address(&customer_id, &s.default_email_domain),
+            true,
+        ),
+    };
+    Ok(
+        Json(json!({"customer_id": customer_id, "email": email, "is_default": is_default}))
+            .into_response(),
+    )
+}
+
+#[derive(Deserialize)]
+struct EmailsQuery {
+    order_id: Option<String>,
+}
+
+async fn list_emails(
+    State(s): State<HttpState>,
+    Query(q): Query<EmailsQuery>,
+) -> Result<Response, ApiError> {
+    let order_id = q
+        .order_id
+        .ok_or_else(|| ApiError::BadRequest("order_id query parameter is required".into()))?;
+    let order_id = Uuid::parse_str(&order_id)
+        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let mut conn = s.pool.acquire().await?;
+    Ok(Json(db::emails_for(&mut conn, order_id).await?).into_response())
+}

@@ -1,0 +1,104 @@
+//! NotificationService: emails the order confirmation (the saga's last
+//! forward step), and a cancellation email if the saga is rolled back after
+//! the confirmation went out.
+//!
+//! Consumes: `inventory.reserved`, `order.failed`, `order.cancelled`.
+//! Emits: `notification.sent`, `notification.failed`.
+//!
+//! A recipient on the reserved `.invalid` top-level domain "bounces"
+//! (`notification.failed`), which fails the saga. The transport is pluggable
+//! ([`transport`]): log by default, SMTP when `SMTP_URL` is set.
+
+pub mod db;
+pub mod domain;
+pub mod handlers;
+pub mod http;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::config::CommonConfig;
+use common::service::{Service, ServiceRuntime};
+use common::topology::NOTIFICATION_SVC;
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+
+use crate::handlers::NotificationHandler;
+use crate::transport::{EmailTransport, LogTransport, SmtpTransport};
+
+/// This service's name (queue prefix, metrics label).
+pub const SERVICE: &str = NOTIFICATION_SVC.name;
+
+/// notification-svc's own migrations.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// notification-svc's configuration.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(
+    name = "notification-svc",
+    version,
+    about = "NotificationService of the order saga"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonConfig,
+    /// Hand emails to this SMTP relay (`smtp://host:port`, no TLS). Unset:
+    /// emails are only recorded and logged.
+    #[arg(long, env = "SMTP_URL")]
+    pub smtp_url: Option<String>,
+    /// Sender address of every email.
+    #[arg(long, env = "EMAIL_FROM", default_value = "orders@shop.example")]
+    pub email_from: String,
+    /// Customers without an address on file get `<customer_id>@<this>`.
+    #[arg(long, env = "DEFAULT_EMAIL_DOMAIN", default_value = "example.com")]
+    pub default_email_domain: String,
+}
+
+impl Config {
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            common,
+            smtp_url: None,
+            email_from: "orders@shop.example".into(),
+            default_email_domain: "example.com".into(),
+        }
+    }
+}
+
+pub struct App {
+    runtime: ServiceRuntime,
+    handler: NotificationHandler,
+}
+
+impl Service for App {
+    type Config = Config;
+
+    async fn build(config: Config) -> anyhow::Result<Self> {
+        let transport: Arc<dyn EmailTransport> = match &config.smtp_url {
+            Some(url) => Arc::new(SmtpTransport::new(url, &config.email_from)?),
+            None => Arc::new(LogTransport),
+        };
+        let runtime = ServiceRuntime::build(NOTIFICATION_SVC, config.common, &MIGRATOR).await?;
+        let handler = NotificationHandler {
+            pool: runtime.pool.clone(),
+            transport,
+            default_email_domain: config.default_email_domain,
+        };
+        Ok(Self { runtime, handler })
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.runtime.local_addr()
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let routes = http::routes(
+            self.runtime.pool.clone(),
+            &self.handler.default_email_domain,
+        );
+        self.runtime
+            .run(self.handler, routes, Vec::new(), cancel)
+            .await
+    }
+}

@@ -1,0 +1,98 @@
+//! Email transports. The default one records and logs each email (the
+//! `emails` table is the record of what was sent, whatever the transport);
+//! set `SMTP_URL=smtp://host:port` to also hand emails to an SMTP relay.
+
+use futures_util::future::BoxFuture;
+use lettre::message::Mailbox;
+use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
+use tracing::info;
+
+use crate::domain::Email;
+
+/// Why an email could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The recipient will never accept it (the saga fails).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The relay is unavailable; try again later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Sends emails.
+pub trait EmailTransport: Send + Sync + 'static {
+    /// A short name recorded with each email (`log`, `smtp`).
+    fn name(&self) -> &'static str;
+    fn send<'a>(&'a self, email: &'a Email) -> BoxFuture<'a, Result<(), SendError>>;
+}
+
+/// Logs each email; the handler records it in the database.
+pub struct LogTransport;
+
+impl EmailTransport for LogTransport {
+    fn name(&self) -> &'static str {
+        "log"
+    }
+
+    fn send<'a>(&'a self, email: &'a Email) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(async move {
+            info!(order_id = %email.order_id, kind = email.kind.as_str(), to = %email.recipient,
+                  subject = %email.subject, "email sent (log transport)");
+            Ok(())
+        })
+    }
+}
+
+/// Plain SMTP to a relay (no TLS: meant for a local MTA or mail sink).
+pub struct SmtpTransport {
+    from: Mailbox,
+    mailer: AsyncSmtpTransport<Tokio1Executor>,
+}
+
+impl SmtpTransport {
+    /// `url` is `smtp://host[:port]` (port 25 by default).
+    pub fn new(url: &str, from: &str) -> anyhow::Result<Self> {
+        let rest = url
+            .strip_prefix("smtp://")
+            .ok_or_else(|| anyhow::anyhow!("SMTP_URL must look like smtp://host:port"))?
+            .trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse()?),
+            None => (rest, 25),
+        };
+        let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+            .port(port)
+            .build();
+        Ok(Self {
+            from: from.parse()?,
+            mailer,
+        })
+    }
+}
+
+impl EmailTransport for SmtpTransport {
+    fn name(&self) -> &'static str {
+        "smtp"
+    }
+
+    fn send<'a>(&'a self, email: &'a Email) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(async move {
+            let to: Mailbox = email
+                .recipient
+                .parse()
+                .map_err(|e| SendError::Rejected(format!("bad recipient address: {e}")))?;
+            let message = Message::builder()
+                .from(self.from.clone())
+                .to(to)
+                .subject(email.subject.clone())
+                .body(email.body.clone())
+                .map_err(|e| SendError::Rejected(e.to_string()))?;
+            match self.mailer.send(message).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_permanent() => Err(SendError::Rejected(e.to_string())),
+                Err(e) => Err(SendError::Unavailable(e.to_string())),
+            }
+        })
+    }
+}

@@ -1,0 +1,155 @@
+//! order-svc's HTTP API.
+//!
+//! - `POST /orders` — the order dict; optional `Idempotency-Key` header.
+//!   Answers once the saga is decided (within the deadline): 200 with the
+//!   result dict, `Location: /orders/{id}`. 400 with a failure dict for
+//!   invalid input (nothing is created); 409 if the key was used for a
+//!   different order.
+//! - `GET /orders/{order_id}` — the order, its status and the saga timeline.
+//! - `PUT`/`GET /catalog/{item_id}` — `{"price_cents": N}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::http::ApiError;
+use common::order::SagaResult;
+use common::telemetry::metric;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::db;
+use crate::domain::{self, InvalidOrder};
+use crate::saga::{OrderSaga, PlaceError};
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_KEY_LEN: usize = 200;
+
+pub fn routes(saga: Arc<OrderSaga>) -> Router {
+    Router::new()
+        .route("/orders", post(place_order))
+        .route("/orders/{order_id}", get(get_order))
+        .route(
+            "/catalog/{item_id}",
+            get(get_catalog_item).put(put_catalog_item),
+        )
+        .with_state(saga)
+}
+
+fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Response {
+    (status, Json(SagaResult::failure(error, reason))).into_response()
+}
+
+async fn place_order(
+    State(saga): State<Arc<OrderSaga>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
+        None => None,
+        Some(Ok(k)) if !k.trim().is_empty() && k.len() <= MAX_KEY_LEN => Some(k.trim().to_owned()),
+        Some(_) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                domain::INVALID_ORDER,
+                format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+            );
+        }
+    };
+    let order = serde_json::from_slice(&body)
+        .map_err(|e| InvalidOrder(format!("the body is not valid JSON ({e})")))
+        .and_then(|v| domain::validate_order(&v));
+    let placed = match order {
+        Ok(order) => saga.place(&order, key.as_deref(), None).await,
+        Err(invalid) => Err(PlaceError::Invalid(invalid)),
+    };
+    let order_id = match placed {
+        Ok(placed) => placed.order_id(),
+        Err(PlaceError::Invalid(invalid)) => {
+            metrics::counter!(metric::ORDERS_REJECTED, "source" => "http").increment(1);
+            return failure(StatusCode::BAD_REQUEST, domain::INVALID_ORDER, invalid.0);
+        }
+        Err(e @ PlaceError::KeyReused(_)) => {
+            return failure(
+                StatusCode::CONFLICT,
+                "Idempotency key reused",
+                e.to_string(),
+            );
+        }
+        Err(PlaceError::Db(e)) => return ApiError::from(e).into_response(),
+    };
+    match saga.wait_for_result(order_id).await {
+        Ok(Some(result)) => {
+            let location = format!("/orders/{order_id}");
+            (StatusCode::OK, [(header::LOCATION, location)], Json(result)).into_response()
+        }
+        Ok(None) => {
+            ApiError::Internal(anyhow::anyhow!("order {order_id} vanished")).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn get_order(
+    State(saga): State<Arc<OrderSaga>>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order_id = Uuid::parse_str(&order_id)
+        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let mut conn = saga.pool.acquire().await?;
+    let order = db::get_order(&mut conn, order_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no order {order_id}")))?;
+    let steps = db::steps(&mut conn, order_id).await?;
+    Ok(Json(json!({
+        "order_id": order.order_id,
+        "customer_id": order.customer_id,
+        "status": order.status,
+        "items": order.items.0,
+        "amount_cents": order.amount_cents,
+        "currency": order.currency,
+        "card": {"brand": order.card_brand, "last4": order.card_last4},
+        "created_at": order.created_at,
+        "deadline_at": order.deadline_at,
+        "decided_at": order.decided_at,
+        "result": order.result(),
+        "steps": steps,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct Price {
+    price_cents: i64,
+}
+
+async fn put_catalog_item(
+    State(saga): State<Arc<OrderSaga>>,
+    Path(item_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Price { price_cents } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"price_cents\": N}}: {e}")))?;
+    if price_cents < 0 {
+        return Err(ApiError::BadRequest("price_cents must be >= 0".into()));
+    }
+    let mut conn = saga.pool.acquire().await?;
+    db::put_price(&mut conn, &item_id, price_cents).await?;
+    Ok(Json(json!({"item_id": item_id, "price_cents": price_cents})).into_response())
+}
+
+async fn get_catalog_item(
+    State(saga): State<Arc<OrderSaga>>,
+    Path(item_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = saga.pool.acquire().await?;
+    let price_cents = db::get_price(&mut conn, &item_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no catalog item {item_id:?}")))?;
+    Ok(Json(json!({"item_id": item_id, "price_cents": price_cents})).into_response())
+}

@@ -1,0 +1,81 @@
+//! payment-svc's HTTP API.
+//!
+//! - `PUT`/`GET /accounts/{customer_id}` — `{"balance_cents": N}`.
+//! - `GET /payments/{order_id}` — amount, status (`charged`, `declined`,
+//!   `refunded`, `cancelled`), decline code and reason, card brand and last 4.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use common::http::ApiError;
+use serde::Deserialize;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db;
+
+pub fn routes(pool: PgPool) -> Router {
+    Router::new()
+        .route("/accounts/{customer_id}", get(get_account).put(put_account))
+        .route("/payments/{order_id}", get(get_payment))
+        .with_state(pool)
+}
+
+#[derive(Deserialize)]
+struct Balance {
+    balance_cents: i64,
+}
+
+async fn put_account(
+    State(pool): State<PgPool>,
+    Path(customer_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Balance { balance_cents } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"balance_cents\": N}}: {e}")))?;
+    if balance_cents < 0 {
+        return Err(ApiError::BadRequest("balance_cents must be >= 0".into()));
+    }
+    let mut conn = pool.acquire().await?;
+    db::put_balance(&mut conn, &customer_id, balance_cents).await?;
+    Ok(Json(json!({"customer_id": customer_id, "balance_cents": balance_cents})).into_response())
+}
+
+async fn get_account(
+    State(pool): State<PgPool>,
+    Path(customer_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = pool.acquire().await?;
+    let balance_cents = db::get_balance(&mut conn, &customer_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no account for customer {customer_id:?}")))?;
+    Ok(Json(json!({"customer_id": customer_id, "balance_cents": balance_cents})).into_response())
+}
+
+async fn get_payment(
+    State(pool): State<PgPool>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order_id = Uuid::parse_str(&order_id)
+        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let mut conn = pool.acquire().await?;
+    let p = db::get_payment(&mut conn, order_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))?;
+    Ok(Json(json!({
+        "order_id": p.order_id,
+        "customer_id": p.customer_id,
+        "amount_cents": p.amount_cents,
+        "currency": p.currency,
+        "status": p.status,
+        "decline_code": p.decline_code,
+        "reason": p.reason,
+        "card": {"brand": p.card_brand, "last4": p.card_last4},
+        "created_at": p.created_at,
+        "updated_at": p.updated_at,
+    }))
+    .into_response())
+}

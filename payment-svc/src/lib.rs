@@ -1,0 +1,99 @@
+//! PaymentService: charges the customer for an order and refunds the charge
+//! when the saga is rolled back. The payment gateway is simulated on this
+//! service's own ledger (see [`domain`]).
+//!
+//! Consumes: `order.created`, `order.failed`, `order.cancelled`.
+//! Emits: `payment.completed`, `payment.failed`, `payment.refunded`.
+//!
+//! Only this service holds the key that opens the sealed card of
+//! `order.created`; it stores the card's brand and last 4 digits, never the
+//! number or CVV.
+
+pub mod db;
+pub mod domain;
+pub mod handlers;
+pub mod http;
+
+use std::net::SocketAddr;
+
+use common::card::CardOpener;
+use common::config::CommonConfig;
+use common::service::{Service, ServiceRuntime};
+use common::topology::PAYMENT_SVC;
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::handlers::PaymentHandler;
+
+/// This service's name (queue prefix, metrics label).
+pub const SERVICE: &str = PAYMENT_SVC.name;
+
+/// The currency of every amount.
+pub const CURRENCY: &str = "USD";
+
+/// payment-svc's own migrations.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// payment-svc's configuration.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(
+    name = "payment-svc",
+    version,
+    about = "PaymentService of the order saga"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonConfig,
+    /// The card-sealing secret key (base64). Unset: the built-in development
+    /// key pair (never use it in production).
+    #[arg(long, env = "CARD_SEAL_SECRET_KEY", hide_env_values = true)]
+    pub card_seal_secret_key: Option<String>,
+    /// Balance of a customer the ledger has not seen, in cents.
+    #[arg(long, env = "DEFAULT_BALANCE_CENTS", default_value_t = 1_000_000)]
+    pub default_balance_cents: i64,
+}
+
+impl Config {
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            common,
+            card_seal_secret_key: None,
+            default_balance_cents: 1_000_000,
+        }
+    }
+}
+
+pub struct App {
+    runtime: ServiceRuntime,
+    handler: PaymentHandler,
+}
+
+impl Service for App {
+    type Config = Config;
+
+    async fn build(config: Config) -> anyhow::Result<Self> {
+        let opener = CardOpener::new(config.card_seal_secret_key.as_deref())?;
+        if opener.is_dev_key() {
+            warn!("CARD_SEAL_SECRET_KEY is not set: using the public development key");
+        }
+        let runtime = ServiceRuntime::build(PAYMENT_SVC, config.common, &MIGRATOR).await?;
+        let handler = PaymentHandler {
+            pool: runtime.pool.clone(),
+            opener,
+            default_balance_cents: config.default_balance_cents,
+        };
+        Ok(Self { runtime, handler })
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.runtime.local_addr()
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let routes = http::routes(self.runtime.pool.clone());
+        self.runtime
+            .run(self.handler, routes, Vec::new(), cancel)
+            .await
+    }
+}
