@@ -38,7 +38,7 @@ create table saga_steps (
     source text not null,
     detail text,
     occurred_at timestamptz not null,
-    recorded_at timestamptz not null default now()
+    recorded_at timestamptz not null default clock_timestamp()
 );
 create index saga_steps_order_idx on saga_steps (order_id, id);
 create unique index saga_steps_event_idx on saga_steps (order_id, event_id) where event_id is not null;

@@ -1,1 +1,751 @@
+//! Test harness: the whole saga, in-process, against the real RabbitMQ and
+//! PostgreSQL, isolated per test.
+//!
+//! [`TestSystem::spawn`] gives each test its own RabbitMQ vhost and its own
+//! four databases (names start with `st_<unix time>_`), starts the four
+//! services on ephemeral ports, and removes everything when the test ends
+//! (also when it panics; a process killed outright leaves names that the next
+//! run sweeps once they are an hour old). Tests therefore run in parallel.
+//!
+//! The broker and database are located through `TEST_AMQP_BASE`
+//! (`amqp://guest:guest@127.0.0.1:5672`), `TEST_RABBITMQ_MGMT`
+//! (`http://127.0.0.1:15672`, user guest/guest) and `TEST_PG_BASE`
+//! (`postgres://postgres@127.0.0.1:5432`). If they are not reachable the
+//! tests fail loudly: start them with `scripts/dev-up.sh`.
 
+use std::future::Future;
+use std::sync::Once;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::config::CommonConfig;
+use common::service::Service;
+use common::topology::{self, ServiceIdentity};
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use sqlx::{Connection as _, PgConnection};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use common::events::EXCHANGE;
+
+/// One of the four services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Svc {
+    Order,
+    Payment,
+    Inventory,
+    Notification,
+}
+
+impl Svc {
+    pub const ALL: [Svc; 4] = [Svc::Order, Svc::Payment, Svc::Inventory, Svc::Notification];
+
+    pub fn identity(self) -> ServiceIdentity {
+        match self {
+            Svc::Order => topology::ORDER_SVC,
+            Svc::Payment => topology::PAYMENT_SVC,
+            Svc::Inventory => topology::INVENTORY_SVC,
+            Svc::Notification => topology::NOTIFICATION_SVC,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+fn amqp_base() -> String {
+    env_or("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+}
+
+fn mgmt_base() -> String {
+    env_or("TEST_RABBITMQ_MGMT", "http://127.0.0.1:15672")
+}
+
+fn pg_base() -> String {
+    env_or("TEST_PG_BASE", "postgres://postgres@127.0.0.1:5432")
+}
+
+/// How to start a test system.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub deadline_ms: u64,
+    pub fault_delay: [Option<String>; 4],
+    pub start: [bool; 4],
+    pub pool_size: u32,
+    pub retry_max_attempts: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            deadline_ms: 5000,
+            fault_delay: Default::default(),
+            start: [true; 4],
+            pool_size: 4,
+            retry_max_attempts: 8,
+        }
+    }
+}
+
+impl Options {
+    pub fn deadline_ms(mut self, ms: u64) -> Self {
+        self.deadline_ms = ms;
+        self
+    }
+
+    /// `FAULT_DELAY_MS` for one service (`"300"` or `"50-300"`).
+    pub fn fault_delay(mut self, svc: Svc, delay: &str) -> Self {
+        self.fault_delay[svc.index()] = Some(delay.to_owned());
+        self
+    }
+
+    /// Do not start this service (it can be started later).
+    pub fn without(mut self, svc: Svc) -> Self {
+        self.start[svc.index()] = false;
+        self
+    }
+
+    pub fn pool_size(mut self, n: u32) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    pub fn retry_max_attempts(mut self, n: u32) -> Self {
+        self.retry_max_attempts = n;
+        self
+    }
+
+    pub async fn spawn(self) -> TestSystem {
+        TestSystem::spawn_with(self).await
+    }
+}
+
+struct Running {
+    base_url: String,
+    cancel: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Four services, one vhost, four databases — all this test's own.
+pub struct TestSystem {
+    pub prefix: String,
+    pub amqp_url: String,
+    pub options: Options,
+    pub http: reqwest::Client,
+    running: [Option<Running>; 4],
+    cleaned: bool,
+}
+
+impl TestSystem {
+    pub fn builder() -> Options {
+        Options::default()
+    }
+
+    pub async fn spawn() -> TestSystem {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> TestSystem {
+        init_test_logging();
+        sweep_stale_resources().await;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let prefix = format!("st_{now}_{}", &Uuid::new_v4().simple().to_string()[..8]);
+        create_vhost(&prefix).await;
+        let mut system = TestSystem {
+            amqp_url: format!("{}/{prefix}", amqp_base()),
+            prefix,
+            options,
+            http: reqwest::Client::new(),
+            running: Default::default(),
+            cleaned: false,
+        };
+        for svc in Svc::ALL {
+            if system.options.start[svc.index()] {
+                system.start(svc).await;
+            }
+        }
+        for svc in Svc::ALL {
+            if system.options.start[svc.index()] {
+                system.wait_healthy(svc).await;
+            }
+        }
+        system
+    }
+
+    /// The URL of a service's own database.
+    pub fn database_url(&self, svc: Svc) -> String {
+        format!("{}/{}_{}", pg_base(), self.prefix, svc.identity().database)
+    }
+
+    fn common_config(&self, svc: Svc) -> CommonConfig {
+        let mut c = CommonConfig::new(self.amqp_url.clone(), self.database_url(svc));
+        c.http_addr = Some("127.0.0.1:0".into());
+        c.db_pool_size = self.options.pool_size;
+        c.retry_max_attempts = self.options.retry_max_attempts;
+        c.fault_delay_ms = self.options.fault_delay[svc.index()]
+            .as_deref()
+            .map(|d| d.parse().expect("valid fault delay"));
+        c.shutdown_grace_ms = 5000;
+        c
+    }
+
+    /// Starts (or restarts) one service.
+    pub async fn start(&mut self, svc: Svc) {
+        assert!(
+            self.running[svc.index()].is_none(),
+            "{svc:?} is already running"
+        );
+        let common = self.common_config(svc);
+        let running = match svc {
+            Svc::Order => {
+                let mut c = order_svc::Config::new(common);
+                c.saga_deadline_ms = self.options.deadline_ms;
+                c.timeout_scan_ms = 50;
+                launch::<order_svc::App>(c).await
+            }
+            Svc::Payment => launch::<payment_svc::App>(payment_svc::Config::new(common)).await,
+            Svc::Inventory => {
+                launch::<inventory_svc::App>(inventory_svc::Config::new(common)).await
+            }
+            Svc::Notification => {
+                launch::<notification_svc::App>(notification_svc::Config::new(common)).await
+            }
+        };
+        self.running[svc.index()] = Some(running);
+    }
+
+    /// Stops one service gracefully (drains, flushes its outbox).
+    pub async fn stop(&mut self, svc: Svc) {
+        if let Some(r) = self.running[svc.index()].take() {
+            r.cancel.cancel();
+            match tokio::time::timeout(Duration::from_secs(20), r.task).await {
+                Ok(Ok(Ok(()))) => {}
+                other => panic!("{svc:?} did not stop cleanly: {other:?}"),
+            }
+        }
+    }
+
+    /// Waits until the service reports ready (broker and database up).
+    pub async fn wait_healthy(&self, svc: Svc) {
+        let url = format!("{}/health", self.url(svc));
+        let http = self.http.clone();
+        eventually(
+            Duration::from_secs(30),
+            &format!("{svc:?} to be healthy"),
+            || {
+                let http = http.clone();
+                let url = url.clone();
+                async move {
+                    let r = http.get(&url).send().await.ok()?;
+                    r.status().is_success().then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Base URL of a running service.
+    pub fn url(&self, svc: Svc) -> &str {
+        &self.running[svc.index()]
+            .as_ref()
+            .unwrap_or_else(|| panic!("{svc:?} is not running"))
+            .base_url
+    }
+
+    // ----- HTTP helpers -----
+
+    pub async fn put(&self, svc: Svc, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .put(format!("{}{path}", self.url(svc)))
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT");
+        assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+        r.json().await.expect("JSON")
+    }
+
+    /// GET a JSON document; `None` on 404.
+    pub async fn get(&self, svc: Svc, path: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url(svc)))
+            .send()
+            .await
+            .expect("GET");
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return None;
+        }
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        Some(r.json().await.expect("JSON"))
+    }
+
+    pub async fn set_price(&self, item: &str, price_cents: i64) {
+        self.put(
+            Svc::Order,
+            &format!("/catalog/{item}"),
+            json!({ "price_cents": price_cents }),
+        )
+        .await;
+    }
+
+    pub async fn set_stock(&self, item: &str, available: i32) {
+        self.put(
+            Svc::Inventory,
+            &format!("/items/{item}"),
+            json!({ "available": available }),
+        )
+        .await;
+    }
+
+    pub async fn set_balance(&self, customer: &str, balance_cents: i64) {
+        self.put(
+            Svc::Payment,
+            &format!("/accounts/{customer}"),
+            json!({ "balance_cents": balance_cents }),
+        )
+        .await;
+    }
+
+    pub async fn set_email(&self, customer: &str, email: &str) {
+        self.put(
+            Svc::Notification,
+            &format!("/customers/{customer}"),
+            json!({ "email": email }),
+        )
+        .await;
+    }
+
+    /// `POST /orders`: (HTTP status, body).
+    pub async fn post_order(&self, order: &Value) -> (u16, Value) {
+        self.post_order_with_key(order, None).await
+    }
+
+    pub async fn post_order_with_key(&self, order: &Value, key: Option<&str>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/orders", self.url(Svc::Order)))
+            .json(order);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let r = req.send().await.expect("POST /orders");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON body"))
+    }
+
+    pub async fn order(&self, order_id: &str) -> Value {
+        self.get(Svc::Order, &format!("/orders/{order_id}"))
+            .await
+            .unwrap_or_else(|| panic!("order {order_id} not found"))
+    }
+
+    pub async fn payment(&self, order_id: &str) -> Option<Value> {
+        self.get(Svc::Payment, &format!("/payments/{order_id}"))
+            .await
+    }
+
+    pub async fn reservation(&self, order_id: &str) -> Option<Value> {
+        self.get(Svc::Inventory, &format!("/reservations/{order_id}"))
+            .await
+    }
+
+    pub async fn balance(&self, customer: &str) -> Option<i64> {
+        self.get(Svc::Payment, &format!("/accounts/{customer}"))
+            .await
+            .map(|v| v["balance_cents"].as_i64().unwrap())
+    }
+
+    /// (available, held) of an item.
+    pub async fn stock(&self, item: &str) -> (i64, i64) {
+        let v = self
+            .get(Svc::Inventory, &format!("/items/{item}"))
+            .await
+            .unwrap_or_else(|| panic!("item {item} not found"));
+        (
+            v["available"].as_i64().unwrap(),
+            v["held"].as_i64().unwrap(),
+        )
+    }
+
+    pub async fn emails(&self, order_id: &str) -> Vec<Value> {
+        let v = self
+            .get(Svc::Notification, &format!("/emails?order_id={order_id}"))
+            .await
+            .expect("emails");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The kinds of the emails sent for an order, oldest first.
+    pub async fn email_kinds(&self, order_id: &str) -> Vec<String> {
+        self.emails(order_id)
+            .await
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// A service's `/metrics` text.
+    pub async fn metrics(&self, svc: Svc) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url(svc)))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    // ----- direct access -----
+
+    /// A connection to a service's own database (for assertions on rows).
+    pub async fn pg(&self, svc: Svc) -> PgConnection {
+        PgConnection::connect(&self.database_url(svc))
+            .await
+            .expect("connect to the service's database")
+    }
+
+    /// A connection to this test's vhost.
+    pub async fn amqp(&self) -> Connection {
+        Connection::connect(&self.amqp_url, ConnectionProperties::default())
+            .await
+            .expect("connect to this test's vhost")
+    }
+
+    /// Publishes to `saga.events` (persistent, JSON) and waits for the confirm.
+    pub async fn publish(
+        &self,
+        conn: &Connection,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) {
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let props = props
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let confirm = ch
+            .basic_publish(
+                EXCHANGE.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        let _ = ch.close(200, "done".into()).await;
+    }
+
+    /// Removes the vhost and databases (also done on drop).
+    pub async fn shutdown(mut self) {
+        for svc in Svc::ALL {
+            self.stop(svc).await;
+        }
+        cleanup(&self.prefix).await;
+        self.cleaned = true;
+    }
+}
+
+impl Drop for TestSystem {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        for r in self.running.iter().flatten() {
+            r.cancel.cancel();
+            r.task.abort();
+        }
+        let prefix = self.prefix.clone();
+        // A panicking test: clean up from a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(cleanup(&prefix));
+            }
+        })
+        .join();
+    }
+}
+
+async fn launch<S: Service>(config: S::Config) -> Running {
+    let app = S::build(config).await.expect("service builds");
+    let base_url = format!("http://{}", app.local_addr());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(app.run(cancel.clone()));
+    Running {
+        base_url,
+        cancel,
+        task,
+    }
+}
+
+/// Polls `f` until it yields `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The mission's example order, with a real test card.
+pub fn order_dict(customer: &str, items: &[(&str, i64)]) -> Value {
+    order_with_card(customer, items, "4242 4242 4242 4242")
+}
+
+pub fn order_with_card(customer: &str, items: &[(&str, i64)], card: &str) -> Value {
+    json!({
+        "customer_id": customer,
+        "items": items.iter().map(|(id, q)| json!({"item_id": id, "quantity": q})).collect::<Vec<_>>(),
+        "payment_info": {"card_number": card, "expiry_date": "12/30", "cvv": "123"},
+    })
+}
+
+/// A queue of this test's own, bound to `saga.events` with `keys`, to watch
+/// the events go by.
+pub struct Tap {
+    consumer: lapin::Consumer,
+    _channel: lapin::Channel,
+}
+
+impl Tap {
+    pub async fn new(conn: &Connection, keys: &[&str]) -> Tap {
+        let ch = conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for key in keys {
+            ch.queue_bind(
+                q.name().clone(),
+                EXCHANGE.into(),
+                (*key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "tap".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Tap {
+            consumer,
+            _channel: ch,
+        }
+    }
+
+    /// A queue to receive replies on (for `reply_to`); returns its name.
+    pub async fn reply_queue(conn: &Connection) -> (String, Tap) {
+        let ch = conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "replies".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (
+            q.name().to_string(),
+            Tap {
+                consumer,
+                _channel: ch,
+            },
+        )
+    }
+
+    /// The next message within `timeout`, acked.
+    pub async fn next(&mut self, timeout: Duration) -> Option<lapin::message::Delivery> {
+        let d = tokio::time::timeout(timeout, self.consumer.next())
+            .await
+            .ok()??
+            .ok()?;
+        d.acker.ack(BasicAckOptions::default()).await.ok()?;
+        Some(d)
+    }
+
+    /// Next message whose routing key is `key` and correlation id `order_id`.
+    pub async fn next_for(
+        &mut self,
+        key: &str,
+        order_id: &str,
+        timeout: Duration,
+    ) -> Option<lapin::message::Delivery> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let d = self.next(left).await?;
+            let corr = d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string());
+            if d.routing_key.as_str() == key && corr.as_deref() == Some(order_id) {
+                return Some(d);
+            }
+        }
+    }
+}
+
+// ----- vhosts and databases -----
+
+fn mgmt(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    req.basic_auth("guest", Some("guest"))
+}
+
+async fn create_vhost(name: &str) {
+    let http = reqwest::Client::new();
+    let base = mgmt_base();
+    let r = mgmt(http.put(format!("{base}/api/vhosts/{name}")))
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "RabbitMQ management API not reachable at {base} ({e}); start RabbitMQ with the \
+                 management plugin (scripts/dev-up.sh) or set TEST_RABBITMQ_MGMT"
+            )
+        });
+    assert!(
+        r.status().is_success(),
+        "creating vhost {name}: {}",
+        r.status()
+    );
+    let r = mgmt(http.put(format!("{base}/api/permissions/{name}/guest")))
+        .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .send()
+        .await
+        .expect("set vhost permissions");
+    assert!(r.status().is_success(), "vhost permissions: {}", r.status());
+}
+
+async fn cleanup(prefix: &str) {
+    let http = reqwest::Client::new();
+    let _ = mgmt(http.delete(format!("{}/api/vhosts/{prefix}", mgmt_base())))
+        .send()
+        .await;
+    if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+        for svc in Svc::ALL {
+            let db = format!("{prefix}_{}", svc.identity().database);
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "drop database if exists \"{db}\" with (force)"
+            )))
+            .execute(&mut admin)
+            .await;
+        }
+        let _ = admin.close().await;
+    }
+}
+
+/// Removes test vhosts and databases more than an hour old (left by a
+/// killed test process). Runs once per process.
+async fn sweep_stale_resources() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let cutoff = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                - 3600;
+            let stale = |name: &str| -> Option<String> {
+                let rest = name.strip_prefix("st_")?;
+                let (ts, rest) = rest.split_once('_')?;
+                let ts: u64 = ts.parse().ok()?;
+                let id = rest.get(..8)?;
+                (ts < cutoff).then(|| format!("st_{ts}_{id}"))
+            };
+            let mut prefixes = std::collections::BTreeSet::new();
+            let http = reqwest::Client::new();
+            if let Ok(r) = mgmt(http.get(format!("{}/api/vhosts", mgmt_base())))
+                .send()
+                .await
+                && let Ok(vhosts) = r.json::<Vec<Value>>().await
+            {
+                prefixes.extend(vhosts.iter().filter_map(|v| stale(v["name"].as_str()?)));
+            }
+            if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+                let names: Vec<String> = sqlx::query_scalar(
+                    "select datname from pg_database where datname like 'st\\_%'",
+                )
+                .fetch_all(&mut admin)
+                .await
+                .unwrap_or_default();
+                prefixes.extend(names.iter().filter_map(|n| stale(n)));
+                let _ = admin.close().await;
+            }
+            for p in prefixes {
+                cleanup(&p).await;
+            }
+        })
+        .await;
+}
+
+fn init_test_logging() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            common::telemetry::init_tracing();
+        }
+    });
+}

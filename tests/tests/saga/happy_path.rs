@@ -1,0 +1,131 @@
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use saga_tests::{Svc, Tap, TestSystem, order_dict};
+use serde_json::{Value, json};
+
+use crate::stock_the_shop;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_over_http_is_confirmed_and_every_service_has_done_its_part() {
+    let sys = TestSystem::spawn().await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("user123", 10_000).await;
+
+    let (status, result) = sys
+        .post_order(&order_dict("user123", &[("productA", 2), ("productB", 1)]))
+        .await;
+
+    assert_eq!(status, 200);
+    assert_eq!(result["status"], "success");
+    assert_eq!(
+        result.as_object().unwrap().len(),
+        2,
+        "exactly status and order_id: {result}"
+    );
+    let id = result["order_id"].as_str().unwrap().to_owned();
+
+    let order = sys.order(&id).await;
+    assert_eq!(order["status"], "CONFIRMED");
+    assert_eq!(order["amount_cents"], 2 * 1500 + 700);
+    assert_eq!(order["card"], json!({"brand": "visa", "last4": "4242"}));
+    let steps: Vec<&str> = order["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "order.created",
+            "payment.completed",
+            "inventory.reserved",
+            "notification.sent",
+            "order.confirmed"
+        ]
+    );
+
+    let payment = sys.payment(&id).await.unwrap();
+    assert_eq!(payment["status"], "charged");
+    assert_eq!(payment["amount_cents"], 3700);
+    assert_eq!(sys.balance("user123").await, Some(10_000 - 3700));
+    // The stock was reserved, then committed when the order was confirmed.
+    saga_tests::eventually(
+        Duration::from_secs(5),
+        "the reservation to be committed",
+        || async {
+            let r = sys.reservation(&id).await?;
+            (r["status"] == "committed").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(sys.stock("productA").await, (8, 0));
+    assert_eq!(sys.stock("productB").await, (9, 0));
+    assert_eq!(sys.email_kinds(&id).await, ["confirmation"]);
+    let email = &sys.emails(&id).await[0];
+    assert_eq!(email["recipient"], "user123@example.com");
+
+    let metrics = sys.metrics(Svc::Order).await;
+    assert!(metrics.contains("sagas_decided_total{outcome=\"confirmed\",failed_step=\"none\"}"));
+    assert!(metrics.contains("saga_duration_seconds_bucket"));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_published_with_reply_to_gets_its_result_dict_back() {
+    let sys = TestSystem::spawn().await;
+    stock_the_shop(&sys).await;
+    let conn = sys.amqp().await;
+    let (reply_queue, mut replies) = Tap::reply_queue(&conn).await;
+    let mut terminal = Tap::new(&conn, &["order.confirmed"]).await;
+
+    let body = serde_json::to_vec(&order_dict("amqp-user", &[("productB", 3)])).unwrap();
+    sys.publish(
+        &conn,
+        "order.requested",
+        &body,
+        BasicProperties::default()
+            .with_message_id("client-order-1".into())
+            .with_correlation_id("my-correlation".into())
+            .with_reply_to(reply_queue.as_str().into()),
+    )
+    .await;
+
+    let reply = replies
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a reply");
+    assert_eq!(
+        reply.properties.correlation_id().as_ref().unwrap().as_str(),
+        "my-correlation"
+    );
+    let result: Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(result["status"], "success");
+    let id = result["order_id"].as_str().unwrap();
+    assert_eq!(sys.order(id).await["status"], "CONFIRMED");
+    assert_eq!(sys.payment(id).await.unwrap()["amount_cents"], 2100);
+
+    // The terminal event carries the same result dict.
+    let confirmed = terminal
+        .next(Duration::from_secs(5))
+        .await
+        .expect("order.confirmed");
+    let env: Value = serde_json::from_slice(&confirmed.data).unwrap();
+    assert_eq!(env["data"]["result"], result);
+    assert_eq!(env["event_type"], "order.confirmed");
+    assert_eq!(
+        confirmed
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        id
+    );
+    assert_eq!(
+        confirmed.properties.kind().as_ref().unwrap().as_str(),
+        "order.confirmed"
+    );
+    sys.shutdown().await;
+}

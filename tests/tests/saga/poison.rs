@@ -1,0 +1,140 @@
+//! Malformed and poison messages are parked with their reason; valid orders
+//! keep flowing.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
+use saga_tests::{TestSystem, order_dict};
+use serde_json::json;
+
+use crate::stock_the_shop;
+
+/// The parked messages of a queue: (message id, reason).
+async fn parked(conn: &lapin::Connection, queue: &str) -> Vec<(String, String)> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let reason = match headers.inner().get("x-parked-reason") {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            other => format!("{other:?}"),
+        };
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        out.push((id, reason));
+    }
+    let _ = ch.close(200, "done".into()).await;
+    out
+}
+
+/// Collects `n` parked messages from `queue` (waiting up to 10 s).
+async fn drain_parked(conn: &lapin::Connection, queue: &str, n: usize) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    while all.len() < n && tokio::time::Instant::now() < deadline {
+        all.extend(parked(conn, queue).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(all.len(), n, "parked in {queue}: {all:?}");
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_are_parked_with_their_reason_and_orders_keep_flowing() {
+    let sys = TestSystem::spawn().await;
+    stock_the_shop(&sys).await;
+    let conn = sys.amqp().await;
+    let props = |id: &str| BasicProperties::default().with_message_id(id.into());
+
+    let good_envelope_bad_data = json!({
+        "event_id": uuid::Uuid::now_v7(), "event_type": "order.created", "version": 1,
+        "order_id": uuid::Uuid::now_v7(), "causation_id": null, "occurred_at": chrono::Utc::now(),
+        "deadline_at": chrono::Utc::now(), "producer": "test", "data": {"amount_cents": "lots"},
+    });
+    let mut unknown_type = good_envelope_bad_data.clone();
+    unknown_type["event_type"] = json!("order.exploded");
+    let huge = vec![b' '; 2 * 1024 * 1024];
+
+    sys.publish(&conn, "order.created", b"{not json", props("malformed"))
+        .await;
+    sys.publish(
+        &conn,
+        "order.created",
+        good_envelope_bad_data.to_string().as_bytes(),
+        props("wrong-types"),
+    )
+    .await;
+    sys.publish(
+        &conn,
+        "order.created",
+        unknown_type.to_string().as_bytes(),
+        props("unknown-type"),
+    )
+    .await;
+    sys.publish(&conn, "order.created", &huge, props("huge"))
+        .await;
+    // An order request without its idempotency key, and an invalid one.
+    let order = serde_json::to_vec(&order_dict("p", &[("productA", 1)])).unwrap();
+    sys.publish(&conn, "order.requested", &order, BasicProperties::default())
+        .await;
+    sys.publish(&conn, "order.requested", b"[]", props("invalid-order"))
+        .await;
+
+    // Valid orders still go through.
+    let (_, result) = sys.post_order(&order_dict("p", &[("productA", 1)])).await;
+    assert_eq!(result["status"], "success");
+
+    let payment = drain_parked(&conn, "payment-svc.parking", 4).await;
+    let reason = |id: &str| {
+        payment
+            .iter()
+            .find(|(m, _)| m == id)
+            .map(|(_, r)| r.clone())
+            .unwrap()
+    };
+    assert!(
+        reason("malformed").contains("not a valid event envelope"),
+        "{payment:?}"
+    );
+    assert!(
+        reason("wrong-types").contains("data of order.created is invalid"),
+        "{payment:?}"
+    );
+    assert!(
+        reason("unknown-type").contains("not a valid event envelope"),
+        "{payment:?}"
+    );
+    assert!(reason("huge").contains("exceeds"), "{payment:?}");
+
+    let orders = drain_parked(&conn, "order-svc.parking", 2).await;
+    assert!(
+        orders
+            .iter()
+            .any(|(_, r)| r.contains("must carry an AMQP message_id")),
+        "{orders:?}"
+    );
+    assert!(
+        orders
+            .iter()
+            .any(|(id, r)| id == "invalid-order" && r.contains("the order must be a JSON object")),
+        "{orders:?}"
+    );
+
+    let m = sys.metrics(saga_tests::Svc::Payment).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("messages_parked_total") && l.contains("payment-svc"))
+    );
+    sys.shutdown().await;
+}
