@@ -280,6 +280,17 @@ mod tests {
     }
 
     #[test]
+    fn keys_made_with_openssl_work() {
+        // `openssl genpkey -algorithm x25519`, raw halves in base64 (README).
+        let secret = "+KWETgfF3Jz2PufetjXvEKtVTr8kJG98jPeCIIdf1kU=";
+        let public = "6DvO4ZGjAOhbgcnBYKRSsaSbZaD3KQcjqzUAAnfp5Vs=";
+        let opener = CardOpener::new(Some(secret)).unwrap();
+        assert_eq!(opener.public_key_b64(), public);
+        let sealed = CardSealer::new(Some(public)).unwrap().seal(&card());
+        assert_eq!(opener.open(&sealed).unwrap(), card());
+    }
+
+    #[test]
     fn debug_output_never_shows_the_number_or_cvv() {
         let text = format!("{:?}", card());
         assert!(!text.contains("4242424242424242"));

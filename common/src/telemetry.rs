@@ -9,6 +9,7 @@
 //!   Every metric shared by the services carries a `service` label. Label
 //!   values come from fixed sets (never ids or error strings).
 
+use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -102,8 +103,9 @@ pub fn init_tracing() {
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
             .try_init()
     } else {
+        let ansi = std::io::stdout().is_terminal();
         registry
-            .with(tracing_subscriber::fmt::layer().compact())
+            .with(tracing_subscriber::fmt::layer().compact().with_ansi(ansi))
             .try_init()
     };
 }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests of each crate and the end-to-end saga tests
+# against the local RabbitMQ and PostgreSQL (started if needed).
+#
+# Run with: scripts/test.sh  (extra arguments go to `cargo test`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/dev-up.sh
+# The saga tests are I/O bound; 3 at a time keeps the PostgreSQL connections
+# of all running test systems well under the server's max_connections (100).
+exec cargo test --workspace --locked "$@" -- --test-threads="${TEST_THREADS:-3}"
