@@ -384,6 +384,26 @@ impl TestSystem {
         )
     }
 
+    /// Waits until an item's (available, held) is `expected` (confirmations
+    /// and compensations land a moment after the result dict).
+    pub async fn wait_for_stock(&self, item: &str, expected: (i64, i64)) {
+        let mut last = (0, 0);
+        let reached = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                last = self.stock(item).await;
+                if last == expected {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "stock of {item}: expected {expected:?}, still {last:?}"
+        );
+    }
+
     pub async fn emails(&self, order_id: &str) -> Vec<Value> {
         let v = self
             .get(Svc::Notification, &format!("/emails?order_id={order_id}"))

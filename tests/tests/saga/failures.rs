@@ -21,8 +21,8 @@ async fn order_id_of(sys: &TestSystem, customer: &str) -> String {
 /// The order FAILED, no stock moved, no confirmation email.
 async fn assert_rolled_back(sys: &TestSystem, id: &str) {
     assert_eq!(sys.order(id).await["status"], "FAILED");
-    assert_eq!(sys.stock("productA").await, (10, 0));
-    assert_eq!(sys.stock("productB").await, (10, 0));
+    sys.wait_for_stock("productA", (10, 0)).await;
+    sys.wait_for_stock("productB", (10, 0)).await;
     // A confirmation may only stand if a cancellation followed it.
     let kinds = sys.email_kinds(id).await;
     assert!(
@@ -241,7 +241,7 @@ async fn a_saga_whose_service_is_down_times_out_and_compensates_when_it_returns(
         (sys.reservation(&id).await?["status"] != "held").then_some(())
     })
     .await;
-    assert_eq!(sys.stock("productA").await, (10, 0));
+    sys.wait_for_stock("productA", (10, 0)).await;
     assert_eq!(sys.balance("gina").await, Some(50_000));
     sys.shutdown().await;
 }

@@ -60,8 +60,8 @@ async fn an_order_over_http_is_confirmed_and_every_service_has_done_its_part() {
         },
     )
     .await;
-    assert_eq!(sys.stock("productA").await, (8, 0));
-    assert_eq!(sys.stock("productB").await, (9, 0));
+    sys.wait_for_stock("productA", (8, 0)).await;
+    sys.wait_for_stock("productB", (9, 0)).await;
     assert_eq!(sys.email_kinds(&id).await, ["confirmation"]);
     let email = &sys.emails(&id).await[0];
     assert_eq!(email["recipient"], "user123@example.com");

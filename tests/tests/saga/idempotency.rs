@@ -57,7 +57,7 @@ async fn the_same_order_requested_message_id_twice_gives_one_order() {
         count(&sys, Svc::Payment, "select count(*) from payments").await,
         1
     );
-    assert_eq!(sys.stock("productA").await, (9, 0));
+    sys.wait_for_stock("productA", (9, 0)).await;
     sys.shutdown().await;
 }
 
@@ -80,7 +80,7 @@ async fn a_retried_http_request_with_the_same_idempotency_key_returns_the_same_o
         count(&sys, Svc::Order, "select count(*) from orders").await,
         1
     );
-    assert_eq!(sys.stock("productA").await, (8, 0));
+    sys.wait_for_stock("productA", (8, 0)).await;
 
     let different = order_dict("retrier", &[("productA", 3)]);
     let (status, body) = sys.post_order_with_key(&different, Some("key-1")).await;

@@ -34,7 +34,7 @@ async fn a_hundred_concurrent_orders_for_thirty_units_confirm_exactly_thirty() {
         })
         .count();
     assert_eq!((confirmed, out_of_stock), (30, 70), "{results:?}");
-    assert_eq!(sys.stock("scarce").await, (0, 0));
+    sys.wait_for_stock("scarce", (0, 0)).await;
 
     let mut pg = sys.pg(Svc::Payment).await;
     let by_status = || async {

@@ -153,7 +153,7 @@ async fn a_cancellation_that_overtakes_the_forward_events_leaves_nothing_applied
         sys.reservation(&order_id.to_string()).await.unwrap()["status"],
         "cancelled"
     );
-    assert_eq!(sys.stock("productA").await, (10, 0));
+    sys.wait_for_stock("productA", (10, 0)).await;
     assert!(sys.emails(&order_id.to_string()).await.is_empty());
     sys.shutdown().await;
 }
