@@ -64,6 +64,16 @@ impl Broker {
             .is_some_and(|c| c.status().connected())
     }
 
+    /// The live connection, if there is one now.
+    pub fn current(&self) -> Option<SharedConnection> {
+        self.inner
+            .current
+            .borrow()
+            .as_ref()
+            .filter(|c| c.status().connected())
+            .cloned()
+    }
+
     /// Waits for a live connection; `None` once `cancel` fires.
     pub async fn connection(&self, cancel: &CancellationToken) -> Option<SharedConnection> {
         let mut rx = self.inner.current.subscribe();

@@ -12,6 +12,8 @@
 //! | `OUTBOX_BATCH_SIZE` | 256 | rows per relay pass |
 //! | `OUTBOX_POLL_MS` | 500 | relay poll period when no NOTIFY arrives |
 //! | `SHUTDOWN_GRACE_MS` | 10000 | time allowed to drain on SIGTERM |
+//! | `RETENTION_SECS` | 604800 | keep published outbox rows and inbox ids this long (7 days) |
+//! | `CLEANUP_INTERVAL_SECS` | 60 | how often the retention cleaner runs |
 
 use std::fmt;
 use std::time::Duration;
@@ -56,6 +58,13 @@ pub struct CommonConfig {
     /// Time allowed to drain on SIGTERM, in ms.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// Keep published outbox rows and inbox ids this long, in seconds; older
+    /// messages are refused. Must exceed the retry horizon plus an hour.
+    #[arg(long, env = "RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub retention_secs: u64,
+    /// How often the retention cleaner runs, in seconds.
+    #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 60)]
+    pub cleanup_interval_secs: u64,
 }
 
 impl CommonConfig {
@@ -72,6 +81,8 @@ impl CommonConfig {
             outbox_batch_size: 256,
             outbox_poll_ms: 500,
             shutdown_grace_ms: 10_000,
+            retention_secs: 7 * 24 * 3600,
+            cleanup_interval_secs: 60,
         }
     }
 
@@ -89,6 +100,10 @@ impl CommonConfig {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_secs)
     }
 }
 
@@ -111,6 +126,8 @@ impl fmt::Debug for CommonConfig {
             .field("outbox_batch_size", &self.outbox_batch_size)
             .field("outbox_poll_ms", &self.outbox_poll_ms)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("retention_secs", &self.retention_secs)
+            .field("cleanup_interval_secs", &self.cleanup_interval_secs)
             .finish()
     }
 }

@@ -30,15 +30,20 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
+use sqlx::PgPool;
+
 use crate::broker::Broker;
-use crate::db;
 use crate::events::EventType;
 use crate::fault::FaultDelay;
 use crate::telemetry::metric;
 use crate::topology::{RETRY_TIERS, ServiceIdentity};
+use crate::{db, escalation};
 
 /// Messages larger than this are parked unread.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A handler running longer than this is abandoned and its message retried.
+pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Header carrying the routing key a message was first published with (a
 /// message coming back from a delay queue arrives with the queue's name).
@@ -51,6 +56,8 @@ pub const H_LAST_ERROR: &str = "x-last-error";
 pub const H_PARKED_REASON: &str = "x-parked-reason";
 /// Header naming the service that parked a message.
 pub const H_PARKED_BY: &str = "x-parked-by";
+/// Header carrying the escalation an operator is retrying.
+pub const H_ESCALATION_ID: &str = "x-escalation-id";
 
 /// A delivery, as handlers see it.
 #[derive(Debug, Clone)]
@@ -67,6 +74,8 @@ pub struct Incoming {
     pub attempt: u32,
     /// Attempts after which a failing message is given up on.
     pub max_attempts: u32,
+    /// Set when an operator retries an escalated compensation.
+    pub escalation_id: Option<uuid::Uuid>,
 }
 
 impl Incoming {
@@ -91,6 +100,7 @@ impl Incoming {
                 .unwrap_or(u32::MAX - 1)
                 .saturating_add(1),
             max_attempts,
+            escalation_id: header_str(H_ESCALATION_ID).and_then(|s| s.parse().ok()),
         }
     }
 
@@ -153,6 +163,14 @@ pub trait MessageHandler: Send + Sync + 'static {
     /// Handles one message. Must be idempotent: it can run more than once
     /// for the same message (redelivery), and must commit before returning `Ok`.
     fn handle(&self, msg: Incoming) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The compensation a message with this routing key performs, if it is
+    /// one (e.g. `"refund"`). A compensation whose retries are exhausted is
+    /// escalated (see [`crate::escalation`]), never parked.
+    fn compensation(&self, routing_key: &str) -> Option<&'static str> {
+        let _ = routing_key;
+        None
+    }
 }
 
 /// Settings of a consumer.
@@ -164,12 +182,16 @@ pub struct ConsumerSettings {
     pub max_attempts: u32,
     /// Artificial delay before each message (tests, benchmarks).
     pub fault_delay: Option<FaultDelay>,
+    /// Messages older than this are refused (parked): the inbox no longer
+    /// remembers whether they were applied. See [`crate::retention`].
+    pub replay_window: Duration,
 }
 
 /// Consumes a service's queue until cancelled.
 pub struct Consumer<H> {
     service: ServiceIdentity,
     broker: Broker,
+    pool: PgPool,
     settings: ConsumerSettings,
     handler: Arc<H>,
 }
@@ -178,12 +200,14 @@ impl<H: MessageHandler> Consumer<H> {
     pub fn new(
         service: ServiceIdentity,
         broker: Broker,
+        pool: PgPool,
         settings: ConsumerSettings,
         handler: Arc<H>,
     ) -> Self {
         Self {
             service,
             broker,
+            pool,
             settings,
             handler,
         }
@@ -246,8 +270,8 @@ impl<H: MessageHandler> Consumer<H> {
                             service: self.service,
                             handler: self.handler.clone(),
                             publisher: publisher.clone(),
-                            max_attempts: self.settings.max_attempts,
-                            fault_delay: self.settings.fault_delay,
+                            pool: self.pool.clone(),
+                            settings: self.settings.clone(),
                         };
                         in_flight.spawn(task.run(delivery));
                     }
@@ -270,19 +294,20 @@ struct DeliveryTask<H> {
     service: ServiceIdentity,
     handler: Arc<H>,
     publisher: Channel,
-    max_attempts: u32,
-    fault_delay: Option<FaultDelay>,
+    pool: PgPool,
+    settings: ConsumerSettings,
 }
 
 enum Verdict {
     Ack,
     Retry(String),
     Park { reason: String, label: &'static str },
+    Escalate { step: &'static str, error: String },
 }
 
 impl<H: MessageHandler> DeliveryTask<H> {
     async fn run(self, delivery: Delivery) {
-        let msg = Incoming::from_delivery(&delivery, self.max_attempts);
+        let msg = Incoming::from_delivery(&delivery, self.settings.max_attempts);
         let event_type = event_label(&msg.routing_key);
         let span = info_span!(
             "handle",
@@ -298,7 +323,7 @@ impl<H: MessageHandler> DeliveryTask<H> {
             attempt = msg.attempt,
         );
         async move {
-            if let Some(delay) = self.fault_delay {
+            if let Some(delay) = self.settings.fault_delay {
                 tokio::time::sleep(delay.sample()).await;
             }
             let started = Instant::now();
@@ -310,11 +335,26 @@ impl<H: MessageHandler> DeliveryTask<H> {
             let settled = match &verdict {
                 Verdict::Ack => {
                     self.count(event_type, "ok");
-                    delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map(|_| ())
+                    if let Some(id) = msg.escalation_id
+                        && let Err(error) = escalation::resolve(&self.pool, id).await
+                    {
+                        warn!(%error, escalation_id = %id, "could not mark the escalation resolved");
+                    }
+                    delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ())
+                }
+                Verdict::Escalate { step, error } => {
+                    match escalation::record(&self.pool, self.service.name, step, &msg, error).await {
+                        Ok(_) => {
+                            self.count(event_type, "escalated");
+                            delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ())
+                        }
+                        Err(db_error) => {
+                            // Cannot record it (database down): keep retrying.
+                            warn!(error = %db_error, "could not record the escalation; retrying the compensation");
+                            self.count(event_type, "retry");
+                            self.retry(&delivery, &msg, error).await
+                        }
+                    }
                 }
                 Verdict::Retry(error) => {
                     self.count(event_type, "retry");
@@ -355,7 +395,22 @@ impl<H: MessageHandler> DeliveryTask<H> {
                 label: "too_large",
             };
         }
+        if msg.escalation_id.is_none()
+            && let Some(age) = message_age(&msg.body)
+            && age > self.settings.replay_window
+        {
+            return Verdict::Park {
+                reason: format!(
+                    "message is {}s old, older than the {}s retention window: the inbox no longer \
+                     knows whether it was applied, so it is refused",
+                    age.as_secs(),
+                    self.settings.replay_window.as_secs()
+                ),
+                label: "too_old",
+            };
+        }
         let attempt = msg.attempt;
+        let compensation = self.handler.compensation(&msg.routing_key);
         let outcome = AssertUnwindSafe(self.handler.handle(msg))
             .catch_unwind()
             .await;
@@ -376,7 +431,10 @@ impl<H: MessageHandler> DeliveryTask<H> {
             Ok(Err(HandlerError::Transient(e))) => format!("{e:#}"),
             Err(_) => "handler panicked".to_owned(),
         };
-        if attempt >= self.max_attempts {
+        if attempt >= self.settings.max_attempts {
+            if let Some(step) = compensation {
+                return Verdict::Escalate { step, error };
+            }
             Verdict::Park {
                 reason: format!("gave up after {attempt} attempts; last error: {error}"),
                 label: "exhausted",
@@ -467,6 +525,16 @@ impl<H: MessageHandler> DeliveryTask<H> {
             ))),
         }
     }
+}
+
+/// How old an envelope is (by its `occurred_at`); `None` for other bodies.
+fn message_age(body: &[u8]) -> Option<Duration> {
+    #[derive(serde::Deserialize)]
+    struct OccurredAt {
+        occurred_at: chrono::DateTime<chrono::Utc>,
+    }
+    let at = serde_json::from_slice::<OccurredAt>(body).ok()?.occurred_at;
+    (chrono::Utc::now() - at).to_std().ok()
 }
 
 /// The delivery's headers, plus the original routing key if not yet recorded.

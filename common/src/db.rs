@@ -64,7 +64,15 @@ pub async fn connect_and_migrate(
     pool_size: u32,
     migrations: &Migrator,
 ) -> Result<PgPool, DbError> {
-    let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+    // Bounded waits: a lock held by a stuck transaction, or a runaway
+    // statement, fails (and is retried) instead of hanging a handler.
+    let options = PgConnectOptions::from_str(url)
+        .map_err(DbError::Url)?
+        .options([
+            ("lock_timeout", "5s"),
+            ("statement_timeout", "30s"),
+            ("idle_in_transaction_session_timeout", "60s"),
+        ]);
     ensure_database(&options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)

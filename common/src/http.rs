@@ -3,18 +3,24 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Confirmation};
+use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 use tracing::error;
+use uuid::Uuid;
 
 use crate::broker::Broker;
-use crate::telemetry;
+use crate::topology::ServiceIdentity;
+use crate::{consumer, escalation, telemetry};
 
 /// An error answered as JSON `{"error": "..."}`.
 #[derive(Debug, thiserror::Error)]
@@ -65,26 +71,115 @@ impl IntoResponse for ApiError {
 }
 
 #[derive(Clone)]
-struct HealthState {
-    service: &'static str,
+struct OpsState {
+    service: ServiceIdentity,
     broker: Broker,
     pool: PgPool,
 }
 
-/// `/health` (readiness: broker connected and database reachable) and
-/// `/metrics` (Prometheus text).
-pub fn ops_routes(service: &'static str, broker: Broker, pool: PgPool) -> Router {
+/// `/health` (readiness: broker connected and database reachable),
+/// `/metrics` (Prometheus text), and the escalation admin endpoints:
+/// `GET /admin/escalations[?status=open|retrying|resolved]` and
+/// `POST /admin/escalations/{id}/retry`.
+pub fn ops_routes(service: ServiceIdentity, broker: Broker, pool: PgPool) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
-        .with_state(HealthState {
+        .route("/admin/escalations", get(list_escalations))
+        .route("/admin/escalations/{id}/retry", post(retry_escalation))
+        .with_state(OpsState {
             service,
             broker,
             pool,
         })
 }
 
-async fn health(State(s): State<HealthState>) -> Response {
+#[derive(Deserialize)]
+struct EscalationQuery {
+    status: Option<String>,
+}
+
+async fn list_escalations(
+    State(s): State<OpsState>,
+    Query(q): Query<EscalationQuery>,
+) -> Result<Response, ApiError> {
+    if let Some(status) = &q.status
+        && !["open", "retrying", "resolved"].contains(&status.as_str())
+    {
+        return Err(ApiError::BadRequest(
+            "status must be open, retrying or resolved".into(),
+        ));
+    }
+    let rows = escalation::list(&s.pool, q.status.as_deref()).await?;
+    Ok(Json(rows).into_response())
+}
+
+/// Re-publishes an escalated compensation to the service's queue, with a
+/// fresh set of attempts. Answers 202: the outcome shows in the list.
+async fn retry_escalation(
+    State(s): State<OpsState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest("id must be a UUID".into()))?;
+    let current = escalation::list(&s.pool, None).await?;
+    match current.iter().find(|e| e.id == id) {
+        None => return Err(ApiError::NotFound(format!("no escalation {id}"))),
+        Some(e) if e.status == "resolved" => {
+            return Err(ApiError::Conflict(format!(
+                "escalation {id} is already resolved"
+            )));
+        }
+        Some(_) => {}
+    }
+    let conn = s.broker.current().ok_or(ApiError::Unavailable)?;
+    let row = escalation::begin_retry(&s.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no escalation {id}")))?;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        consumer::H_ORIGINAL_ROUTING_KEY.into(),
+        AMQPValue::LongString(LongString::from(row.routing_key.as_str())),
+    );
+    headers.insert(
+        consumer::H_ESCALATION_ID.into(),
+        AMQPValue::LongString(LongString::from(id.to_string().as_str())),
+    );
+    let props = BasicProperties::default()
+        .with_message_id(row.message_id.to_string().into())
+        .with_type(row.routing_key.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let publish = async {
+        let channel = Broker::confirm_channel(&conn).await?;
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                s.service.queue().as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &row.body,
+                props,
+            )
+            .await?
+            .await?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok::<_, lapin::Error>(confirm)
+    };
+    match publish.await {
+        Ok(Confirmation::Ack(None)) => {}
+        Ok(_) | Err(_) => return Err(ApiError::Unavailable),
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": "retrying"})),
+    )
+        .into_response())
+}
+
+async fn health(State(s): State<OpsState>) -> Response {
     let broker = s.broker.is_connected();
     let database = tokio::time::timeout(
         Duration::from_secs(2),
@@ -99,7 +194,7 @@ async fn health(State(s): State<HealthState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "service": s.service,
+        "service": s.service.name,
         "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
         "broker": up(broker),
         "database": up(database),

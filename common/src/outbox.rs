@@ -147,7 +147,13 @@ pub enum RelayError {
     Db(#[from] sqlx::Error),
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("broker did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
 }
+
+/// The longest the relay waits for a batch's confirms (it holds the rows'
+/// locks meanwhile) before it gives up on the connection.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of the relay.
 #[derive(Debug, Clone)]
@@ -225,7 +231,7 @@ impl OutboxRelay {
                             break 'connection;
                         }
                     }
-                    Err(RelayError::Broker(error)) => {
+                    Err(error @ (RelayError::Broker(_) | RelayError::ConfirmTimeout(_))) => {
                         warn!(service = self.service, %error, "relay lost the broker");
                         self.broker.report_broken();
                         if flushing {
@@ -279,39 +285,17 @@ impl OutboxRelay {
             return Ok(RelayOutcome::Idle);
         }
 
-        // Pipeline: send every publish, then await the confirms together.
-        let mut confirms = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let body = serde_json::to_vec(&row.payload).unwrap_or_default();
-            let confirm = channel
-                .basic_publish(
-                    row.exchange.as_str().into(),
-                    row.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: row.mandatory,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties(self.service, row),
-                )
-                .await?;
-            confirms.push(confirm);
-        }
+        let outcomes = tokio::time::timeout(CONFIRM_TIMEOUT, self.publish_batch(channel, &rows))
+            .await
+            .map_err(|_| RelayError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
         let mut published = Vec::with_capacity(rows.len());
         let mut failed = Vec::new();
-        for (row, confirm) in rows.iter().zip(confirms) {
-            match confirm.await? {
-                Confirmation::Ack(None) | Confirmation::NotRequested => published.push(row),
-                Confirmation::Ack(Some(returned)) if row.mandatory => {
-                    failed.push((row, format!("unroutable: {}", returned.reply_text)));
-                }
-                // A non-mandatory message with no route (a client's reply
-                // queue that is gone) is done: nobody is waiting for it.
-                Confirmation::Ack(Some(_)) => published.push(row),
-                Confirmation::Nack(_) => failed.push((row, "nacked by the broker".to_owned())),
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => published.push(row),
+                Err(reason) => failed.push((row, reason)),
             }
         }
-
         let now = Utc::now();
         let ids: Vec<Uuid> = published.iter().map(|r| r.id).collect();
         sqlx::query("update outbox set published_at = now() where id = any($1)")
@@ -357,6 +341,48 @@ impl OutboxRelay {
             "relay pass"
         );
         Ok(RelayOutcome::Published(published.len()))
+    }
+}
+
+impl OutboxRelay {
+    /// Publishes every row (pipelined: all publishes first, then the
+    /// confirms); per row, `Ok` or why the broker did not take it.
+    async fn publish_batch(
+        &self,
+        channel: &Channel,
+        rows: &[PendingRow],
+    ) -> Result<Vec<Result<(), String>>, RelayError> {
+        let mut confirms = Vec::with_capacity(rows.len());
+        for row in rows {
+            let body = serde_json::to_vec(&row.payload).unwrap_or_default();
+            let confirm = channel
+                .basic_publish(
+                    row.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: row.mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties(self.service, row),
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        let mut outcomes = Vec::with_capacity(rows.len());
+        for (row, confirm) in rows.iter().zip(confirms) {
+            outcomes.push(match confirm.await? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+                Confirmation::Ack(Some(returned)) if row.mandatory => {
+                    Err(format!("unroutable: {}", returned.reply_text))
+                }
+                // A non-mandatory message with no route (a client's reply
+                // queue that is gone) is done: nobody is waiting for it.
+                Confirmation::Ack(Some(_)) => Ok(()),
+                Confirmation::Nack(_) => Err("nacked by the broker".to_owned()),
+            });
+        }
+        Ok(outcomes)
     }
 }
 

@@ -34,7 +34,7 @@ use crate::config::CommonConfig;
 use crate::consumer::{Consumer, ConsumerSettings, MessageHandler};
 use crate::outbox::{OutboxRelay, RelaySettings};
 use crate::topology::ServiceIdentity;
-use crate::{db, http, telemetry};
+use crate::{db, http, retention, telemetry};
 
 /// A task that runs until the intake token is cancelled.
 pub type BackgroundTask = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
@@ -55,6 +55,7 @@ impl ServiceRuntime {
         config: CommonConfig,
         migrations: &Migrator,
     ) -> anyhow::Result<Self> {
+        retention::check_window(config.retention(), config.retry_max_attempts)?;
         let database_url = config.database_url(&identity);
         let pool = db::connect_and_migrate(&database_url, config.db_pool_size, migrations)
             .await
@@ -105,6 +106,13 @@ impl ServiceRuntime {
         let infra = TaskTracker::new();
         infra.spawn(self.broker.clone().supervise(infra_stop.clone()));
         infra.spawn(telemetry::run_upkeep(infra_stop.clone()));
+        infra.spawn(retention::run_cleaner(
+            name,
+            self.pool.clone(),
+            self.config.retention(),
+            Duration::from_secs(self.config.cleanup_interval_secs),
+            infra_stop.clone(),
+        ));
 
         let relay = OutboxRelay::new(
             name,
@@ -121,10 +129,12 @@ impl ServiceRuntime {
         let consumer = Consumer::new(
             self.identity,
             self.broker.clone(),
+            self.pool.clone(),
             ConsumerSettings {
                 prefetch: self.config.prefetch,
                 max_attempts: self.config.retry_max_attempts,
                 fault_delay: self.config.fault_delay_ms,
+                replay_window: self.config.retention(),
             },
             Arc::new(handler),
         );
@@ -135,7 +145,7 @@ impl ServiceRuntime {
 
         let router = routes
             .merge(http::ops_routes(
-                name,
+                self.identity,
                 self.broker.clone(),
                 self.pool.clone(),
             ))

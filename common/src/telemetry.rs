@@ -51,6 +51,10 @@ pub mod metric {
     pub const SAGA_DURATION_SECONDS: &str = "saga_duration_seconds";
     /// Orders rejected as invalid input, by `source` (`http`, `amqp`).
     pub const ORDERS_REJECTED: &str = "orders_rejected_total";
+    /// Compensations whose retries were exhausted and that were escalated, by `service` and `step`.
+    pub const COMPENSATIONS_ESCALATED: &str = "compensations_escalated_total";
+    /// Old published outbox rows and inbox ids deleted by the cleaner, by `service` and `table`.
+    pub const RETENTION_DELETED: &str = "retention_deleted_rows_total";
     /// Business outcomes of a service's step, by `service` and `outcome`
     /// (e.g. `charged`, `declined`, `refunded`, `reserved`, `released`, `sent`, `bounced`).
     pub const STEP_OUTCOMES: &str = "saga_step_outcomes_total";

@@ -12,16 +12,16 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::ReservationStatus;
+use crate::domain::{ReservationStatus, StockLevel};
 
-/// Locks the stock rows of `item_ids` (sorted) and returns what is available.
+/// Locks the stock rows of `item_ids` (sorted) and returns their levels.
 pub async fn lock_stock(
     conn: &mut PgConnection,
     item_ids: &[String],
-) -> Result<HashMap<String, i32>, sqlx::Error> {
-    let rows: Vec<(String, i32)> = sqlx::query_as(
+) -> Result<HashMap<String, StockLevel>, sqlx::Error> {
+    let rows: Vec<(String, i32, bool)> = sqlx::query_as(
         r#"
-        select item_id, available from stock
+        select item_id, available, frozen from stock
         where item_id = any($1)
         order by item_id
         for update
@@ -30,7 +30,10 @@ pub async fn lock_stock(
     .bind(item_ids)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .map(|(id, available, frozen)| (id, StockLevel { available, frozen }))
+        .collect())
 }
 
 fn columns(lines: &[OrderLine]) -> (Vec<&str>, Vec<i32>) {
@@ -203,32 +206,39 @@ pub struct StockRow {
     pub item_id: String,
     pub available: i32,
     pub held: i32,
+    pub frozen: bool,
 }
 
 pub async fn get_item(
     conn: &mut PgConnection,
     item_id: &str,
 ) -> Result<Option<StockRow>, sqlx::Error> {
-    sqlx::query_as("select item_id, available, held from stock where item_id = $1")
+    sqlx::query_as("select item_id, available, held, frozen from stock where item_id = $1")
         .bind(item_id)
         .fetch_optional(conn)
         .await
 }
 
-pub async fn put_available(
+/// Sets the units on sale, and the frozen flag if given (new items: not frozen).
+pub async fn put_item(
     conn: &mut PgConnection,
     item_id: &str,
     available: i32,
+    frozen: Option<bool>,
 ) -> Result<StockRow, sqlx::Error> {
     sqlx::query_as(
         r#"
-        insert into stock (item_id, available) values ($1, $2)
-        on conflict (item_id) do update set available = excluded.available, updated_at = now()
-        returning item_id, available, held
+        insert into stock (item_id, available, frozen) values ($1, $2, coalesce($3, false))
+        on conflict (item_id) do update
+            set available = excluded.available,
+                frozen = coalesce($3, stock.frozen),
+                updated_at = now()
+        returning item_id, available, held, frozen
         "#,
     )
     .bind(item_id)
     .bind(available)
+    .bind(frozen)
     .fetch_one(conn)
     .await
 }

@@ -14,16 +14,38 @@ use common::compensation::StepState;
 use common::events::StepFailed;
 use common::order::OrderLine;
 
-/// Checks every line against the available stock (items not stocked count
-/// as 0). The error names every short item.
+/// An item's stock, as locked for a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StockLevel {
+    pub available: i32,
+    /// Frozen for a stocktake: nothing can be reserved or released.
+    pub frozen: bool,
+}
+
+/// Checks every line against the stock (items not stocked count as 0). The
+/// error names every short item, or the frozen ones.
 pub fn check_availability(
     lines: &[OrderLine],
-    available: &HashMap<String, i32>,
+    stock: &HashMap<String, StockLevel>,
 ) -> Result<(), StepFailed> {
+    let frozen: Vec<&str> = lines
+        .iter()
+        .filter(|l| stock.get(&l.item_id).is_some_and(|s| s.frozen))
+        .map(|l| l.item_id.as_str())
+        .collect();
+    if !frozen.is_empty() {
+        return Err(StepFailed {
+            code: "item_frozen".to_owned(),
+            reason: format!(
+                "Item unavailable (frozen for stocktake): {}",
+                frozen.join(", ")
+            ),
+        });
+    }
     let short: Vec<String> = lines
         .iter()
         .filter_map(|l| {
-            let have = available.get(&l.item_id).copied().unwrap_or(0);
+            let have = stock.get(&l.item_id).map_or(0, |s| s.available);
             (have < l.quantity)
                 .then(|| format!("{} (requested {}, available {have})", l.item_id, l.quantity))
         })
@@ -103,7 +125,11 @@ mod tests {
 
     #[test]
     fn enough_stock_passes_and_shortages_name_every_short_item() {
-        let stock = HashMap::from([("a".to_owned(), 5), ("b".to_owned(), 1)]);
+        let level = |available| StockLevel {
+            available,
+            frozen: false,
+        };
+        let mut stock = HashMap::from([("a".to_owned(), level(5)), ("b".to_owned(), level(1))]);
         assert!(check_availability(&[line("a", 5), line("b", 1)], &stock).is_ok());
         let err =
             check_availability(&[line("a", 6), line("b", 1), line("z", 1)], &stock).unwrap_err();
@@ -112,6 +138,15 @@ mod tests {
             err.reason,
             "Out of stock: a (requested 6, available 5), z (requested 1, available 0)"
         );
+        stock.insert(
+            "b".into(),
+            StockLevel {
+                available: 1,
+                frozen: true,
+            },
+        );
+        let err = check_availability(&[line("a", 1), line("b", 1)], &stock).unwrap_err();
+        assert_eq!(err.code, "item_frozen");
     }
 
     #[test]

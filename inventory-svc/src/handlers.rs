@@ -28,6 +28,12 @@ pub struct InventoryHandler {
 }
 
 impl MessageHandler for InventoryHandler {
+    fn compensation(&self, routing_key: &str) -> Option<&'static str> {
+        EventType::from_routing_key(routing_key)
+            .filter(|t| t.is_abort())
+            .map(|_| "stock release")
+    }
+
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
         let env = Envelope::decode(&msg.body)?;
         match env.event_type {
@@ -64,8 +70,8 @@ impl InventoryHandler {
                 reason: "Saga deadline passed before the reservation".into(),
             })
         } else {
-            let available = db::lock_stock(uow.conn(), &domain::lock_order(&paid.items)).await?;
-            domain::check_availability(&paid.items, &available)
+            let stock = db::lock_stock(uow.conn(), &domain::lock_order(&paid.items)).await?;
+            domain::check_availability(&paid.items, &stock)
         };
         let (status, reason) = match &verdict {
             Ok(()) => (ReservationStatus::Held, None),
@@ -166,7 +172,19 @@ impl InventoryHandler {
         match compensation_for(current) {
             Compensation::Undo => {
                 let lines = db::lines(uow.conn(), env.order_id).await?;
-                db::lock_stock(uow.conn(), &domain::lock_order(&lines)).await?;
+                let stock = db::lock_stock(uow.conn(), &domain::lock_order(&lines)).await?;
+                let frozen: Vec<&str> = stock
+                    .iter()
+                    .filter(|(_, level)| level.frozen)
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                if !frozen.is_empty() {
+                    // Retried with backoff, then escalated for an operator.
+                    return Err(HandlerError::Transient(anyhow::anyhow!(
+                        "item(s) {} frozen for stocktake: the release cannot be applied yet",
+                        frozen.join(", ")
+                    )));
+                }
                 db::release(uow.conn(), &lines).await?;
                 db::set_status(uow.conn(), env.order_id, ReservationStatus::Released).await?;
                 let ctx = SagaContext::caused_by(&env, SERVICE);

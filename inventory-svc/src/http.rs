@@ -1,6 +1,7 @@
 //! inventory-svc's HTTP API.
 //!
-//! - `PUT /items/{item_id}` — `{"available": N}` sets the units on sale.
+//! - `PUT /items/{item_id}` — `{"available": N, "frozen": bool}` sets the units
+//!   on sale (`frozen`, optional: a stocktake; nothing is reserved or released).
 //! - `GET /items/{item_id}` — `{"item_id", "available", "held"}`: `held`
 //!   counts units reserved by sagas not yet decided.
 //! - `GET /reservations/{order_id}` — status (`held`, `committed`,
@@ -27,8 +28,9 @@ pub fn routes(pool: PgPool) -> Router {
 }
 
 #[derive(Deserialize)]
-struct Available {
+struct ItemBody {
     available: i32,
+    frozen: Option<bool>,
 }
 
 async fn put_item(
@@ -36,13 +38,16 @@ async fn put_item(
     Path(item_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Available { available } = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"available\": N}}: {e}")))?;
+    let ItemBody { available, frozen } = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected {{\"available\": N, \"frozen\": bool?}}: {e}"
+        ))
+    })?;
     if available < 0 {
         return Err(ApiError::BadRequest("available must be >= 0".into()));
     }
     let mut conn = pool.acquire().await?;
-    Ok(Json(db::put_available(&mut conn, &item_id, available).await?).into_response())
+    Ok(Json(db::put_item(&mut conn, &item_id, available, frozen).await?).into_response())
 }
 
 async fn get_item(

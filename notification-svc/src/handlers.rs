@@ -37,6 +37,12 @@ pub struct NotificationHandler {
 }
 
 impl MessageHandler for NotificationHandler {
+    fn compensation(&self, routing_key: &str) -> Option<&'static str> {
+        EventType::from_routing_key(routing_key)
+            .filter(|t| t.is_abort())
+            .map(|_| "cancellation email")
+    }
+
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
         let env = Envelope::decode(&msg.body)?;
         match env.event_type {

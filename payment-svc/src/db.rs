@@ -122,18 +122,54 @@ pub async fn ensure_account(
     Ok(())
 }
 
-/// Debits the account if the balance covers the amount; false otherwise.
+/// What a debit or credit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Posting {
+    Done,
+    /// The balance does not cover the debit.
+    Insufficient,
+    /// The account is frozen (or missing).
+    Frozen,
+}
+
+/// Debits the account if it is not frozen and the balance covers the amount.
 /// One conditional statement: concurrent charges of one customer serialize
 /// on the row and can never take the balance below zero.
 pub async fn debit(
     conn: &mut PgConnection,
     customer_id: &str,
     amount: i64,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Posting, sqlx::Error> {
     let n = sqlx::query(
         r#"
         update accounts set balance_cents = balance_cents - $2, updated_at = now()
-        where customer_id = $1 and balance_cents >= $2
+        where customer_id = $1 and balance_cents >= $2 and not frozen
+        "#,
+    )
+    .bind(customer_id)
+    .bind(amount)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if n == 1 {
+        return Ok(Posting::Done);
+    }
+    Ok(match get_account(conn, customer_id).await? {
+        Some(a) if !a.frozen => Posting::Insufficient,
+        _ => Posting::Frozen,
+    })
+}
+
+/// Credits the account unless it is frozen.
+pub async fn credit(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    amount: i64,
+) -> Result<Posting, sqlx::Error> {
+    let n = sqlx::query(
+        r#"
+        update accounts set balance_cents = balance_cents + $2, updated_at = now()
+        where customer_id = $1 and not frozen
         "#,
     )
     .bind(customer_id)
@@ -141,51 +177,50 @@ pub async fn debit(
     .execute(conn)
     .await?
     .rows_affected();
-    Ok(n == 1)
+    Ok(if n == 1 {
+        Posting::Done
+    } else {
+        Posting::Frozen
+    })
 }
 
-pub async fn credit(
-    conn: &mut PgConnection,
-    customer_id: &str,
-    amount: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        r#"
-        update accounts set balance_cents = balance_cents + $2, updated_at = now()
-        where customer_id = $1
-        "#,
-    )
-    .bind(customer_id)
-    .bind(amount)
-    .execute(conn)
-    .await?;
-    Ok(())
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AccountRow {
+    pub customer_id: String,
+    pub balance_cents: i64,
+    pub frozen: bool,
 }
 
-pub async fn get_balance(
+pub async fn get_account(
     conn: &mut PgConnection,
     customer_id: &str,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar("select balance_cents from accounts where customer_id = $1")
+) -> Result<Option<AccountRow>, sqlx::Error> {
+    sqlx::query_as("select customer_id, balance_cents, frozen from accounts where customer_id = $1")
         .bind(customer_id)
         .fetch_optional(conn)
         .await
 }
 
-pub async fn put_balance(
+/// Sets the balance, and the frozen flag if given (new accounts: not frozen).
+pub async fn put_account(
     conn: &mut PgConnection,
     customer_id: &str,
     balance: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    frozen: Option<bool>,
+) -> Result<AccountRow, sqlx::Error> {
+    sqlx::query_as(
         r#"
-        insert into accounts (customer_id, balance_cents) values ($1, $2)
-        on conflict (customer_id) do update set balance_cents = excluded.balance_cents, updated_at = now()
+        insert into accounts (customer_id, balance_cents, frozen) values ($1, $2, coalesce($3, false))
+        on conflict (customer_id) do update
+            set balance_cents = excluded.balance_cents,
+                frozen = coalesce($3, accounts.frozen),
+                updated_at = now()
+        returning customer_id, balance_cents, frozen
         "#,
     )
     .bind(customer_id)
     .bind(balance)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .bind(frozen)
+    .fetch_one(conn)
+    .await
 }

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tracing::{error, info};
 
 use crate::SERVICE;
-use crate::db::{self, NewPayment};
+use crate::db::{self, NewPayment, Posting};
 use crate::domain::{self, PaymentStatus};
 
 pub struct PaymentHandler {
@@ -27,6 +27,12 @@ pub struct PaymentHandler {
 }
 
 impl MessageHandler for PaymentHandler {
+    fn compensation(&self, routing_key: &str) -> Option<&'static str> {
+        EventType::from_routing_key(routing_key)
+            .filter(|t| t.is_abort())
+            .map(|_| "refund")
+    }
+
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
         let env = Envelope::decode(&msg.body)?;
         match env.event_type {
@@ -82,10 +88,10 @@ impl PaymentHandler {
             Ok(()) => {
                 db::ensure_account(uow.conn(), &order.customer_id, self.default_balance_cents)
                     .await?;
-                if db::debit(uow.conn(), &order.customer_id, order.amount_cents).await? {
-                    Ok(())
-                } else {
-                    Err(domain::insufficient_funds())
+                match db::debit(uow.conn(), &order.customer_id, order.amount_cents).await? {
+                    Posting::Done => Ok(()),
+                    Posting::Insufficient => Err(domain::insufficient_funds()),
+                    Posting::Frozen => Err(domain::decline("account_frozen", "Account frozen")),
                 }
             }
             Err(declined) => Err(declined),
@@ -184,7 +190,16 @@ impl PaymentHandler {
         let current_status = current.as_ref().and_then(db::PaymentRow::status);
         match (compensation_for(current_status), current) {
             (Compensation::Undo, Some(payment)) => {
-                db::credit(uow.conn(), &payment.customer_id, payment.amount_cents).await?;
+                if db::credit(uow.conn(), &payment.customer_id, payment.amount_cents).await?
+                    != Posting::Done
+                {
+                    // Retried with backoff, then escalated for an operator.
+                    return Err(HandlerError::Transient(anyhow::anyhow!(
+                        "account {:?} is frozen: the refund of {} cents cannot be credited yet",
+                        payment.customer_id,
+                        payment.amount_cents
+                    )));
+                }
                 db::set_status(uow.conn(), env.order_id, PaymentStatus::Refunded).await?;
                 let ctx = SagaContext::caused_by(&env, SERVICE);
                 uow.emit(ctx.event(

@@ -1,6 +1,7 @@
 //! payment-svc's HTTP API.
 //!
-//! - `PUT`/`GET /accounts/{customer_id}` — `{"balance_cents": N}`.
+//! - `PUT`/`GET /accounts/{customer_id}` — `{"balance_cents": N, "frozen": bool}`
+//!   (`frozen` optional; a frozen account can be neither charged nor refunded).
 //! - `GET /payments/{order_id}` — amount, status (`charged`, `declined`,
 //!   `refunded`, `cancelled`), decline code and reason, card brand and last 4.
 
@@ -25,8 +26,9 @@ pub fn routes(pool: PgPool) -> Router {
 }
 
 #[derive(Deserialize)]
-struct Balance {
+struct AccountBody {
     balance_cents: i64,
+    frozen: Option<bool>,
 }
 
 async fn put_account(
@@ -34,14 +36,22 @@ async fn put_account(
     Path(customer_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Balance { balance_cents } = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"balance_cents\": N}}: {e}")))?;
+    let AccountBody {
+        balance_cents,
+        frozen,
+    } = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected {{\"balance_cents\": N, \"frozen\": bool?}}: {e}"
+        ))
+    })?;
     if balance_cents < 0 {
         return Err(ApiError::BadRequest("balance_cents must be >= 0".into()));
     }
     let mut conn = pool.acquire().await?;
-    db::put_balance(&mut conn, &customer_id, balance_cents).await?;
-    Ok(Json(json!({"customer_id": customer_id, "balance_cents": balance_cents})).into_response())
+    Ok(
+        Json(db::put_account(&mut conn, &customer_id, balance_cents, frozen).await?)
+            .into_response(),
+    )
 }
 
 async fn get_account(
@@ -49,10 +59,10 @@ async fn get_account(
     Path(customer_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let mut conn = pool.acquire().await?;
-    let balance_cents = db::get_balance(&mut conn, &customer_id)
+    let account = db::get_account(&mut conn, &customer_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no account for customer {customer_id:?}")))?;
-    Ok(Json(json!({"customer_id": customer_id, "balance_cents": balance_cents})).into_response())
+    Ok(Json(account).into_response())
 }
 
 async fn get_payment(
