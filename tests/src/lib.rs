@@ -478,6 +478,73 @@ impl TestSystem {
         let _ = ch.close(200, "done".into()).await;
     }
 
+    /// Closes, from the server side, every AMQP connection to this test's
+    /// vhost (as a broker restart would); returns how many it closed.
+    pub async fn drop_broker_connections(&self) -> usize {
+        let base = mgmt_base();
+        let list: Vec<Value> = mgmt(
+            self.http
+                .get(format!("{base}/api/vhosts/{}/connections", self.prefix)),
+        )
+        .send()
+        .await
+        .expect("list connections")
+        .json()
+        .await
+        .expect("JSON");
+        let mut closed = 0;
+        for c in list {
+            let Some(name) = c["name"].as_str() else {
+                continue;
+            };
+            let url = reqwest::Url::parse(&format!("{base}/api/connections/"))
+                .unwrap()
+                .join(&urlencode(name))
+                .unwrap();
+            if mgmt(self.http.delete(url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// How many AMQP connections the broker lists for this test's vhost.
+    pub async fn broker_connections(&self) -> usize {
+        let base = mgmt_base();
+        let list: Vec<Value> = mgmt(
+            self.http
+                .get(format!("{base}/api/vhosts/{}/connections", self.prefix)),
+        )
+        .send()
+        .await
+        .expect("list connections")
+        .json()
+        .await
+        .unwrap_or_default();
+        list.len()
+    }
+
+    /// Terminates, from the server side, every PostgreSQL session on this
+    /// test's databases (as a database restart would); returns how many.
+    pub async fn drop_db_connections(&self) -> i64 {
+        let mut admin = PgConnection::connect(&format!("{}/postgres", pg_base()))
+            .await
+            .expect("connect to postgres");
+        let n: i64 = sqlx::query_scalar(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity where datname like $1 || '\\_%'",
+        )
+        .bind(&self.prefix)
+        .fetch_one(&mut admin)
+        .await
+        .expect("terminate backends");
+        let _ = admin.close().await;
+        n
+    }
+
     /// Removes the vhost and databases (also done on drop).
     pub async fn shutdown(mut self) {
         for svc in Svc::ALL {
@@ -669,6 +736,18 @@ impl Tap {
 }
 
 // ----- vhosts and databases -----
+
+/// Percent-encodes a path segment.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
 
 fn mgmt(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     req.basic_auth("guest", Some("guest"))

@@ -1,12 +1,16 @@
 //! End-to-end tests of the saga: four services in-process, real RabbitMQ and
 //! PostgreSQL, one vhost and four databases per test.
 
+mod deadlock;
+mod escalation;
 mod failures;
 mod happy_path;
 mod idempotency;
 mod isolation;
 mod ordering;
 mod poison;
+mod recovery;
+mod retention;
 
 use std::time::Duration;
 
