@@ -24,6 +24,10 @@ use tracing::{info, warn};
 use crate::telemetry::metric;
 use crate::topology;
 
+/// The longest a connection or channel set-up may take before it is
+/// abandoned (and the connection recycled).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A live connection, shared by the service's components.
 pub type SharedConnection = Arc<Connection>;
 
@@ -94,11 +98,16 @@ impl Broker {
 
     /// A confirm-mode channel on the current connection.
     pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(channel)
+        let open = async {
+            let channel = conn.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok(channel)
+        };
+        tokio::time::timeout(SETUP_TIMEOUT, open)
+            .await
+            .unwrap_or_else(|_| Err(timeout_error("opening a confirm channel")))
     }
 
     /// Tells the supervisor the current connection looks dead.
@@ -158,19 +167,21 @@ impl Broker {
         }
     }
 
+    /// Connects and declares the topology, within [`SETUP_TIMEOUT`]: a
+    /// broker that is still starting can accept the socket and then stall.
     async fn connect(&self) -> Result<Connection, BrokerError> {
         let props = ConnectionProperties::default()
             .with_connection_name(self.inner.connection_name.as_str().into());
-        let conn = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(&self.inner.url, props),
-        )
-        .await
-        .map_err(|_| BrokerError::Timeout)??;
-        let channel = conn.create_channel().await?;
-        topology::declare_all(&channel).await?;
-        let _ = channel.close(200, "topology declared".into()).await;
-        Ok(conn)
+        let connect = async {
+            let conn = Connection::connect(&self.inner.url, props).await?;
+            let channel = conn.create_channel().await?;
+            topology::declare_all(&channel).await?;
+            let _ = channel.close(200, "topology declared".into()).await;
+            Ok::<_, lapin::Error>(conn)
+        };
+        Ok(tokio::time::timeout(SETUP_TIMEOUT, connect)
+            .await
+            .map_err(|_| BrokerError::Timeout)??)
     }
 }
 
@@ -182,6 +193,14 @@ pub fn reconnect_backoff(min: Duration, max: Duration) -> impl Iterator<Item = D
         .with_max_delay(max)
         .without_max_times()
         .build()
+}
+
+/// A lapin error for an operation that timed out.
+pub fn timeout_error(what: &str) -> lapin::Error {
+    lapin::Error::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out"),
+    ))
 }
 
 /// Why a connection attempt failed.

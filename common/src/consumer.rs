@@ -32,7 +32,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use sqlx::PgPool;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, SETUP_TIMEOUT, timeout_error};
 use crate::events::EventType;
 use crate::fault::FaultDelay;
 use crate::telemetry::metric;
@@ -239,20 +239,26 @@ impl<H: MessageHandler> Consumer<H> {
         conn: &Connection,
         cancel: &CancellationToken,
     ) -> Result<(), lapin::Error> {
-        let channel = conn.create_channel().await?;
-        channel
-            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let publisher = Broker::confirm_channel(conn).await?;
         let queue = self.service.queue();
-        let mut deliveries = channel
-            .basic_consume(
-                queue.as_str().into(),
-                format!("{}-{}", self.service.name, uuid::Uuid::new_v4().simple()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let setup = async {
+            let channel = conn.create_channel().await?;
+            channel
+                .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+                .await?;
+            let publisher = Broker::confirm_channel(conn).await?;
+            let deliveries = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    format!("{}-{}", self.service.name, uuid::Uuid::new_v4().simple()).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((channel, publisher, deliveries))
+        };
+        let (channel, publisher, mut deliveries) = tokio::time::timeout(SETUP_TIMEOUT, setup)
+            .await
+            .unwrap_or_else(|_| Err(timeout_error("starting the consumer")))?;
         info!(service = self.service.name, %queue, prefetch = self.settings.prefetch, "consuming");
 
         let mut in_flight = JoinSet::new();
@@ -332,7 +338,7 @@ impl<H: MessageHandler> DeliveryTask<H> {
                 "service" => self.service.name, "event_type" => event_type)
             .record(started.elapsed().as_secs_f64());
 
-            let settled = match &verdict {
+            let settle = async { match &verdict {
                 Verdict::Ack => {
                     self.count(event_type, "ok");
                     if let Some(id) = msg.escalation_id
@@ -368,17 +374,18 @@ impl<H: MessageHandler> DeliveryTask<H> {
                     warn!(%reason, "parking message");
                     self.park(&delivery, &msg, reason).await
                 }
-            };
+            }};
+            let settled = tokio::time::timeout(SETUP_TIMEOUT, settle)
+                .await
+                .unwrap_or_else(|_| Err(timeout_error("settling the delivery")));
             if let Err(error) = settled {
                 // The channel is gone: the broker re-delivers the message.
                 warn!(%error, "could not settle the delivery; it will be redelivered");
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
+                let nack = delivery.acker.nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                });
+                let _ = tokio::time::timeout(Duration::from_secs(5), nack).await;
             }
         }
         .instrument(span)

@@ -223,15 +223,27 @@ pub trait Service: Sized + Send + 'static {
 /// The whole of a service binary's `main`: parse the configuration, start
 /// the runtime, build, run until SIGTERM or ctrl-c.
 pub fn main<S: Service>() -> anyhow::Result<()> {
-    let config = <S::Config as clap::Parser>::parse();
-    tokio::runtime::Builder::new_multi_thread()
+    main_with::<S>(<S::Config as clap::Parser>::parse())
+}
+
+/// [`main`] with an already parsed configuration.
+pub fn main_with<S: Service>(config: S::Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the tokio runtime")?
-        .block_on(async move {
-            telemetry::init_tracing();
-            let app = S::build(config).await?;
-            info!(addr = %app.local_addr(), "listening");
-            app.run(crate::shutdown::on_signal()).await
-        })
+        .context("starting the tokio runtime")?;
+    let result = runtime.block_on(async move {
+        telemetry::init_tracing();
+        let app = S::build(config).await?;
+        info!(addr = %app.local_addr(), "listening");
+        app.run(crate::shutdown::on_signal()).await
+    });
+    // Everything that matters has drained by now; don't let a blocking
+    // thread (a client's I/O loop stuck on a dead socket) hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match &result {
+        Ok(()) => info!("exiting"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "exiting after a failure"),
+    }
+    result
 }

@@ -13,6 +13,8 @@
 //! (`postgres://postgres@127.0.0.1:5432`). If they are not reachable the
 //! tests fail loudly: start them with `scripts/dev-up.sh`.
 
+pub mod process;
+
 use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -138,14 +140,80 @@ struct Running {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Four services, one vhost, four databases — all this test's own.
-pub struct TestSystem {
+/// One test's own RabbitMQ vhost and PostgreSQL databases, removed when it
+/// is dropped (or closed).
+pub struct Sandbox {
+    /// `st_<unix time>_<8 hex>`: the vhost, and the databases' prefix.
     pub prefix: String,
     pub amqp_url: String,
+    pub http: reqwest::Client,
+    cleaned: bool,
+}
+
+impl Sandbox {
+    pub async fn new() -> Sandbox {
+        init_test_logging();
+        sweep_stale_resources().await;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let prefix = format!("st_{now}_{}", &Uuid::new_v4().simple().to_string()[..8]);
+        create_vhost(&prefix).await;
+        Sandbox {
+            amqp_url: format!("{}/{prefix}", amqp_base()),
+            prefix,
+            http: reqwest::Client::new(),
+            cleaned: false,
+        }
+    }
+
+    /// The URL of a service's own database.
+    pub fn database_url(&self, svc: Svc) -> String {
+        format!("{}/{}_{}", pg_base(), self.prefix, svc.identity().database)
+    }
+
+    /// Removes the vhost and the databases now.
+    pub async fn close(mut self) {
+        cleanup(&self.prefix).await;
+        self.cleaned = true;
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let prefix = self.prefix.clone();
+        // Possibly inside a panicking test's runtime: clean up from a thread
+        // with its own runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(cleanup(&prefix));
+            }
+        })
+        .join();
+    }
+}
+
+/// Four services in this process, in their own [`Sandbox`].
+pub struct TestSystem {
+    pub sandbox: Sandbox,
     pub options: Options,
     pub http: reqwest::Client,
     running: [Option<Running>; 4],
-    cleaned: bool,
+}
+
+impl std::ops::Deref for TestSystem {
+    type Target = Sandbox;
+
+    fn deref(&self) -> &Sandbox {
+        &self.sandbox
+    }
 }
 
 impl TestSystem {
@@ -158,21 +226,12 @@ impl TestSystem {
     }
 
     pub async fn spawn_with(options: Options) -> TestSystem {
-        init_test_logging();
-        sweep_stale_resources().await;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let prefix = format!("st_{now}_{}", &Uuid::new_v4().simple().to_string()[..8]);
-        create_vhost(&prefix).await;
+        let sandbox = Sandbox::new().await;
         let mut system = TestSystem {
-            amqp_url: format!("{}/{prefix}", amqp_base()),
-            prefix,
+            http: sandbox.http.clone(),
+            sandbox,
             options,
-            http: reqwest::Client::new(),
             running: Default::default(),
-            cleaned: false,
         };
         for svc in Svc::ALL {
             if system.options.start[svc.index()] {
@@ -185,11 +244,6 @@ impl TestSystem {
             }
         }
         system
-    }
-
-    /// The URL of a service's own database.
-    pub fn database_url(&self, svc: Svc) -> String {
-        format!("{}/{}_{}", pg_base(), self.prefix, svc.identity().database)
     }
 
     fn common_config(&self, svc: Svc) -> CommonConfig {
@@ -433,13 +487,35 @@ impl TestSystem {
             .expect("text")
     }
 
-    // ----- direct access -----
+    /// Stops every service; the sandbox is removed when the system drops
+    /// (also when a test panics before getting here).
+    pub async fn shutdown(mut self) {
+        for svc in Svc::ALL {
+            self.stop(svc).await;
+        }
+    }
+}
 
+impl Drop for TestSystem {
+    fn drop(&mut self) {
+        for r in self.running.iter().flatten() {
+            r.cancel.cancel();
+            r.task.abort();
+        }
+    }
+}
+
+impl Sandbox {
     /// A connection to a service's own database (for assertions on rows).
     pub async fn pg(&self, svc: Svc) -> PgConnection {
         PgConnection::connect(&self.database_url(svc))
             .await
             .expect("connect to the service's database")
+    }
+
+    /// Like [`Sandbox::pg`], but `None` while the database is unreachable.
+    pub async fn pg_try(&self, svc: Svc) -> Option<PgConnection> {
+        PgConnection::connect(&self.database_url(svc)).await.ok()
     }
 
     /// A connection to this test's vhost.
@@ -543,38 +619,6 @@ impl TestSystem {
         .expect("terminate backends");
         let _ = admin.close().await;
         n
-    }
-
-    /// Removes the vhost and databases (also done on drop).
-    pub async fn shutdown(mut self) {
-        for svc in Svc::ALL {
-            self.stop(svc).await;
-        }
-        cleanup(&self.prefix).await;
-        self.cleaned = true;
-    }
-}
-
-impl Drop for TestSystem {
-    fn drop(&mut self) {
-        if self.cleaned {
-            return;
-        }
-        for r in self.running.iter().flatten() {
-            r.cancel.cancel();
-            r.task.abort();
-        }
-        let prefix = self.prefix.clone();
-        // A panicking test: clean up from a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(cleanup(&prefix));
-            }
-        })
-        .join();
     }
 }
 

@@ -1,0 +1,274 @@
+//! What goes wrong during the run: SIGKILLed and restarted services, a
+//! graceful restart of each service, one broker restart, one database
+//! restart, duplicated and delayed copies of internal events, and a few
+//! poison messages.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use saga_tests::process::ProcessSystem;
+use saga_tests::{EXCHANGE, Svc};
+use tokio::process::Command;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::publisher::Publisher;
+
+/// What the faults did, for the report.
+#[derive(Debug, Default)]
+pub struct FaultCounts {
+    pub kills: AtomicUsize,
+    pub graceful_restarts: AtomicUsize,
+    pub duplicates: AtomicUsize,
+    pub delayed_copies: AtomicUsize,
+    pub poison: AtomicUsize,
+    /// Parked copies the poison should produce (a message reaches every
+    /// service bound to its routing key).
+    pub poison_copies: AtomicUsize,
+    pub broker_restart: Mutex<String>,
+    pub database_restart: Mutex<String>,
+    pub unclean_exits: Mutex<Vec<String>>,
+}
+
+/// Kills a random replica every 1–2.5 s (restarting it 0.3–1.5 s later),
+/// every service at least once; restarts the broker at a third of the
+/// run and the database at two thirds; ends with a graceful (SIGTERM)
+/// restart of one replica of each service, whose exit must be clean.
+pub async fn run(sys: &mut ProcessSystem, run_for: Duration, counts: &FaultCounts) {
+    let started = Instant::now();
+    let end = started + run_for;
+    let (mut broker_done, mut database_done) = (false, false);
+    let mut killed: HashSet<Svc> = HashSet::new();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(1000..2500))).await;
+        let elapsed = started.elapsed();
+        if !broker_done && elapsed > run_for / 3 {
+            broker_done = true;
+            *counts.broker_restart.lock().await = restart_broker(sys).await;
+            continue;
+        }
+        if !database_done && elapsed > run_for * 2 / 3 {
+            database_done = true;
+            *counts.database_restart.lock().await = restart_database(sys).await;
+            continue;
+        }
+        // Prefer a service not killed yet.
+        let candidates: Vec<usize> = (0..sys.replicas.len())
+            .filter(|&i| !killed.contains(&sys.replicas[i].svc))
+            .collect();
+        let i = if candidates.is_empty() {
+            rand::random_range(0..sys.replicas.len())
+        } else {
+            candidates[rand::random_range(0..candidates.len())]
+        };
+        killed.insert(sys.replicas[i].svc);
+        sys.kill(i).await;
+        counts.kills.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(rand::random_range(300..1500))).await;
+        sys.start(i).await;
+    }
+    // Every service crashes at least once.
+    for svc in Svc::ALL {
+        if !killed.contains(&svc)
+            && let Some(i) = sys.replicas.iter().position(|r| r.svc == svc)
+        {
+            sys.kill(i).await;
+            counts.kills.fetch_add(1, Ordering::Relaxed);
+            sys.start(i).await;
+        }
+    }
+    // A graceful restart of each service, once it is up (a SIGTERM before
+    // the process has installed its handler would just kill it).
+    for svc in Svc::ALL {
+        if let Some(i) = sys.replicas.iter().position(|r| r.svc == svc) {
+            sys.wait_healthy(i).await;
+            if let Err(how) = sys.terminate(i).await {
+                counts
+                    .unclean_exits
+                    .lock()
+                    .await
+                    .push(format!("{} on SIGTERM: {how}", sys.replicas[i].name()));
+            }
+            counts.graceful_restarts.fetch_add(1, Ordering::Relaxed);
+            sys.start(i).await;
+        }
+    }
+}
+
+async fn run_cmd(program: &str, args: &[&str]) -> bool {
+    let status = tokio::time::timeout(
+        Duration::from_secs(90),
+        Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status(),
+    )
+    .await;
+    matches!(status, Ok(Ok(s)) if s.success())
+}
+
+fn real_restarts() -> bool {
+    std::env::var("CHAOS_REAL_RESTARTS").as_deref() != Ok("0")
+}
+
+/// Restarts RabbitMQ (the application, so every connection drops and every
+/// queue recovers from disk); where that is not possible, closes this
+/// vhost's connections from the server side.
+async fn restart_broker(sys: &ProcessSystem) -> String {
+    if real_restarts() && run_cmd("rabbitmqctl", &["stop_app"]).await {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = run_cmd("rabbitmqctl", &["start_app"]).await;
+        run_cmd("rabbitmqctl", &["await_startup"]).await;
+        assert!(started, "RabbitMQ did not start again");
+        return "restarted RabbitMQ (rabbitmqctl stop_app; start_app)".into();
+    }
+    let n = sys.drop_broker_connections().await;
+    format!("closed {n} broker connections server-side")
+}
+
+/// Restarts PostgreSQL; where that is not possible, terminates this test's
+/// database sessions from the server side.
+async fn restart_database(sys: &ProcessSystem) -> String {
+    if real_restarts()
+        && let Some(version) = std::fs::read_dir("/etc/postgresql")
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+        && run_cmd(
+            "pg_ctlcluster",
+            &["--skip-systemctl-redirect", &version, "main", "restart"],
+        )
+        .await
+    {
+        return format!("restarted PostgreSQL {version} (pg_ctlcluster restart)");
+    }
+    let n = sys.drop_db_connections().await;
+    format!("terminated {n} database sessions server-side")
+}
+
+/// Watches every internal event and re-publishes copies: 15 % at once
+/// (duplicates), 5 % 3–8 s later (reordered, often after the saga ended).
+pub async fn duplicate_events(
+    amqp_url: String,
+    publisher: Arc<Mutex<Publisher>>,
+    until: Instant,
+    counts: Arc<FaultCounts>,
+) {
+    while Instant::now() < until {
+        let tap = async {
+            let conn = Connection::connect(&amqp_url, ConnectionProperties::default())
+                .await
+                .ok()?;
+            let consumer = tap_everything(&conn).await?;
+            Some((conn, consumer))
+        };
+        let Ok(Some((_conn, mut consumer))) =
+            tokio::time::timeout(Duration::from_secs(5), tap).await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let Ok(Some(Ok(d))) = tokio::time::timeout(left, consumer.next()).await else {
+                break;
+            };
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            if d.routing_key.as_str() == "order.requested" {
+                continue;
+            }
+            let roll: f64 = rand::random();
+            if roll < 0.15 {
+                counts.duplicates.fetch_add(1, Ordering::Relaxed);
+                publisher
+                    .lock()
+                    .await
+                    .publish(d.routing_key.as_str(), &d.data, d.properties.clone())
+                    .await;
+            } else if roll < 0.20 {
+                counts.delayed_copies.fetch_add(1, Ordering::Relaxed);
+                let publisher = publisher.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(3000..8000))).await;
+                    publisher
+                        .lock()
+                        .await
+                        .publish(d.routing_key.as_str(), &d.data, d.properties.clone())
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+async fn tap_everything(conn: &Connection) -> Option<lapin::Consumer> {
+    let ch = conn.create_channel().await.ok()?;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    ch.queue_bind(
+        q.name().clone(),
+        EXCHANGE.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .ok()?;
+    ch.basic_consume(
+        q.name().clone(),
+        "chaos-tap".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .ok()
+}
+
+/// Messages no service can handle, which must end up parked (and only them).
+pub async fn inject_poison(publisher: &Mutex<Publisher>, counts: &FaultCounts) {
+    let props = |id: &str| BasicProperties::default().with_message_id(id.into());
+    let poison: [(&str, &[u8], BasicProperties); 3] = [
+        ("order.created", b"{definitely not json", props("poison-1")),
+        (
+            "payment.completed",
+            br#"{"event_id": 42}"#,
+            props("poison-2"),
+        ),
+        // An order without its idempotency key.
+        (
+            "order.requested",
+            br#"{"customer_id": "x"}"#,
+            BasicProperties::default(),
+        ),
+    ];
+    for (key, body, p) in poison {
+        assert!(
+            publisher.lock().await.publish(key, body, p).await,
+            "poison published"
+        );
+        counts.poison.fetch_add(1, Ordering::Relaxed);
+        let consumers = common::topology::SERVICES
+            .iter()
+            .filter(|s| s.consumes.iter().any(|e| e.routing_key() == key))
+            .count();
+        counts.poison_copies.fetch_add(consumers, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,183 @@
+//! Chaos: the four services as real processes (two replicas of three of
+//! them), a steady stream of orders with mixed outcomes, and everything that
+//! can go wrong — SIGKILLs at random moments, a graceful restart of each
+//! service, a broker restart, a database restart, random latency,
+//! duplicated and late copies of internal events, poison messages. At the
+//! end every invariant is checked from each service's own database.
+//!
+//! `CHAOS_SECS` sets the length of the run (default 30);
+//! `CHAOS_REAL_RESTARTS=0` closes connections server-side instead of
+//! restarting RabbitMQ and PostgreSQL. This test is a binary of its own so
+//! that those restarts disturb no other test.
+
+mod faults;
+mod invariants;
+mod load;
+mod publisher;
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use saga_tests::Svc;
+use saga_tests::process::ProcessSystem;
+use serde_json::json;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::faults::FaultCounts;
+use crate::load::{CUSTOMERS, ITEMS};
+use crate::publisher::Publisher;
+
+/// Unbuffered and uncaptured: the report shows even when the test passes.
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_system_converges_through_crashes_restarts_duplicates_and_poison() {
+    let run_for = Duration::from_secs(
+        std::env::var("CHAOS_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30),
+    );
+    let mut sys = ProcessSystem::spawn(
+        env!("CARGO_BIN_EXE_saga-service"),
+        &[
+            (Svc::Order, 2),
+            (Svc::Payment, 2),
+            (Svc::Inventory, 2),
+            (Svc::Notification, 1),
+        ],
+        &[
+            ("FAULT_DELAY_MS", "0-25"),
+            ("DB_POOL_SIZE", "4"),
+            ("OUTBOX_POLL_MS", "200"),
+            ("SHUTDOWN_GRACE_MS", "5000"),
+            ("DEFAULT_BALANCE_CENTS", &load::DEFAULT_BALANCE.to_string()),
+        ],
+    )
+    .await;
+    report(&format!("chaos: logs in {}", sys.log_dir.display()));
+
+    // The shop.
+    let http = sys.http.clone();
+    let put = |url: String, body: serde_json::Value| {
+        let http = http.clone();
+        async move {
+            let r = http.put(url).json(&body).send().await.unwrap();
+            assert!(r.status().is_success());
+        }
+    };
+    let (order_url, payment_url, inventory_url, notification_url) = (
+        sys.urls(Svc::Order)[0].clone(),
+        sys.urls(Svc::Payment)[0].clone(),
+        sys.urls(Svc::Inventory)[0].clone(),
+        sys.urls(Svc::Notification)[0].clone(),
+    );
+    for (item, price, stock) in ITEMS {
+        put(
+            format!("{order_url}/catalog/{item}"),
+            json!({"price_cents": price}),
+        )
+        .await;
+        put(
+            format!("{inventory_url}/items/{item}"),
+            json!({"available": stock}),
+        )
+        .await;
+    }
+    put(
+        format!("{payment_url}/accounts/poor"),
+        json!({"balance_cents": 0}),
+    )
+    .await;
+    put(
+        format!("{notification_url}/customers/bouncer"),
+        json!({"email": "bouncer@mail.invalid"}),
+    )
+    .await;
+    assert_eq!(CUSTOMERS, 20);
+
+    // Load, duplicates and faults, all at once.
+    let until = Instant::now() + run_for;
+    let counts = Arc::new(FaultCounts::default());
+    let placed = Arc::new(Mutex::new(Vec::new()));
+    let publisher = Arc::new(Mutex::new(Publisher::new(&sys.amqp_url)));
+    faults::inject_poison(&publisher, &counts).await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        tasks.push(tokio::spawn(load::http_client(
+            sys.urls(Svc::Order),
+            until,
+            placed.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(load::amqp_client(
+        publisher.clone(),
+        until,
+        placed.clone(),
+    )));
+    tasks.push(tokio::spawn(faults::duplicate_events(
+        sys.amqp_url.clone(),
+        publisher.clone(),
+        until,
+        counts.clone(),
+    )));
+    faults::run(&mut sys, run_for, &counts).await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Late copies still in flight land during settling.
+    let placed = placed.lock().await.clone();
+
+    let settled = invariants::wait_until_settled(&sys, &placed, Duration::from_secs(240)).await;
+    let poison = counts.poison.load(Ordering::Relaxed) as u32;
+    let poison_copies = counts.poison_copies.load(Ordering::Relaxed) as u32;
+    let (tally, violations) = invariants::check(&sys, &placed, poison_copies).await;
+    let unclean = sys.stop_all().await;
+
+    report(&format!(
+        "chaos: {}s of load; {} orders ({} over HTTP, {} answered), {} confirmed, {} failed; \
+         {} SIGKILLs, {} graceful restarts; broker: {}; database: {}; \
+         {} duplicate and {} delayed copies of events injected; {} poison injected ({} copies), {} parked; \
+         {} escalations open; settled in {:?}",
+        run_for.as_secs(),
+        tally.orders,
+        placed.iter().filter(|p| p.over_http).count(),
+        placed.iter().filter(|p| p.result.is_some()).count(),
+        tally.confirmed,
+        tally.failed,
+        counts.kills.load(Ordering::Relaxed),
+        counts.graceful_restarts.load(Ordering::Relaxed),
+        counts.broker_restart.lock().await,
+        counts.database_restart.lock().await,
+        counts.duplicates.load(Ordering::Relaxed),
+        counts.delayed_copies.load(Ordering::Relaxed),
+        poison,
+        poison_copies,
+        tally.parked,
+        tally.escalations,
+        settled.as_ref().map_or(Duration::ZERO, |d| *d),
+    ));
+    let mut problems = violations;
+    if let Err(e) = settled {
+        problems.insert(0, e);
+    }
+    problems.extend(counts.unclean_exits.lock().await.iter().cloned());
+    problems.extend(unclean);
+    assert!(
+        tally.confirmed > 0 && tally.failed > 0,
+        "mixed outcomes expected: {tally:?}"
+    );
+    assert!(
+        problems.is_empty(),
+        "{} invariant violations (logs in {}):\n{}",
+        problems.len(),
+        sys.log_dir.display(),
+        problems.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&sys.log_dir);
+}
