@@ -67,6 +67,12 @@ impl Envelope<serde_json::Value> {
         Ok(env)
     }
 
+    /// A string field of the data, if present (e.g. `customer_id`, which
+    /// every rollback event carries).
+    pub fn data_str(&self, field: &str) -> Option<&str> {
+        self.data.get(field).and_then(serde_json::Value::as_str)
+    }
+
     /// Decodes the data as the event's payload type.
     pub fn data_as<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         T::deserialize(&self.data).map_err(|source| DecodeError::Data {

@@ -70,6 +70,20 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A UUID path segment (`what` names it in the 400 message).
+pub fn parse_uuid(raw: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::BadRequest(format!("{what} must be a UUID")))
+}
+
+/// A JSON body; a 400 naming the expected shape if it does not parse.
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    expected: &str,
+) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {expected}: {e}")))
+}
+
 #[derive(Clone)]
 struct OpsState {
     service: ServiceIdentity,
@@ -120,7 +134,7 @@ async fn retry_escalation(
     State(s): State<OpsState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest("id must be a UUID".into()))?;
+    let id = parse_uuid(&id, "id")?;
     let current = escalation::list(&s.pool, None).await?;
     match current.iter().find(|e| e.id == id) {
         None => return Err(ApiError::NotFound(format!("no escalation {id}"))),

@@ -9,6 +9,7 @@
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::envelope::Envelope;
 use crate::outbox::{self, OutboxMessage};
 use crate::telemetry::metric;
 
@@ -83,6 +84,38 @@ impl UnitOfWork {
                 Ok(None)
             }
         }
+    }
+
+    /// [`UnitOfWork::begin_claimed`] for an event: claims its `event_id`.
+    pub async fn begin_for(
+        pool: &PgPool,
+        service: &'static str,
+        env: &Envelope,
+    ) -> Result<Option<Self>, sqlx::Error> {
+        Self::begin_claimed(pool, service, env.event_id, env.event_type.routing_key()).await
+    }
+
+    /// Gives up a forward step that arrived after the saga was rolled back
+    /// (a tombstone is in the way): nothing is committed, not even the inbox
+    /// claim, and the message is acked. Counted in `late_events_ignored_total`.
+    pub async fn abandon_late(
+        self,
+        service: &'static str,
+        env: &Envelope,
+    ) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await?;
+        metrics::counter!(
+            metric::LATE_EVENTS,
+            "service" => service,
+            "event_type" => env.event_type.routing_key()
+        )
+        .increment(1);
+        tracing::info!(
+            order_id = %env.order_id,
+            event_type = %env.event_type,
+            "arrived after the saga's rollback; not applied"
+        );
+        Ok(())
     }
 
     /// The transaction's connection, for the handler's own statements.

@@ -60,6 +60,12 @@ pub mod metric {
     pub const STEP_OUTCOMES: &str = "saga_step_outcomes_total";
 }
 
+/// Counts one business outcome of a service's step (`saga_step_outcomes_total`).
+pub fn step_outcome(service: &'static str, outcome: &'static str) {
+    metrics::counter!(metric::STEP_OUTCOMES, "service" => service, "outcome" => outcome)
+        .increment(1);
+}
+
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process's Prometheus recorder, installed on first use.

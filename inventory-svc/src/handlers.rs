@@ -15,7 +15,6 @@ use common::events::{
     EventType, InventoryReleased, InventoryReserved, PaymentCompleted, StepFailed,
 };
 use common::inbox::UnitOfWork;
-use common::telemetry::metric;
 use sqlx::PgPool;
 use tracing::info;
 
@@ -29,9 +28,7 @@ pub struct InventoryHandler {
 
 impl MessageHandler for InventoryHandler {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
-        EventType::from_routing_key(routing_key)
-            .filter(|t| t.is_abort())
-            .map(|_| "stock release")
+        common::compensation::on_rollback(routing_key, "stock release")
     }
 
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
@@ -48,20 +45,13 @@ impl MessageHandler for InventoryHandler {
 }
 
 fn outcome(name: &'static str) {
-    metrics::counter!(metric::STEP_OUTCOMES, "service" => SERVICE, "outcome" => name).increment(1);
+    common::telemetry::step_outcome(SERVICE, name);
 }
 
 impl InventoryHandler {
     async fn on_payment_completed(&self, env: Envelope) -> Result<(), HandlerError> {
         let paid: PaymentCompleted = env.data_as()?;
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
             return Ok(());
         };
         let verdict = if Utc::now() >= env.deadline_at {
@@ -79,10 +69,7 @@ impl InventoryHandler {
         };
         if !db::insert_reservation(uow.conn(), env.order_id, status, reason).await? {
             // Rolled back before we got here (tombstone): apply nothing.
-            drop(uow);
-            metrics::counter!(metric::LATE_EVENTS, "service" => SERVICE, "event_type" => "payment.completed")
-                .increment(1);
-            info!(order_id = %env.order_id, "payment.completed after the saga's rollback; nothing reserved");
+            uow.abandon_late(SERVICE, &env).await?;
             return Ok(());
         }
         let ctx = SagaContext::caused_by(&env, SERVICE);
@@ -114,14 +101,7 @@ impl InventoryHandler {
     }
 
     async fn on_order_confirmed(&self, env: Envelope) -> Result<(), HandlerError> {
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
             return Ok(());
         };
         let Some(reservation) = db::lock_reservation(uow.conn(), env.order_id).await? else {
@@ -144,14 +124,7 @@ impl InventoryHandler {
     }
 
     async fn on_abort(&self, env: Envelope) -> Result<(), HandlerError> {
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
             return Ok(());
         };
         // Insert-or-lock, as in payment-svc.

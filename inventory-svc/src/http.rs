@@ -12,11 +12,10 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use common::http::ApiError;
+use common::http::{ApiError, json_body, parse_uuid};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::db;
 
@@ -38,11 +37,7 @@ async fn put_item(
     Path(item_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let ItemBody { available, frozen } = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "expected {{\"available\": N, \"frozen\": bool?}}: {e}"
-        ))
-    })?;
+    let ItemBody { available, frozen } = json_body(&body, r#"{"available": N, "frozen": bool?}"#)?;
     if available < 0 {
         return Err(ApiError::BadRequest("available must be >= 0".into()));
     }
@@ -65,8 +60,7 @@ async fn get_reservation(
     State(pool): State<PgPool>,
     Path(order_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let order_id = Uuid::parse_str(&order_id)
-        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let order_id = parse_uuid(&order_id, "order_id")?;
     let mut conn = pool.acquire().await?;
     let r = db::get_reservation(&mut conn, order_id)
         .await?

@@ -20,7 +20,6 @@ use common::envelope::{Envelope, SagaContext};
 use common::events::{EventType, InventoryReserved, NotificationSent, StepFailed};
 use common::inbox::UnitOfWork;
 use common::order::SagaResult;
-use common::telemetry::metric;
 use sqlx::PgPool;
 use tracing::info;
 
@@ -38,9 +37,7 @@ pub struct NotificationHandler {
 
 impl MessageHandler for NotificationHandler {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
-        EventType::from_routing_key(routing_key)
-            .filter(|t| t.is_abort())
-            .map(|_| "cancellation email")
+        common::compensation::on_rollback(routing_key, "cancellation email")
     }
 
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
@@ -56,7 +53,7 @@ impl MessageHandler for NotificationHandler {
 }
 
 fn outcome(name: &'static str) {
-    metrics::counter!(metric::STEP_OUTCOMES, "service" => SERVICE, "outcome" => name).increment(1);
+    common::telemetry::step_outcome(SERVICE, name);
 }
 
 impl NotificationHandler {
@@ -80,14 +77,7 @@ impl NotificationHandler {
 
     async fn on_inventory_reserved(&self, env: Envelope) -> Result<(), HandlerError> {
         let reserved: InventoryReserved = env.data_as()?;
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
             return Ok(());
         };
         let recipient = match db::get_customer_email(uow.conn(), &reserved.customer_id).await? {
@@ -120,10 +110,7 @@ impl NotificationHandler {
         )
         .await?
         {
-            drop(uow);
-            metrics::counter!(metric::LATE_EVENTS, "service" => SERVICE, "event_type" => "inventory.reserved")
-                .increment(1);
-            info!(order_id = %env.order_id, "inventory.reserved after the saga's rollback; no email");
+            uow.abandon_late(SERVICE, &env).await?;
             return Ok(());
         }
         let email = domain::confirmation(
@@ -165,22 +152,10 @@ impl NotificationHandler {
     }
 
     async fn on_abort(&self, env: Envelope) -> Result<(), HandlerError> {
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
             return Ok(());
         };
-        let customer_id = env
-            .data
-            .get("customer_id")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned();
+        let customer_id = env.data_str("customer_id").unwrap_or_default().to_owned();
         let current = if db::insert_notification(
             uow.conn(),
             env.order_id,

@@ -13,11 +13,10 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use common::http::ApiError;
+use common::http::{ApiError, json_body, parse_uuid};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::{db, domain};
 
@@ -50,8 +49,7 @@ async fn put_customer(
     Path(customer_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Address { email } = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"email\": \"...\"}}: {e}")))?;
+    let Address { email } = json_body(&body, r#"{"email": "..."}"#)?;
     let email = email.trim().to_owned();
     if !domain::valid_address(&email) {
         return Err(ApiError::BadRequest(format!(
@@ -96,8 +94,7 @@ async fn list_emails(
     let order_id = q
         .order_id
         .ok_or_else(|| ApiError::BadRequest("order_id query parameter is required".into()))?;
-    let order_id = Uuid::parse_str(&order_id)
-        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let order_id = parse_uuid(&order_id, "order_id")?;
     let mut conn = s.pool.acquire().await?;
     Ok(Json(db::emails_for(&mut conn, order_id).await?).into_response())
 }

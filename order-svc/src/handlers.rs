@@ -115,14 +115,7 @@ impl OrderHandler {
             | EventType::NotificationFailed => Some(env.data_as::<StepFailed>()?),
             _ => None,
         };
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.saga.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.saga.pool, SERVICE, &env).await? else {
             return Ok(());
         };
         db::record_step(

@@ -16,12 +16,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::http::ApiError;
+use common::http::{ApiError, json_body, parse_uuid};
 use common::order::SagaResult;
 use common::telemetry::metric;
 use serde::Deserialize;
 use serde_json::json;
-use uuid::Uuid;
 
 use crate::db;
 use crate::domain::{self, InvalidOrder};
@@ -99,8 +98,7 @@ async fn get_order(
     State(saga): State<Arc<OrderSaga>>,
     Path(order_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let order_id = Uuid::parse_str(&order_id)
-        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let order_id = parse_uuid(&order_id, "order_id")?;
     let mut conn = saga.pool.acquire().await?;
     let order = db::get_order(&mut conn, order_id)
         .await?
@@ -133,8 +131,7 @@ async fn put_catalog_item(
     Path(item_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Price { price_cents } = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"price_cents\": N}}: {e}")))?;
+    let Price { price_cents } = json_body(&body, r#"{"price_cents": N}"#)?;
     if price_cents < 0 {
         return Err(ApiError::BadRequest("price_cents must be >= 0".into()));
     }

@@ -11,7 +11,6 @@ use common::consumer::{HandlerError, Incoming, MessageHandler};
 use common::envelope::{Envelope, SagaContext};
 use common::events::{EventType, OrderCreated, PaymentCompleted, PaymentRefunded};
 use common::inbox::UnitOfWork;
-use common::telemetry::metric;
 use sqlx::PgPool;
 use tracing::{error, info};
 
@@ -28,9 +27,7 @@ pub struct PaymentHandler {
 
 impl MessageHandler for PaymentHandler {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
-        EventType::from_routing_key(routing_key)
-            .filter(|t| t.is_abort())
-            .map(|_| "refund")
+        common::compensation::on_rollback(routing_key, "refund")
     }
 
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
@@ -46,20 +43,13 @@ impl MessageHandler for PaymentHandler {
 }
 
 fn outcome(name: &'static str) {
-    metrics::counter!(metric::STEP_OUTCOMES, "service" => SERVICE, "outcome" => name).increment(1);
+    common::telemetry::step_outcome(SERVICE, name);
 }
 
 impl PaymentHandler {
     async fn on_order_created(&self, env: Envelope) -> Result<(), HandlerError> {
         let order: OrderCreated = env.data_as()?;
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
             return Ok(());
         };
         let ctx = SagaContext::caused_by(&env, SERVICE);
@@ -119,10 +109,7 @@ impl PaymentHandler {
         if !inserted {
             // The order already has a payment record: the saga's rollback
             // got here first (tombstone). Undo the debit by not committing.
-            drop(uow);
-            metrics::counter!(metric::LATE_EVENTS, "service" => SERVICE, "event_type" => "order.created")
-                .increment(1);
-            info!(order_id = %env.order_id, "order.created after the saga's rollback; not charged");
+            uow.abandon_late(SERVICE, &env).await?;
             return Ok(());
         }
 
@@ -153,22 +140,10 @@ impl PaymentHandler {
     }
 
     async fn on_abort(&self, env: Envelope) -> Result<(), HandlerError> {
-        let Some(mut uow) = UnitOfWork::begin_claimed(
-            &self.pool,
-            SERVICE,
-            env.event_id,
-            env.event_type.routing_key(),
-        )
-        .await?
-        else {
+        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
             return Ok(());
         };
-        let customer_id = env
-            .data
-            .get("customer_id")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned();
+        let customer_id = env.data_str("customer_id").unwrap_or_default().to_owned();
         let tombstone = NewPayment {
             order_id: env.order_id,
             customer_id: &customer_id,

@@ -10,11 +10,10 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use common::http::ApiError;
+use common::http::{ApiError, json_body, parse_uuid};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::db;
 
@@ -39,11 +38,7 @@ async fn put_account(
     let AccountBody {
         balance_cents,
         frozen,
-    } = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "expected {{\"balance_cents\": N, \"frozen\": bool?}}: {e}"
-        ))
-    })?;
+    } = json_body(&body, r#"{"balance_cents": N, "frozen": bool?}"#)?;
     if balance_cents < 0 {
         return Err(ApiError::BadRequest("balance_cents must be >= 0".into()));
     }
@@ -69,8 +64,7 @@ async fn get_payment(
     State(pool): State<PgPool>,
     Path(order_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let order_id = Uuid::parse_str(&order_id)
-        .map_err(|_| ApiError::BadRequest("order_id must be a UUID".into()))?;
+    let order_id = parse_uuid(&order_id, "order_id")?;
     let mut conn = pool.acquire().await?;
     let p = db::get_payment(&mut conn, order_id)
         .await?
