@@ -43,52 +43,51 @@ fn columns(lines: &[OrderLine]) -> (Vec<&str>, Vec<i32>) {
         .unzip()
 }
 
-/// available → held, for rows already locked by [`lock_stock`].
-pub async fn hold(conn: &mut PgConnection, lines: &[OrderLine]) -> Result<(), sqlx::Error> {
-    let (items, qtys) = columns(lines);
-    sqlx::query(
-        r#"
-        update stock s set available = s.available - l.qty, held = s.held + l.qty, updated_at = now()
-        from unnest($1::text[], $2::int[]) as l(item_id, qty)
-        where s.item_id = l.item_id
-        "#,
-    )
-    .bind(items)
-    .bind(qtys)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// A movement of an order's units between the stock columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StockMove {
+    /// available → held (reservation).
+    Hold,
+    /// held → available (rollback).
+    Release,
+    /// held → sold (confirmation).
+    Commit,
 }
 
-/// held → available (rollback), for locked rows.
-pub async fn release(conn: &mut PgConnection, lines: &[OrderLine]) -> Result<(), sqlx::Error> {
-    let (items, qtys) = columns(lines);
-    sqlx::query(
-        r#"
-        update stock s set available = s.available + l.qty, held = s.held - l.qty, updated_at = now()
-        from unnest($1::text[], $2::int[]) as l(item_id, qty)
-        where s.item_id = l.item_id
-        "#,
-    )
-    .bind(items)
-    .bind(qtys)
-    .execute(conn)
-    .await?;
-    Ok(())
+impl StockMove {
+    /// Signs applied to (available, held).
+    fn signs(self) -> (i32, i32) {
+        match self {
+            StockMove::Hold => (-1, 1),
+            StockMove::Release => (1, -1),
+            StockMove::Commit => (0, -1),
+        }
+    }
 }
 
-/// held → sold (confirmation), for locked rows.
-pub async fn commit_held(conn: &mut PgConnection, lines: &[OrderLine]) -> Result<(), sqlx::Error> {
+/// Moves every line's units, for rows already locked by [`lock_stock`]
+/// (the check constraints keep both columns non-negative).
+pub async fn move_units(
+    conn: &mut PgConnection,
+    lines: &[OrderLine],
+    how: StockMove,
+) -> Result<(), sqlx::Error> {
     let (items, qtys) = columns(lines);
+    let (to_available, to_held) = how.signs();
     sqlx::query(
         r#"
-        update stock s set held = s.held - l.qty, updated_at = now()
+        update stock s
+        set available = s.available + $3 * l.qty,
+            held = s.held + $4 * l.qty,
+            updated_at = now()
         from unnest($1::text[], $2::int[]) as l(item_id, qty)
         where s.item_id = l.item_id
         "#,
     )
     .bind(items)
     .bind(qtys)
+    .bind(to_available)
+    .bind(to_held)
     .execute(conn)
     .await?;
     Ok(())

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tracing::info;
 
 use crate::SERVICE;
-use crate::db;
+use crate::db::{self, StockMove};
 use crate::domain::{self, ReservationStatus};
 
 pub struct InventoryHandler {
@@ -75,7 +75,7 @@ impl InventoryHandler {
         let ctx = SagaContext::caused_by(&env, SERVICE);
         match verdict {
             Ok(()) => {
-                db::hold(uow.conn(), &paid.items).await?;
+                db::move_units(uow.conn(), &paid.items, StockMove::Hold).await?;
                 db::insert_lines(uow.conn(), env.order_id, &paid.items).await?;
                 uow.emit(ctx.event(
                     EventType::InventoryReserved,
@@ -115,7 +115,7 @@ impl InventoryHandler {
         if reservation.status() == Some(ReservationStatus::Held) {
             let lines = db::lines(uow.conn(), env.order_id).await?;
             db::lock_stock(uow.conn(), &domain::lock_order(&lines)).await?;
-            db::commit_held(uow.conn(), &lines).await?;
+            db::move_units(uow.conn(), &lines, StockMove::Commit).await?;
             db::set_status(uow.conn(), env.order_id, ReservationStatus::Committed).await?;
             outcome("committed");
         }
@@ -158,7 +158,7 @@ impl InventoryHandler {
                         frozen.join(", ")
                     )));
                 }
-                db::release(uow.conn(), &lines).await?;
+                db::move_units(uow.conn(), &lines, StockMove::Release).await?;
                 db::set_status(uow.conn(), env.order_id, ReservationStatus::Released).await?;
                 let ctx = SagaContext::caused_by(&env, SERVICE);
                 uow.emit(ctx.event(
