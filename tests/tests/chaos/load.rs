@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::BasicProperties;
+use saga_tests::invariants::Placed;
 use saga_tests::order_with_card;
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -22,15 +23,6 @@ pub const ITEMS: [(&str, i64, i32); 3] = [
 /// Customers with the default balance.
 pub const CUSTOMERS: usize = 20;
 pub const DEFAULT_BALANCE: i64 = 1_000_000;
-
-/// What a client placed, and what it was told.
-#[derive(Debug, Clone)]
-pub struct Placed {
-    pub key: String,
-    pub over_http: bool,
-    /// The result dict (HTTP only), if the client got one.
-    pub result: Option<Value>,
-}
 
 /// A random order: mostly good ones, and each failure class.
 pub fn random_order() -> Value {

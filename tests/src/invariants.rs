@@ -1,18 +1,38 @@
-//! The end state, checked from each service's own database.
+//! The end state of a run, checked from each service's own database: every
+//! order decided, each outcome fully applied or fully compensated, stock and
+//! money adding up, clients told the truth, nothing parked but what was
+//! expected, no escalation open. Used by the chaos test and the benchmark.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use crate::{Sandbox, Svc};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use saga_tests::process::ProcessSystem;
-use saga_tests::{Sandbox, Svc};
+use serde_json::Value;
 use sqlx::PgConnection;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::load::{CUSTOMERS, DEFAULT_BALANCE, ITEMS, Placed};
+/// What a client placed (its idempotency key) and what it was told.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub key: String,
+    pub over_http: bool,
+    /// The result dict (HTTP only), if the client got one.
+    pub result: Option<Value>,
+}
+
+/// What the end state is checked against.
+pub struct Expected<'a> {
+    /// Every stocked item and its initial `available`.
+    pub initial_stock: &'a HashMap<String, i64>,
+    /// A customer's balance before the run.
+    pub initial_balance: &'a (dyn Fn(&str) -> i64 + Sync),
+    /// Messages that must end up parked (poison injected on purpose).
+    pub parked: u32,
+}
 
 async fn count(sandbox: &Sandbox, svc: Svc, sql: &'static str) -> Option<i64> {
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -62,7 +82,7 @@ async fn queued_now(amqp_url: &str) -> Option<u32> {
 /// Waits until every placed order exists and is decided, every outbox is
 /// published and every queue is empty (three checks in a row).
 pub async fn wait_until_settled(
-    sys: &ProcessSystem,
+    sys: &Sandbox,
     placed: &[Placed],
     timeout: Duration,
 ) -> Result<Duration, String> {
@@ -135,9 +155,9 @@ async fn pg(sandbox: &Sandbox, svc: Svc) -> PgConnection {
 
 /// Checks every invariant; returns the tally and the violations found.
 pub async fn check(
-    sys: &ProcessSystem,
+    sys: &Sandbox,
     placed: &[Placed],
-    poison_copies: u32,
+    expected: &Expected<'_>,
 ) -> (Tally, Vec<String>) {
     let mut v = Vec::new();
     let mut tally = Tally::default();
@@ -253,28 +273,22 @@ pub async fn check(
         }
     }
     // Stock and money add up.
-    for (item, _, initial) in ITEMS {
+    for (item, initial) in expected.initial_stock {
         let (available, held) = stock.get(item).copied().unwrap_or_default();
-        let expected = i64::from(initial) - sold.get(item).copied().unwrap_or(0);
-        if i64::from(available) != expected || held != 0 {
+        let want = initial - sold.get(item).copied().unwrap_or(0);
+        if i64::from(available) != want || held != 0 {
             v.push(format!(
-                "{item}: available {available}, held {held}; expected {expected}, 0"
+                "{item}: available {available}, held {held}; expected {want}, 0"
             ));
         }
     }
-    let initial_balance = |c: &str| match c {
-        "poor" => 0,
-        _ => DEFAULT_BALANCE,
-    };
-    let customers: Vec<String> = (0..CUSTOMERS)
-        .map(|i| format!("c-{i}"))
-        .chain(["poor".into(), "bouncer".into()])
-        .collect();
+    let customers: HashSet<&String> = balances.keys().chain(spent.keys()).collect();
     for c in customers {
-        let expected = initial_balance(&c) - spent.get(&c).copied().unwrap_or(0);
-        let actual = balances.get(&c).copied().unwrap_or(initial_balance(&c));
-        if actual != expected {
-            v.push(format!("{c}: balance {actual}, expected {expected}"));
+        let initial = (expected.initial_balance)(c);
+        let want = initial - spent.get(c).copied().unwrap_or(0);
+        let actual = balances.get(c).copied().unwrap_or(initial);
+        if actual != want {
+            v.push(format!("{c}: balance {actual}, expected {want}"));
         }
     }
     // What clients were told matches what happened.
@@ -317,10 +331,10 @@ pub async fn check(
         tally.parked += q.message_count();
     }
     let _ = conn.close(200, "done".into()).await;
-    if tally.parked != poison_copies {
+    if tally.parked != expected.parked {
         v.push(format!(
-            "{} messages parked, but the injected poison makes {poison_copies}",
-            tally.parked
+            "{} messages parked, but {} were expected (injected poison)",
+            tally.parked, expected.parked
         ));
     }
     for svc in Svc::ALL {
