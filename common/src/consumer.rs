@@ -372,7 +372,7 @@ impl<H: MessageHandler> DeliveryTask<H> {
                         "service" => self.service.name, "reason" => *label)
                     .increment(1);
                     warn!(%reason, "parking message");
-                    self.park(&delivery, &msg, reason).await
+                    self.park(&delivery, reason).await
                 }
             }};
             let settled = tokio::time::timeout(SETUP_TIMEOUT, settle)
@@ -485,12 +485,7 @@ impl<H: MessageHandler> DeliveryTask<H> {
     }
 
     /// Re-publishes to the parking queue with the reason, then acks.
-    async fn park(
-        &self,
-        delivery: &Delivery,
-        _msg: &Incoming,
-        reason: &str,
-    ) -> Result<(), lapin::Error> {
+    async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), lapin::Error> {
         let mut headers = copied_headers(delivery);
         headers.insert(H_PARKED_REASON.into(), long_str(&truncate(reason, 4000)));
         headers.insert(H_PARKED_BY.into(), long_str(self.service.name));

@@ -115,6 +115,13 @@ pub async fn list(pool: &PgPool, status: Option<&str>) -> Result<Vec<EscalationR
     .await
 }
 
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<EscalationRow>, sqlx::Error> {
+    sqlx::query_as("select * from escalations where id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
 /// Marks an escalation as being retried; `None` if unknown.
 pub async fn begin_retry(pool: &PgPool, id: Uuid) -> Result<Option<EscalationRow>, sqlx::Error> {
     sqlx::query_as(

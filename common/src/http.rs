@@ -135,8 +135,7 @@ async fn retry_escalation(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_uuid(&id, "id")?;
-    let current = escalation::list(&s.pool, None).await?;
-    match current.iter().find(|e| e.id == id) {
+    match escalation::get(&s.pool, id).await? {
         None => return Err(ApiError::NotFound(format!("no escalation {id}"))),
         Some(e) if e.status == "resolved" => {
             return Err(ApiError::Conflict(format!(

@@ -330,6 +330,8 @@ impl OutboxRelay {
             metrics::counter!(metric::OUTBOX_PUBLISH_FAILURES, "service" => self.service)
                 .increment(failed.len() as u64);
         }
+        metrics::histogram!(metric::OUTBOX_BATCH_ROWS, "service" => self.service)
+            .record(rows.len() as f64);
         let lag = metrics::histogram!(metric::OUTBOX_LAG_SECONDS, "service" => self.service);
         for row in &published {
             lag.record((now - row.created_at).as_seconds_f64().max(0.0));

@@ -26,8 +26,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
-use tracing::{info, warn};
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::{Level, info, warn};
 
 use crate::broker::Broker;
 use crate::config::CommonConfig;
@@ -154,7 +154,11 @@ impl ServiceRuntime {
                 http::track_metrics,
             ))
             .layer(CatchPanicLayer::new())
-            .layer(TraceLayer::new_for_http());
+            // 503s are expected while a dependency is down (readiness):
+            // warnings, not errors.
+            .layer(
+                TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)),
+            );
         let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(intake.clone().cancelled_owned());
         let mut http_task = tokio::spawn(async move { server.await });

@@ -35,6 +35,8 @@ pub mod metric {
     pub const OUTBOX_PUBLISHED: &str = "outbox_published_total";
     /// Outbox rows the broker refused or returned, by `service`.
     pub const OUTBOX_PUBLISH_FAILURES: &str = "outbox_publish_failures_total";
+    /// Rows per relay pass that found work, by `service`.
+    pub const OUTBOX_BATCH_ROWS: &str = "outbox_batch_rows";
     /// From commit to broker confirm, by `service`.
     pub const OUTBOX_LAG_SECONDS: &str = "outbox_lag_seconds";
     /// 1 while the broker connection is up, by `service`.
@@ -77,6 +79,14 @@ pub fn prometheus() -> PrometheusHandle {
             ];
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&buckets)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(
+                            metric::OUTBOX_BATCH_ROWS.to_owned(),
+                        ),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                    )
+                })
                 .expect("non-empty buckets") // startup invariant
                 .build_recorder();
             let handle = recorder.handle();
