@@ -297,19 +297,11 @@ impl TestSystem {
 
     /// Waits until the service reports ready (broker and database up).
     pub async fn wait_healthy(&self, svc: Svc) {
-        let url = format!("{}/health", self.url(svc));
-        let http = self.http.clone();
-        eventually(
+        wait_for_health(
+            &self.http,
+            self.url(svc),
+            &format!("{svc:?}"),
             Duration::from_secs(30),
-            &format!("{svc:?} to be healthy"),
-            || {
-                let http = http.clone();
-                let url = url.clone();
-                async move {
-                    let r = http.get(&url).send().await.ok()?;
-                    r.status().is_success().then_some(())
-                }
-            },
         )
         .await;
     }
@@ -635,6 +627,25 @@ async fn launch<S: Service>(config: S::Config) -> Running {
     }
 }
 
+/// Waits until `GET {base_url}/health` answers 200, or panics after `timeout`.
+pub async fn wait_for_health(
+    http: &reqwest::Client,
+    base_url: &str,
+    name: &str,
+    timeout: Duration,
+) {
+    let url = format!("{base_url}/health");
+    eventually(timeout, &format!("{name} to be healthy"), || {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let r = http.get(&url).send().await.ok()?;
+            r.status().is_success().then_some(())
+        }
+    })
+    .await;
+}
+
 /// Polls `f` until it yields `Some`, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
@@ -675,7 +686,13 @@ pub struct Tap {
 
 impl Tap {
     pub async fn new(conn: &Connection, keys: &[&str]) -> Tap {
-        let ch = conn.create_channel().await.unwrap();
+        Self::try_new(conn, keys).await.expect("tap queue")
+    }
+
+    /// [`Tap::new`] that reports failure instead of panicking (for code
+    /// that must survive a broker restart).
+    pub async fn try_new(conn: &Connection, keys: &[&str]) -> Result<Tap, lapin::Error> {
+        let ch = conn.create_channel().await?;
         let q = ch
             .queue_declare(
                 "".into(),
@@ -686,8 +703,7 @@ impl Tap {
                 },
                 FieldTable::default(),
             )
-            .await
-            .unwrap();
+            .await?;
         for key in keys {
             ch.queue_bind(
                 q.name().clone(),
@@ -696,8 +712,7 @@ impl Tap {
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
-            .await
-            .unwrap();
+            .await?;
         }
         let consumer = ch
             .basic_consume(
@@ -706,12 +721,11 @@ impl Tap {
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await
-            .unwrap();
-        Tap {
+            .await?;
+        Ok(Tap {
             consumer,
             _channel: ch,
-        }
+        })
     }
 
     /// A queue to receive replies on (for `reply_to`); returns its name.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::{Sandbox, Svc, eventually};
+use crate::{Sandbox, Svc, wait_for_health};
 
 /// One process of one service.
 pub struct Replica {
@@ -227,20 +227,12 @@ impl ProcessSystem {
 
     /// Waits until replica `i` answers `/health` with 200.
     pub async fn wait_healthy(&self, i: usize) {
-        let url = format!("{}/health", self.replicas[i].url());
-        let name = self.replicas[i].name();
-        let http = self.sandbox.http.clone();
-        eventually(
+        let r = &self.replicas[i];
+        wait_for_health(
+            &self.sandbox.http,
+            &r.url(),
+            &r.name(),
             Duration::from_secs(60),
-            &format!("{name} to be healthy"),
-            || {
-                let http = http.clone();
-                let url = url.clone();
-                async move {
-                    let r = http.get(&url).send().await.ok()?;
-                    r.status().is_success().then_some(())
-                }
-            },
         )
         .await;
     }

@@ -223,5 +223,8 @@ async fn main() {
     });
     let mut sys = sys;
     sys.stop_all().await;
+    if line["invariants_ok"] == true {
+        let _ = std::fs::remove_dir_all(&sys.log_dir);
+    }
     println!("{line}");
 }

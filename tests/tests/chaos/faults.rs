@@ -8,12 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use saga_tests::process::ProcessSystem;
-use saga_tests::{EXCHANGE, Svc};
+use saga_tests::{Svc, Tap};
 use tokio::process::Command;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -167,21 +164,19 @@ pub async fn duplicate_events(
             let conn = Connection::connect(&amqp_url, ConnectionProperties::default())
                 .await
                 .ok()?;
-            let consumer = tap_everything(&conn).await?;
-            Some((conn, consumer))
+            let tap = Tap::try_new(&conn, &["#"]).await.ok()?;
+            Some((conn, tap))
         };
-        let Ok(Some((_conn, mut consumer))) =
-            tokio::time::timeout(Duration::from_secs(5), tap).await
+        let Ok(Some((_conn, mut tap))) = tokio::time::timeout(Duration::from_secs(5), tap).await
         else {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
         loop {
             let left = until.saturating_duration_since(Instant::now());
-            let Ok(Some(Ok(d))) = tokio::time::timeout(left, consumer.next()).await else {
+            let Some(d) = tap.next(left).await else {
                 break;
             };
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
             if d.routing_key.as_str() == "order.requested" {
                 continue;
             }
@@ -207,39 +202,6 @@ pub async fn duplicate_events(
             }
         }
     }
-}
-
-async fn tap_everything(conn: &Connection) -> Option<lapin::Consumer> {
-    let ch = conn.create_channel().await.ok()?;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()?;
-    ch.queue_bind(
-        q.name().clone(),
-        EXCHANGE.into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .ok()?;
-    ch.basic_consume(
-        q.name().clone(),
-        "chaos-tap".into(),
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .ok()
 }
 
 /// Messages no service can handle, which must end up parked (and only them).
