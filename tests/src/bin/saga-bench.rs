@@ -61,6 +61,62 @@ fn order(i: usize) -> Value {
     }
 }
 
+/// CPU seconds (user + system) used so far by each process, by pid, for the
+/// processes the saga runs on: RabbitMQ, PostgreSQL, the services.
+fn cpu_by_process() -> HashMap<u32, (String, f64)> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may contain spaces.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let group = match comm {
+            "beam.smp" => "rabbitmq",
+            "postgres" => "postgresql",
+            c if c.starts_with("saga-service") => "services",
+            c if c.starts_with("saga-bench") => "load driver",
+            _ => continue,
+        };
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) else {
+            continue;
+        };
+        let secs = (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / ticks;
+        out.insert(pid, (group.to_owned(), secs));
+    }
+    out
+}
+
+/// CPU milliseconds per saga, by group, between two snapshots.
+fn cpu_per_saga(
+    before: &HashMap<u32, (String, f64)>,
+    after: &HashMap<u32, (String, f64)>,
+    n: usize,
+) -> String {
+    let mut by_group: HashMap<&str, f64> = HashMap::new();
+    for (pid, (group, secs)) in after {
+        let start = before.get(pid).map_or(0.0, |b| b.1);
+        *by_group.entry(group.as_str()).or_default() += secs - start;
+    }
+    let mut parts: Vec<String> = by_group
+        .iter()
+        .map(|(g, secs)| format!("{g} {:.1}", secs * 1000.0 / n as f64))
+        .collect();
+    parts.sort();
+    format!("CPU ms per saga: {}", parts.join(", "))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -139,6 +195,7 @@ async fn main() {
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let placed = Arc::new(Mutex::new(Vec::with_capacity(n)));
     eprintln!("# loadavg before: {}", loadavg());
+    let cpu_before = cpu_by_process();
     let started = Instant::now();
     let workers: Vec<_> = (0..c)
         .map(|_| {
@@ -189,6 +246,7 @@ async fn main() {
     join_all(workers).await;
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("# loadavg after:  {}", loadavg());
+    eprintln!("# {}", cpu_per_saga(&cpu_before, &cpu_by_process(), n));
 
     let placed = placed.lock().await.clone();
     let mut lat = latencies.lock().await.clone();
