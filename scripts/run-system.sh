@@ -65,15 +65,15 @@ start() {
     log "$svc is up on http://127.0.0.1:$port"
   done
 
-  # A small shop: prices in order-svc's catalog, stock in inventory-svc
-  # (only the first time, so that stock carries over between runs).
+  # A small shop: prices in order-svc's catalog, 100 of each item in stock
+  # in inventory-svc (restocked on every start).
   put() { curl -fsS -o /dev/null -X PUT -H 'content-type: application/json' "$1" -d "$2"; }
   put http://127.0.0.1:8080/catalog/productA '{"price_cents": 1500}'
   put http://127.0.0.1:8080/catalog/productB '{"price_cents": 700}'
-  for item in productA productB; do
-    curl -fsS -o /dev/null "http://127.0.0.1:8082/items/$item" 2>/dev/null ||
-      put "http://127.0.0.1:8082/items/$item" '{"available": 100}'
-  done
+  put http://127.0.0.1:8082/items/productA '{"available": 100}'
+  put http://127.0.0.1:8082/items/productB '{"available": 100}'
+  # The example customer's balance (10,000.00), so repeated runs keep working.
+  put http://127.0.0.1:8081/accounts/user123 '{"balance_cents": 1000000}'
 
   local order='{"customer_id": "user123",
   "items": [{"item_id": "productA", "quantity": 2}, {"item_id": "productB", "quantity": 1}],
