@@ -65,6 +65,37 @@ pub fn check_window(retention: Duration, max_attempts: u32) -> Result<(), Window
     Ok(())
 }
 
+/// Published outbox rows older than `$1` seconds, at most `$2` of them.
+const DELETE_OLD_OUTBOX: &str = r#"
+    delete from outbox where id in (
+        select id from outbox
+        where published_at < now() - make_interval(secs => $1)
+        limit $2
+    )
+"#;
+
+/// Inbox ids older than `$1` seconds, at most `$2` of them.
+const DELETE_OLD_INBOX: &str = r#"
+    delete from inbox where message_id in (
+        select message_id from inbox
+        where received_at < now() - make_interval(secs => $1)
+        limit $2
+    )
+"#;
+
+async fn delete_batch(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    sql: &'static str,
+    older_than_secs: f64,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(sql)
+        .bind(older_than_secs)
+        .bind(BATCH)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
+}
+
 /// Deletes what is older than `retention`; `None` if another replica is
 /// cleaning right now.
 pub async fn clean_once(
@@ -82,34 +113,8 @@ pub async fn clean_once(
         if !locked {
             return Ok(None);
         }
-        let o = sqlx::query(
-            r#"
-            delete from outbox where id in (
-                select id from outbox
-                where published_at < now() - make_interval(secs => $1)
-                limit $2
-            )
-            "#,
-        )
-        .bind(secs)
-        .bind(BATCH)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let i = sqlx::query(
-            r#"
-            delete from inbox where message_id in (
-                select message_id from inbox
-                where received_at < now() - make_interval(secs => $1)
-                limit $2
-            )
-            "#,
-        )
-        .bind(secs)
-        .bind(BATCH)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let o = delete_batch(&mut tx, DELETE_OLD_OUTBOX, secs).await?;
+        let i = delete_batch(&mut tx, DELETE_OLD_INBOX, secs).await?;
         tx.commit().await?;
         outbox += o;
         inbox += i;
