@@ -1,41 +1,29 @@
 //! Shared building blocks of the order saga.
 //!
-//! Every service is a consumer of `saga.events` that turns each message into
-//! one PostgreSQL transaction (inbox claim + state change + outbox events) and
-//! lets the outbox relay publish what it committed. This crate holds
+//! Every service consumes its queue on `saga.events` in batches: each batch
+//! becomes one PostgreSQL transaction (state changes + outbox rows), and the
+//! events it caused are published right after the commit. This crate holds
 //! everything that pattern needs, so the services hold only their domain.
 //!
 //! # Layout
-//! - [`events`], [`envelope`], [`order`], [`card`]: the contract — event
-//!   catalogue, envelope, result dict, sealed card hand-off.
-//! - [`topology`]: exchange, queues, bindings, and who consumes what.
-//! - [`broker`]: the supervised AMQP connection.
-//! - [`consumer`]: the consume → handle → ack / retry / park loop.
-//! - [`inbox`]: dedup inbox and the per-message unit of work.
-//! - [`outbox`]: transactional outbox and its relay.
-//! - [`db`], [`pg_notify`]: database set-up, migrations, retryable errors,
-//!   LISTEN/NOTIFY wake-ups.
-//! - [`service`]: the runtime that wires a service together and shuts it
-//!   down in order; [`config`], [`http`], [`telemetry`], [`shutdown`],
-//!   [`fault`] support it.
+//! - [`saga`]: what the four services agree on beyond messages — the result
+//!   dict and order lines, the sealed card hand-off, the rollback rule.
+//! - [`messaging`]: the event contract (catalogue, envelope), the broker
+//!   topology and its supervised connection, the batch consumer, the
+//!   transactional outbox with its publisher and sweeper, dedup helpers and
+//!   escalations.
+//! - [`store`]: PostgreSQL — database creation, the pool, migrations,
+//!   retryable errors, retention.
+//! - [`runtime`]: what turns a handler into a running service — wiring and
+//!   orderly shutdown, HTTP operations routes, configuration, telemetry.
+//! - [`metric_definitions`]: the names of the metrics recorded here.
+//!
+//! Dependencies point one way: `saga` ← `messaging` ← `runtime`, with
+//! `store` beside `messaging` (the outbox writes through a store
+//! connection; the store knows nothing of messages).
 
-pub mod broker;
-pub mod card;
-pub mod compensation;
-pub mod config;
-pub mod consumer;
-pub mod db;
-pub mod envelope;
-pub mod escalation;
-pub mod events;
-pub mod fault;
-pub mod http;
-pub mod inbox;
-pub mod order;
-pub mod outbox;
-pub mod pg_notify;
-pub mod retention;
-pub mod service;
-pub mod shutdown;
-pub mod telemetry;
-pub mod topology;
+pub mod messaging;
+pub mod metric_definitions;
+pub mod runtime;
+pub mod saga;
+pub mod store;

@@ -10,9 +10,9 @@
 
 use std::collections::HashMap;
 
-use common::compensation::StepState;
-use common::events::StepFailed;
-use common::order::OrderLine;
+use common::messaging::events::StepFailed;
+use common::saga::compensation::StepState;
+use common::saga::order::OrderLine;
 
 /// An item's stock, as locked for a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,8 +62,8 @@ pub fn check_availability(
 
 /// Item ids in the one global order every transaction locks stock rows in,
 /// so concurrent multi-item reservations cannot deadlock.
-pub fn lock_order(lines: &[OrderLine]) -> Vec<String> {
-    let mut ids: Vec<String> = lines.iter().map(|l| l.item_id.clone()).collect();
+pub fn lock_order<'a>(lines: impl IntoIterator<Item = &'a OrderLine>) -> Vec<String> {
+    let mut ids: Vec<String> = lines.into_iter().map(|l| l.item_id.clone()).collect();
     ids.sort();
     ids.dedup();
     ids
@@ -113,7 +113,7 @@ impl StepState for ReservationStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::compensation::{Compensation, compensation_for};
+    use common::saga::compensation::{Compensation, compensation_for};
 
     fn line(item: &str, quantity: i32) -> OrderLine {
         OrderLine {

@@ -15,9 +15,9 @@ pub mod http;
 
 use std::net::SocketAddr;
 
-use common::config::CommonConfig;
-use common::service::{Service, ServiceRuntime};
-use common::topology::INVENTORY_SVC;
+use common::messaging::topology::INVENTORY_SVC;
+use common::runtime::config::CommonConfig;
+use common::runtime::service::{Service, ServiceRuntime, Tasks};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +67,7 @@ impl Service for App {
         let pool = self.runtime.pool.clone();
         let handler = InventoryHandler { pool: pool.clone() };
         self.runtime
-            .run(handler, http::routes(pool), Vec::new(), cancel)
+            .run(handler, http::routes(pool), Tasks::default(), cancel)
             .await
     }
 }

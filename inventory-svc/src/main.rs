@@ -2,5 +2,5 @@
 //! `--help` lists the settings (each also read from the environment).
 
 fn main() -> anyhow::Result<()> {
-    common::service::main::<inventory_svc::App>()
+    common::runtime::service::main::<inventory_svc::App>()
 }

@@ -1,4 +1,7 @@
-//! Every SQL statement of notification-svc.
+//! Every SQL statement of notification-svc; the hot path's are set-based
+//! (one statement for a whole batch of orders).
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -15,6 +18,133 @@ pub async fn get_customer_email(
         .bind(customer_id)
         .fetch_optional(conn)
         .await
+}
+
+/// The addresses on file of several customers.
+pub async fn customer_emails(
+    conn: &mut PgConnection,
+    customer_ids: &[&str],
+) -> Result<HashMap<String, String>, sqlx::Error> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("select customer_id, email from customers where customer_id = any($1)")
+            .bind(customer_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The notification status of each order that has a record.
+pub async fn existing_notifications(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<HashMap<Uuid, String>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("select order_id, status from notifications where order_id = any($1)")
+            .bind(order_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A notification record to insert.
+pub struct NewNotification<'a> {
+    pub order_id: Uuid,
+    pub customer_id: &'a str,
+    pub recipient: Option<&'a str>,
+    pub status: NotificationStatus,
+    pub reason: Option<&'a str>,
+}
+
+/// Inserts notification records (one statement); returns the orders that
+/// got one (an order that already has a record keeps it).
+pub async fn insert_notifications(
+    conn: &mut PgConnection,
+    records: &[NewNotification<'_>],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut ids = Vec::with_capacity(records.len());
+    let mut customers = Vec::with_capacity(records.len());
+    let mut recipients = Vec::with_capacity(records.len());
+    let mut statuses = Vec::with_capacity(records.len());
+    let mut reasons = Vec::with_capacity(records.len());
+    for r in records {
+        ids.push(r.order_id);
+        customers.push(r.customer_id);
+        recipients.push(r.recipient);
+        statuses.push(r.status.as_str());
+        reasons.push(r.reason);
+    }
+    sqlx::query_scalar(
+        r#"
+        insert into notifications (order_id, customer_id, recipient, status, reason)
+        select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+        on conflict (order_id) do nothing
+        returning order_id
+        "#,
+    )
+    .bind(ids)
+    .bind(customers)
+    .bind(recipients)
+    .bind(statuses)
+    .bind(reasons)
+    .fetch_all(conn)
+    .await
+}
+
+/// Records sent emails (one statement).
+pub async fn record_emails(
+    conn: &mut PgConnection,
+    emails: &[&Email],
+    transport: &str,
+) -> Result<(), sqlx::Error> {
+    let mut ids = Vec::with_capacity(emails.len());
+    let mut orders = Vec::with_capacity(emails.len());
+    let mut kinds = Vec::with_capacity(emails.len());
+    let mut recipients = Vec::with_capacity(emails.len());
+    let mut subjects = Vec::with_capacity(emails.len());
+    let mut bodies = Vec::with_capacity(emails.len());
+    for e in emails {
+        ids.push(e.id);
+        orders.push(e.order_id);
+        kinds.push(e.kind.as_str());
+        recipients.push(e.recipient.as_str());
+        subjects.push(e.subject.as_str());
+        bodies.push(e.body.as_str());
+    }
+    sqlx::query(
+        r#"
+        insert into emails (id, order_id, kind, recipient, subject, body, transport)
+        select i, o, k, r, s, b, $7
+        from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+            as t(i, o, k, r, s, b)
+        on conflict do nothing
+        "#,
+    )
+    .bind(ids)
+    .bind(orders)
+    .bind(kinds)
+    .bind(recipients)
+    .bind(subjects)
+    .bind(bodies)
+    .bind(transport)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks orders' notifications (one statement).
+pub async fn set_statuses(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+    status: NotificationStatus,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update notifications set status = $2, updated_at = now() where order_id = any($1)",
+    )
+    .bind(order_ids)
+    .bind(status.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 pub async fn put_customer_email(

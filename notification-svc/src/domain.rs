@@ -1,9 +1,9 @@
 //! Notification rules (pure): addresses, the simulated bounce, the emails'
 //! text, and the rollback rule.
 
-use common::compensation::StepState;
-use common::events::StepFailed;
-use common::order::OrderLine;
+use common::messaging::events::StepFailed;
+use common::saga::compensation::StepState;
+use common::saga::order::OrderLine;
 use uuid::Uuid;
 
 /// The address of a customer who has none on file:
@@ -188,7 +188,7 @@ impl StepState for NotificationStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::compensation::{Compensation, compensation_for};
+    use common::saga::compensation::{Compensation, compensation_for};
 
     #[test]
     fn default_addresses_are_derived_from_the_customer_id() {

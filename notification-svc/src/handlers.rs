@@ -1,30 +1,38 @@
-//! Message handlers of notification-svc.
+//! Message handlers of notification-svc, one batch at a time.
 //!
 //! - `inventory.reserved`: email the confirmation → `notification.sent`, or
-//!   `notification.failed` if the address bounces.
+//!   `notification.failed` if the address bounces. A batch claims every
+//!   order's notification record with one statement first (which serialises
+//!   it against a concurrent rollback, which then sees the email), sends, and
+//!   records the emails with one more.
 //! - `order.failed`, `order.cancelled`: if a confirmation went out, email a
 //!   cancellation; if nothing went out yet, tombstone so a late
 //!   `inventory.reserved` sends nothing.
 //!
-//! Sending happens inside the handler's transaction, before the commit: with
+//! Sending happens inside the batch's transaction, before the commit: with
 //! the default transport the email *is* the row, so it is exactly-once; with
 //! SMTP a crash between the send and the commit re-sends it on redelivery
 //! (at-least-once, as email always is).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
-use common::compensation::{Compensation, compensation_for};
-use common::consumer::{HandlerError, Incoming, MessageHandler};
-use common::envelope::{Envelope, SagaContext};
-use common::events::{EventType, InventoryReserved, NotificationSent, StepFailed};
-use common::inbox::UnitOfWork;
-use common::order::SagaResult;
+use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
+use common::messaging::delivery::Incoming;
+use common::messaging::envelope::{Envelope, SagaContext};
+use common::messaging::events::{EventType, InventoryReserved, NotificationSent, StepFailed};
+use common::messaging::inbox;
+use common::messaging::unit_of_work::UnitOfWork;
+use common::metric_definitions::step_outcome;
+use common::saga::compensation::{Compensation, compensation_for};
+use common::saga::order::SagaResult;
 use sqlx::PgPool;
 use tracing::info;
+use uuid::Uuid;
 
 use crate::SERVICE;
-use crate::db;
+use crate::db::{self, NewNotification};
 use crate::domain::{self, Email, NotificationStatus};
 use crate::transport::{EmailTransport, SendError};
 
@@ -37,124 +45,230 @@ pub struct NotificationHandler {
 
 impl MessageHandler for NotificationHandler {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
-        common::compensation::on_rollback(routing_key, "cancellation email")
+        common::messaging::consumer::compensation_on_rollback(routing_key, "cancellation email")
     }
 
-    async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
-        let env = Envelope::decode(&msg.body)?;
-        match env.event_type {
-            EventType::InventoryReserved => self.on_inventory_reserved(env).await,
-            t if t.is_abort() => self.on_abort(env).await,
-            other => Err(HandlerError::permanent(format!(
-                "{SERVICE} does not handle {other}"
-            ))),
+    async fn handle_batch(
+        &self,
+        uow: &mut UnitOfWork,
+        batch: &[Incoming],
+    ) -> Result<Vec<MessageResult>, HandlerError> {
+        let mut results: Vec<MessageResult> = Vec::with_capacity(batch.len());
+        let mut confirmations = Vec::new();
+        let mut aborts = Vec::new();
+        for (i, msg) in batch.iter().enumerate() {
+            let decoded = Envelope::decode(&msg.body).map_err(HandlerError::from);
+            results.push(match decoded {
+                Err(e) => Err(e),
+                Ok(env) => match env.event_type {
+                    EventType::InventoryReserved => match env.data_as::<InventoryReserved>() {
+                        Ok(reserved) => {
+                            confirmations.push((env, reserved));
+                            Ok(())
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    t if t.is_abort() => {
+                        aborts.push((i, env));
+                        Ok(())
+                    }
+                    other => Err(HandlerError::permanent(format!(
+                        "{SERVICE} does not handle {other}"
+                    ))),
+                },
+            });
         }
+        if !confirmations.is_empty() {
+            self.confirm(uow, confirmations).await?;
+        }
+        for (i, env) in aborts {
+            results[i] = self.on_abort(uow, &env).await;
+        }
+        Ok(results)
     }
 }
 
-fn outcome(name: &'static str) {
-    common::telemetry::step_outcome(SERVICE, name);
+/// A confirmation to send, decided before the send.
+struct Planned {
+    env: Envelope,
+    reserved: InventoryReserved,
+    recipient: String,
+    precheck: Result<(), StepFailed>,
+    status: NotificationStatus,
 }
 
 impl NotificationHandler {
-    async fn send(
+    /// Sends the confirmation of every new order of the batch.
+    async fn confirm(
         &self,
         uow: &mut UnitOfWork,
-        email: &Email,
-    ) -> Result<Result<(), StepFailed>, HandlerError> {
-        match self.transport.send(email).await {
-            Ok(()) => {
-                db::record_email(uow.conn(), email, self.transport.name()).await?;
-                Ok(Ok(()))
-            }
-            Err(SendError::Rejected(reason)) => Ok(Err(StepFailed {
-                code: "email_rejected".into(),
-                reason: format!("Email rejected: {reason}"),
-            })),
-            Err(e @ SendError::Unavailable(_)) => Err(HandlerError::Transient(e.into())),
-        }
-    }
-
-    async fn on_inventory_reserved(&self, env: Envelope) -> Result<(), HandlerError> {
-        let reserved: InventoryReserved = env.data_as()?;
-        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
-            return Ok(());
-        };
-        let recipient = match db::get_customer_email(uow.conn(), &reserved.customer_id).await? {
-            Some(address) => address,
-            None => domain::default_address(&reserved.customer_id, &self.default_email_domain),
-        };
-        let expired = Utc::now() >= env.deadline_at;
-        let precheck = if expired {
-            Err(StepFailed {
-                code: "deadline_exceeded".into(),
-                reason: "Saga deadline passed before the confirmation email".into(),
-            })
-        } else {
-            domain::check_deliverable(&recipient)
-        };
-        let status = match &precheck {
-            Ok(()) => NotificationStatus::Sent,
-            Err(_) if expired => NotificationStatus::Expired,
-            Err(_) => NotificationStatus::Bounced,
-        };
-        // Claim the order's record first: it serializes us against a
-        // concurrent rollback, which then sees the email we send.
-        if !db::insert_notification(
-            uow.conn(),
-            env.order_id,
-            &reserved.customer_id,
-            Some(&recipient),
-            status,
-            precheck.as_ref().err().map(|f| f.reason.as_str()),
-        )
-        .await?
-        {
-            uow.abandon_late(SERVICE, &env).await?;
-            return Ok(());
-        }
-        let email = domain::confirmation(
-            env.order_id,
-            &recipient,
-            &reserved.items,
-            reserved.amount_cents,
-            &reserved.currency,
-        );
-        let result = match precheck {
-            Ok(()) => self.send(&mut uow, &email).await?,
-            Err(f) => Err(f),
-        };
-        let ctx = SagaContext::caused_by(&env, SERVICE);
-        match result {
-            Ok(()) => {
-                uow.emit(ctx.event(
-                    EventType::NotificationSent,
-                    &NotificationSent {
-                        email_id: email.id,
-                        kind: email.kind.as_str().to_owned(),
-                    },
-                ));
-                uow.commit().await?;
-                outcome("sent");
-            }
-            Err(failure) => {
-                if status == NotificationStatus::Sent {
-                    // The relay refused it after all.
-                    db::set_status(uow.conn(), env.order_id, NotificationStatus::Bounced).await?;
+        requests: Vec<(Envelope, InventoryReserved)>,
+    ) -> Result<(), HandlerError> {
+        let order_ids: Vec<Uuid> = requests.iter().map(|(e, _)| e.order_id).collect();
+        let existing = db::existing_notifications(uow.conn(), &order_ids).await?;
+        let mut seen = HashSet::new();
+        let (mut duplicates, mut late) = (0u64, 0u64);
+        let fresh: Vec<(Envelope, InventoryReserved)> = requests
+            .into_iter()
+            .filter(|(env, _)| match existing.get(&env.order_id) {
+                Some(s) if s == NotificationStatus::Cancelled.as_str() => {
+                    late += 1;
+                    false
                 }
-                info!(order_id = %env.order_id, reason = %failure.reason, "confirmation not sent");
-                uow.emit(ctx.event(EventType::NotificationFailed, &failure));
-                uow.commit().await?;
-                outcome("bounced");
+                Some(_) => {
+                    duplicates += 1;
+                    false
+                }
+                None if !seen.insert(env.order_id) => {
+                    duplicates += 1;
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        let on_file = if fresh.is_empty() {
+            HashMap::new()
+        } else {
+            let mut customers: Vec<&str> =
+                fresh.iter().map(|(_, r)| r.customer_id.as_str()).collect();
+            customers.sort_unstable();
+            customers.dedup();
+            db::customer_emails(uow.conn(), &customers).await?
+        };
+
+        let now = Utc::now();
+        let planned: Vec<Planned> = fresh
+            .into_iter()
+            .map(|(env, reserved)| {
+                let recipient = on_file
+                    .get(&reserved.customer_id)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        domain::default_address(&reserved.customer_id, &self.default_email_domain)
+                    });
+                let expired = now >= env.deadline_at;
+                let precheck = if expired {
+                    Err(StepFailed {
+                        code: "deadline_exceeded".into(),
+                        reason: "Saga deadline passed before the confirmation email".into(),
+                    })
+                } else {
+                    domain::check_deliverable(&recipient)
+                };
+                let status = match &precheck {
+                    Ok(()) => NotificationStatus::Sent,
+                    Err(_) if expired => NotificationStatus::Expired,
+                    Err(_) => NotificationStatus::Bounced,
+                };
+                Planned {
+                    env,
+                    reserved,
+                    recipient,
+                    precheck,
+                    status,
+                }
+            })
+            .collect();
+
+        // Claim the orders' records first: it serialises us against a
+        // concurrent rollback, which then sees the email we send.
+        let records: Vec<NewNotification<'_>> = planned
+            .iter()
+            .map(|p| NewNotification {
+                order_id: p.env.order_id,
+                customer_id: &p.reserved.customer_id,
+                recipient: Some(&p.recipient),
+                status: p.status,
+                reason: p.precheck.as_ref().err().map(|f| f.reason.as_str()),
+            })
+            .collect();
+        let claimed: HashSet<Uuid> = if records.is_empty() {
+            HashSet::new()
+        } else {
+            db::insert_notifications(uow.conn(), &records)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        drop(records);
+
+        let mut sent_emails: Vec<Email> = Vec::new();
+        let mut refused: Vec<Uuid> = Vec::new();
+        let mut events = Vec::new();
+        for p in planned {
+            if !claimed.contains(&p.env.order_id) {
+                late += 1;
+                continue;
+            }
+            let email = domain::confirmation(
+                p.env.order_id,
+                &p.recipient,
+                &p.reserved.items,
+                p.reserved.amount_cents,
+                &p.reserved.currency,
+            );
+            let outcome = match p.precheck {
+                Ok(()) => match self.transport.send(&email).await {
+                    Ok(()) => Ok(()),
+                    Err(SendError::Rejected(reason)) => {
+                        refused.push(p.env.order_id);
+                        Err(StepFailed {
+                            code: "email_rejected".into(),
+                            reason: format!("Email rejected: {reason}"),
+                        })
+                    }
+                    // The relay is down: nothing of this batch is kept, and
+                    // each message is retried.
+                    Err(e @ SendError::Unavailable(_)) => {
+                        return Err(HandlerError::Transient(e.into()));
+                    }
+                },
+                Err(f) => Err(f),
+            };
+            let ctx = SagaContext::caused_by(&p.env, SERVICE);
+            match outcome {
+                Ok(()) => {
+                    events.push(ctx.event(
+                        EventType::NotificationSent,
+                        &NotificationSent {
+                            email_id: email.id,
+                            kind: email.kind.as_str().to_owned(),
+                        },
+                    ));
+                    sent_emails.push(email);
+                }
+                Err(failure) => {
+                    info!(order_id = %p.env.order_id, reason = %failure.reason, "confirmation not sent");
+                    events.push(ctx.event(EventType::NotificationFailed, &failure));
+                }
             }
         }
+        if !sent_emails.is_empty() {
+            let refs: Vec<&Email> = sent_emails.iter().collect();
+            db::record_emails(uow.conn(), &refs, self.transport.name()).await?;
+        }
+        if !refused.is_empty() {
+            // The relay refused them after all.
+            db::set_statuses(uow.conn(), &refused, NotificationStatus::Bounced).await?;
+        }
+        let bounced = (events.len() - sent_emails.len()) as u64;
+        for event in events {
+            uow.emit(event);
+        }
+        let sent = sent_emails.len() as u64;
+        uow.on_commit(move || {
+            let key = EventType::InventoryReserved.routing_key();
+            inbox::count_duplicates(SERVICE, key, duplicates);
+            inbox::count_late(SERVICE, key, late);
+            step_outcome(SERVICE, "sent", sent);
+            step_outcome(SERVICE, "bounced", bounced);
+        });
         Ok(())
     }
 
-    async fn on_abort(&self, env: Envelope) -> Result<(), HandlerError> {
-        let Some(mut uow) = UnitOfWork::begin_for(&self.pool, SERVICE, &env).await? else {
-            return Ok(());
-        };
+    /// Sends a cancellation after a confirmation, or tombstones an order
+    /// that got no email yet.
+    async fn on_abort(&self, uow: &mut UnitOfWork, env: &Envelope) -> MessageResult {
         let customer_id = env.data_str("customer_id").unwrap_or_default().to_owned();
         let current = if db::insert_notification(
             uow.conn(),
@@ -170,14 +284,15 @@ impl NotificationHandler {
         } else {
             db::lock_notification(uow.conn(), env.order_id).await?
         };
+        let order_id = env.order_id;
         match (
             compensation_for(current.as_ref().and_then(db::NotificationRow::status)),
             current,
         ) {
             (Compensation::Undo, Some(row)) => {
-                let reason = abort_reason(&env);
+                let reason = abort_reason(env);
                 let recipient = row.recipient.unwrap_or_default();
-                let email = domain::cancellation(env.order_id, &recipient, &reason);
+                let email = domain::cancellation(order_id, &recipient, &reason);
                 // A cancellation that cannot be delivered is still recorded
                 // as attempted: the saga is already rolled back.
                 if let Err(SendError::Unavailable(e)) = self.transport.send(&email).await {
@@ -186,12 +301,16 @@ impl NotificationHandler {
                     )));
                 }
                 db::record_email(uow.conn(), &email, self.transport.name()).await?;
-                db::set_status(uow.conn(), env.order_id, NotificationStatus::Retracted).await?;
-                uow.commit().await?;
-                outcome("cancellation_sent");
-                info!(order_id = %env.order_id, "cancellation email sent");
+                db::set_status(uow.conn(), order_id, NotificationStatus::Retracted).await?;
+                uow.on_commit(move || {
+                    step_outcome(SERVICE, "cancellation_sent", 1);
+                    info!(%order_id, "cancellation email sent");
+                });
             }
-            _ => uow.commit().await?,
+            (Compensation::Tombstone, _) => {
+                uow.on_commit(move || step_outcome(SERVICE, "cancelled_before_email", 1));
+            }
+            _ => {}
         }
         Ok(())
     }

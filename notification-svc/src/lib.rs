@@ -18,9 +18,9 @@ pub mod transport;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::config::CommonConfig;
-use common::service::{Service, ServiceRuntime};
-use common::topology::NOTIFICATION_SVC;
+use common::messaging::topology::NOTIFICATION_SVC;
+use common::runtime::config::CommonConfig;
+use common::runtime::service::{Service, ServiceRuntime, Tasks};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -98,7 +98,7 @@ impl Service for App {
             &self.handler.default_email_domain,
         );
         self.runtime
-            .run(self.handler, routes, Vec::new(), cancel)
+            .run(self.handler, routes, Tasks::default(), cancel)
             .await
     }
 }

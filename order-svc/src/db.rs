@@ -1,16 +1,17 @@
 //! Every SQL statement of order-svc. Functions take `&mut PgConnection` so the
-//! caller decides the transaction.
+//! caller decides the transaction; the hot path's are set-based (one
+//! statement for a whole batch of orders).
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use common::order::{OrderLine, SagaResult};
+use common::saga::order::{OrderLine, SagaResult};
 use serde::Serialize;
 use sqlx::PgConnection;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use crate::domain::{Decision, OrderStatus};
+use crate::domain::OrderStatus;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OrderRow {
@@ -22,12 +23,17 @@ pub struct OrderRow {
     pub currency: String,
     pub card_brand: String,
     pub card_last4: String,
+    pub idempotency_key: Option<String>,
     pub request_fingerprint: String,
     pub error: Option<String>,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub deadline_at: DateTime<Utc>,
     pub decided_at: Option<DateTime<Utc>>,
+    pub reply_to: Option<String>,
+    pub reply_correlation_id: Option<String>,
+    pub extra_reply_targets: bool,
+    pub waiter: Option<String>,
 }
 
 impl OrderRow {
@@ -51,7 +57,8 @@ impl OrderRow {
 }
 
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, items, amount_cents, currency, card_brand, \
-     card_last4, request_fingerprint, error, reason, created_at, deadline_at, decided_at";
+     card_last4, idempotency_key, request_fingerprint, error, reason, created_at, deadline_at, \
+     decided_at, reply_to, reply_correlation_id, extra_reply_targets, waiter";
 
 pub async fn get_order(
     conn: &mut PgConnection,
@@ -65,28 +72,16 @@ pub async fn get_order(
     .await
 }
 
-/// The order's row, locked until the transaction ends.
-pub async fn lock_order(
+/// The orders placed with these idempotency keys.
+pub async fn find_by_keys(
     conn: &mut PgConnection,
-    order_id: Uuid,
-) -> Result<Option<OrderRow>, sqlx::Error> {
+    keys: &[&str],
+) -> Result<Vec<OrderRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {ORDER_COLUMNS} from orders where order_id = $1 for update"
+        "select {ORDER_COLUMNS} from orders where idempotency_key = any($1)"
     )))
-    .bind(order_id)
-    .fetch_optional(conn)
-    .await
-}
-
-pub async fn find_by_key(
-    conn: &mut PgConnection,
-    key: &str,
-) -> Result<Option<OrderRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {ORDER_COLUMNS} from orders where idempotency_key = $1"
-    )))
-    .bind(key)
-    .fetch_optional(conn)
+    .bind(keys)
+    .fetch_all(conn)
     .await
 }
 
@@ -101,100 +96,178 @@ pub struct NewOrder<'a> {
     pub card_last4: &'a str,
     pub idempotency_key: Option<&'a str>,
     pub fingerprint: &'a str,
-    pub deadline_ms: i64,
+    pub reply_to: Option<&'a str>,
+    pub reply_correlation_id: Option<&'a str>,
+    pub waiter: Option<&'a str>,
 }
 
-/// Inserts the order; `None` if its idempotency key is already taken.
-pub async fn insert_order(
+/// What the database assigned a new order.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Inserted {
+    pub order_id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub deadline_at: DateTime<Utc>,
+}
+
+/// Inserts orders (one statement), each with its deadline `deadline_ms`
+/// from now; an order whose idempotency key is already taken is skipped
+/// (not returned).
+pub async fn insert_orders(
     conn: &mut PgConnection,
-    o: &NewOrder<'_>,
-) -> Result<Option<OrderRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    orders: &[NewOrder<'_>],
+    deadline_ms: i64,
+) -> Result<Vec<Inserted>, sqlx::Error> {
+    let n = orders.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut customers = Vec::with_capacity(n);
+    let mut items = Vec::with_capacity(n);
+    let mut amounts = Vec::with_capacity(n);
+    let mut currencies = Vec::with_capacity(n);
+    let mut brands = Vec::with_capacity(n);
+    let mut last4s = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut fingerprints = Vec::with_capacity(n);
+    let mut reply_tos = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut waiters = Vec::with_capacity(n);
+    for o in orders {
+        ids.push(o.order_id);
+        customers.push(o.customer_id);
+        items.push(Json(o.items));
+        amounts.push(o.amount_cents);
+        currencies.push(o.currency);
+        brands.push(o.card_brand);
+        last4s.push(o.card_last4);
+        keys.push(o.idempotency_key);
+        fingerprints.push(o.fingerprint);
+        reply_tos.push(o.reply_to);
+        correlations.push(o.reply_correlation_id);
+        waiters.push(o.waiter);
+    }
+    sqlx::query_as(
         r#"
         insert into orders (order_id, customer_id, status, items, amount_cents, currency,
-                            card_brand, card_last4, idempotency_key, request_fingerprint, deadline_at)
-        values ($1, $2, 'PENDING', $3, $4, $5, $6, $7, $8, $9,
-                now() + make_interval(secs => $10::double precision / 1000))
+                            card_brand, card_last4, idempotency_key, request_fingerprint,
+                            reply_to, reply_correlation_id, waiter, deadline_at)
+        select o, c, 'PENDING', i, a, cur, b, l4, k, f, rt, rc, w,
+               now() + make_interval(secs => $13::double precision / 1000)
+        from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], $5::text[], $6::text[],
+                    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
+            as t(o, c, i, a, cur, b, l4, k, f, rt, rc, w)
         on conflict (idempotency_key) do nothing
-        returning {ORDER_COLUMNS}
-        "#
-    )))
-    .bind(o.order_id)
-    .bind(o.customer_id)
-    .bind(Json(o.items))
-    .bind(o.amount_cents)
-    .bind(o.currency)
-    .bind(o.card_brand)
-    .bind(o.card_last4)
-    .bind(o.idempotency_key)
-    .bind(o.fingerprint)
-    .bind(o.deadline_ms)
-    .fetch_optional(conn)
+        returning order_id, created_at, deadline_at
+        "#,
+    )
+    .bind(ids)
+    .bind(customers)
+    .bind(items)
+    .bind(amounts)
+    .bind(currencies)
+    .bind(brands)
+    .bind(last4s)
+    .bind(keys)
+    .bind(fingerprints)
+    .bind(reply_tos)
+    .bind(correlations)
+    .bind(waiters)
+    .bind(deadline_ms)
+    .fetch_all(conn)
     .await
 }
 
-/// Records the decision if the order is still PENDING (and, to confirm,
-/// still within its deadline). `None` if someone else decided first or the
-/// deadline passed: a saga is decided exactly once.
-pub async fn decide(
+/// Confirms the orders still PENDING and within their deadline (one
+/// statement); returns them. An order decided already, past its deadline or
+/// unknown is left alone: a saga is decided exactly once.
+pub async fn confirm_orders(
     conn: &mut PgConnection,
-    order_id: Uuid,
-    decision: &Decision,
-) -> Result<Option<OrderRow>, sqlx::Error> {
-    match decision {
-        Decision::Confirm => {
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                r#"
-                update orders set status = 'CONFIRMED', decided_at = clock_timestamp()
-                where order_id = $1 and status = 'PENDING' and deadline_at > clock_timestamp()
-                returning {ORDER_COLUMNS}
-                "#
-            )))
-            .bind(order_id)
-            .fetch_optional(conn)
-            .await
-        }
-        Decision::Fail { step, reason } => {
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                r#"
-                update orders set status = 'FAILED', error = $2, reason = $3, decided_at = clock_timestamp()
-                where order_id = $1 and status = 'PENDING'
-                returning {ORDER_COLUMNS}
-                "#
-            )))
-            .bind(order_id)
-            .bind(step.error())
-            .bind(reason)
-            .fetch_optional(conn)
-            .await
-        }
+    order_ids: &[Uuid],
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        r#"
+        update orders set status = 'CONFIRMED', decided_at = clock_timestamp()
+        where order_id = any($1) and status = 'PENDING' and deadline_at > clock_timestamp()
+        returning {ORDER_COLUMNS}
+        "#
+    )))
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// Fails the orders still PENDING, each with its error and reason (one
+/// statement); returns them.
+pub async fn fail_orders(
+    conn: &mut PgConnection,
+    failures: &[(Uuid, &str, &str)],
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    let mut ids = Vec::with_capacity(failures.len());
+    let mut errors = Vec::with_capacity(failures.len());
+    let mut reasons = Vec::with_capacity(failures.len());
+    for (id, error, reason) in failures {
+        ids.push(*id);
+        errors.push(*error);
+        reasons.push(*reason);
     }
+    sqlx::query_as(
+        r#"
+        update orders o
+        set status = 'FAILED', error = d.error, reason = d.reason, decided_at = clock_timestamp()
+        from unnest($1::uuid[], $2::text[], $3::text[]) as d(order_id, error, reason)
+        where o.order_id = d.order_id and o.status = 'PENDING'
+        returning o.*
+        "#,
+    )
+    .bind(ids)
+    .bind(errors)
+    .bind(reasons)
+    .fetch_all(conn)
+    .await
+}
+
+/// The orders among `order_ids` still PENDING, locked until the
+/// transaction ends.
+pub async fn lock_pending(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        r#"
+        select {ORDER_COLUMNS} from orders
+        where order_id = any($1) and status = 'PENDING'
+        order by order_id
+        for update
+        "#
+    )))
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await
 }
 
 /// PENDING orders past their deadline, locked; rows another replica is
 /// already failing are skipped.
-pub async fn lock_overdue(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+pub async fn lock_overdue(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         r#"
-        select order_id from orders
+        select {ORDER_COLUMNS} from orders
         where status = 'PENDING' and deadline_at <= clock_timestamp()
         order by deadline_at
         limit $1
         for update skip locked
-        "#,
-    )
+        "#
+    )))
     .bind(limit)
     .fetch_all(conn)
     .await
 }
 
-/// Wakes the HTTP requests waiting on this order (in every replica) at commit.
-pub async fn notify_decided(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("select pg_notify('order_decided', $1)")
-        .bind(order_id.to_string())
-        .execute(conn)
-        .await?;
-    Ok(())
+/// The earliest deadline of a PENDING order, if any.
+pub async fn next_deadline(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("select min(deadline_at) from orders where status = 'PENDING'")
+        .fetch_one(conn)
+        .await
 }
 
 /// One entry of the saga timeline.
@@ -208,29 +281,54 @@ pub struct StepRow {
     pub recorded_at: DateTime<Utc>,
 }
 
-pub struct NewStep<'a> {
+pub struct NewStep {
     pub order_id: Uuid,
-    pub step: &'a str,
+    pub step: String,
     pub event_id: Option<Uuid>,
-    pub source: &'a str,
-    pub detail: Option<&'a str>,
+    pub source: String,
+    pub detail: Option<String>,
     pub occurred_at: DateTime<Utc>,
 }
 
-pub async fn record_step(conn: &mut PgConnection, s: &NewStep<'_>) -> Result<(), sqlx::Error> {
+/// Appends timeline entries, in the given order (one statement); an event
+/// already recorded for its order is skipped.
+pub async fn record_steps(conn: &mut PgConnection, steps: &[NewStep]) -> Result<(), sqlx::Error> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let n = steps.len();
+    let (mut orders, mut names, mut events, mut sources, mut details, mut times) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for s in steps {
+        orders.push(s.order_id);
+        names.push(s.step.as_str());
+        events.push(s.event_id);
+        sources.push(s.source.as_str());
+        details.push(s.detail.as_deref());
+        times.push(s.occurred_at);
+    }
     sqlx::query(
         r#"
         insert into saga_steps (order_id, step, event_id, source, detail, occurred_at)
-        values ($1, $2, $3, $4, $5, $6)
+        select o, s, e, src, d, t
+        from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
+            with ordinality as x(o, s, e, src, d, t, n)
+        order by n
         on conflict do nothing
         "#,
     )
-    .bind(s.order_id)
-    .bind(s.step)
-    .bind(s.event_id)
-    .bind(s.source)
-    .bind(s.detail)
-    .bind(s.occurred_at)
+    .bind(orders)
+    .bind(names)
+    .bind(events)
+    .bind(sources)
+    .bind(details)
+    .bind(times)
     .execute(conn)
     .await?;
     Ok(())
@@ -248,7 +346,8 @@ pub async fn steps(conn: &mut PgConnection, order_id: Uuid) -> Result<Vec<StepRo
     .await
 }
 
-/// Adds a reply target; false if it was already there.
+/// Adds a reply target to an order placed earlier; false if it was already
+/// there.
 pub async fn add_reply_target(
     conn: &mut PgConnection,
     order_id: Uuid,
@@ -264,25 +363,32 @@ pub async fn add_reply_target(
     .bind(order_id)
     .bind(reply_to)
     .bind(correlation_id)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
+    sqlx::query("update orders set extra_reply_targets = true where order_id = $1 and not extra_reply_targets")
+        .bind(order_id)
+        .execute(conn)
+        .await?;
     Ok(n == 1)
 }
 
-pub async fn reply_targets(
+/// The reply targets added to these orders after they were placed.
+pub async fn extra_reply_targets(
     conn: &mut PgConnection,
-    order_id: Uuid,
-) -> Result<Vec<(String, String)>, sqlx::Error> {
-    sqlx::query_as("select reply_to, correlation_id from reply_targets where order_id = $1")
-        .bind(order_id)
-        .fetch_all(conn)
-        .await
+    order_ids: &[Uuid],
+) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "select order_id, reply_to, correlation_id from reply_targets where order_id = any($1)",
+    )
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await
 }
 
 pub async fn catalog_prices(
     conn: &mut PgConnection,
-    item_ids: &[String],
+    item_ids: &[&str],
 ) -> Result<HashMap<String, i64>, sqlx::Error> {
     let rows: Vec<(String, i64)> =
         sqlx::query_as("select item_id, price_cents from catalog where item_id = any($1)")

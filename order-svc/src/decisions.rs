@@ -1,60 +1,95 @@
-//! Wake-ups for HTTP requests waiting on a saga's decision.
+//! Requests waiting for a saga's decision, and how they learn it.
 //!
-//! Whichever replica decides a saga sends `NOTIFY order_decided, '<id>'` in
-//! the deciding transaction; each replica listens and wakes its local
-//! waiters. Waiters also re-check the database periodically, so a lost
-//! notification costs latency, never an answer.
+//! A waiter is registered before its order is committed, so no decision can
+//! slip between the two. Whoever decides a saga hands the result to
+//! [`DecisionWaiters::resolve`] right after the commit: in this replica
+//! directly, from another replica through this replica's own queue (see
+//! [`crate::replica`]). A waiter also re-reads the order now and then, so a
+//! lost hand-over costs latency, never an answer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use common::saga::order::SagaResult;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 /// Local waiters, by order id.
 #[derive(Default)]
 pub struct DecisionWaiters {
-    waiting: Mutex<HashMap<Uuid, (Arc<Notify>, usize)>>,
+    waiting: Mutex<HashMap<Uuid, (Arc<Slot>, usize)>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    notify: Notify,
+    result: OnceLock<SagaResult>,
 }
 
 impl DecisionWaiters {
-    /// Registers interest in `order_id` until the returned guard drops.
-    pub fn register(self: &Arc<Self>, order_id: Uuid) -> WaiterGuard {
+    /// Registers interest in `order_id` until the returned waiter drops.
+    pub fn register(self: &Arc<Self>, order_id: Uuid) -> Waiter {
         let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map
-            .entry(order_id)
-            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        let entry = map.entry(order_id).or_default();
         entry.1 += 1;
-        WaiterGuard {
+        Waiter {
             waiters: self.clone(),
             order_id,
-            notify: entry.0.clone(),
+            slot: entry.0.clone(),
         }
     }
 
-    /// Wakes everyone waiting on `order_id`.
-    pub fn wake(&self, order_id: Uuid) {
+    /// Hands the decision to everyone waiting on `order_id`.
+    pub fn resolve(&self, order_id: Uuid, result: &SagaResult) {
         let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((notify, _)) = map.get(&order_id) {
-            notify.notify_waiters();
+        if let Some((slot, _)) = map.get(&order_id) {
+            let _ = slot.result.set(result.clone());
+            slot.notify.notify_waiters();
         }
+    }
+
+    /// How many orders have someone waiting.
+    pub fn len(&self) -> usize {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 /// Interest in one order's decision.
-pub struct WaiterGuard {
+pub struct Waiter {
     waiters: Arc<DecisionWaiters>,
     order_id: Uuid,
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
 }
 
-impl WaiterGuard {
-    pub fn notify(&self) -> &Notify {
-        &self.notify
+impl Waiter {
+    pub fn order_id(&self) -> Uuid {
+        self.order_id
+    }
+
+    /// The decision, if it has been handed over.
+    pub fn result(&self) -> Option<SagaResult> {
+        self.slot.result.get().cloned()
+    }
+
+    /// Waits for the decision at most `timeout`.
+    pub async fn wait(&self, timeout: Duration) -> Option<SagaResult> {
+        let notified = self.slot.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(result) = self.result() {
+            return Some(result);
+        }
+        let _ = tokio::time::timeout(timeout, notified).await;
+        self.result()
     }
 }
 
-impl Drop for WaiterGuard {
+impl Drop for Waiter {
     fn drop(&mut self) {
         let mut map = self
             .waiters
@@ -75,19 +110,31 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_wake_reaches_an_enabled_waiter_and_guards_clean_up() {
+    async fn a_decision_reaches_every_waiter_and_waiters_clean_up() {
         let waiters = Arc::new(DecisionWaiters::default());
         let id = Uuid::now_v7();
+        let result = SagaResult::Success { order_id: id };
         {
-            let guard = waiters.register(id);
-            let notified = guard.notify().notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            waiters.wake(id);
-            tokio::time::timeout(std::time::Duration::from_secs(1), notified)
-                .await
-                .expect("woken");
+            let a = waiters.register(id);
+            let b = waiters.register(id);
+            let (got, _) = tokio::join!(a.wait(Duration::from_secs(5)), async {
+                tokio::task::yield_now().await;
+                waiters.resolve(id, &result);
+            });
+            assert_eq!(got, Some(result.clone()));
+            assert_eq!(b.result(), Some(result.clone()));
+            // A decision handed over before the wait starts is not missed.
+            assert_eq!(b.wait(Duration::from_millis(1)).await, Some(result));
         }
-        assert!(waiters.waiting.lock().unwrap().is_empty());
+        assert!(waiters.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_wait_without_a_decision_times_out_empty() {
+        let waiters = Arc::new(DecisionWaiters::default());
+        let w = waiters.register(Uuid::now_v7());
+        assert_eq!(w.wait(Duration::from_millis(10)).await, None);
+        waiters.resolve(Uuid::now_v7(), &SagaResult::failure("x", "y"));
+        assert_eq!(w.result(), None);
     }
 }

@@ -3,9 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use common::card::{CardDetails, luhn_valid, parse_expiry};
-use common::events::{EventType, StepFailed};
-use common::order::{OrderLine, SagaResult};
+use common::messaging::events::{EventType, StepFailed};
+use common::saga::card::{CardDetails, luhn_valid, parse_expiry};
+use common::saga::order::{OrderLine, SagaResult};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -181,11 +181,17 @@ pub fn price(
         .collect())
 }
 
-pub fn amount_cents(lines: &[OrderLine]) -> i64 {
+/// The order's total; an amount that does not fit is invalid input, never a
+/// wrapped (negative) charge.
+pub fn amount_cents(lines: &[OrderLine]) -> Result<i64, InvalidOrder> {
     lines
         .iter()
-        .map(|l| i64::from(l.quantity) * l.unit_price_cents)
-        .sum()
+        .try_fold(0i64, |total, l| {
+            i64::from(l.quantity)
+                .checked_mul(l.unit_price_cents)
+                .and_then(|line| total.checked_add(line))
+        })
+        .ok_or_else(|| invalid("the order's total amount is too large"))
 }
 
 /// What was ordered, hashed: a retry with the same idempotency key must
@@ -399,7 +405,13 @@ mod tests {
         );
         catalog.insert("productB".into(), 700);
         let lines = price(&o.items, &catalog).unwrap();
-        assert_eq!(amount_cents(&lines), 2 * 1500 + 700);
+        assert_eq!(amount_cents(&lines), Ok(2 * 1500 + 700));
+        let huge = [OrderLine {
+            item_id: "x".into(),
+            quantity: 10_000,
+            unit_price_cents: i64::MAX / 2,
+        }];
+        assert!(amount_cents(&huge).is_err());
     }
 
     #[test]

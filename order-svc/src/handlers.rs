@@ -1,52 +1,98 @@
-//! Message handlers: each message becomes one transaction.
+//! Message handlers of order-svc, one batch at a time.
 //!
 //! - `order.requested` (body: the order dict; AMQP `message_id` = idempotency
-//!   key): validate, create the order, emit `order.created`. Invalid orders
-//!   are answered with a failure dict (to `reply_to`) and parked.
+//!   key): validate, create the order, emit `order.created` — the batch's
+//!   orders in one statement. Invalid orders are answered with a failure
+//!   dict (to `reply_to`) and parked.
 //! - `payment.failed`, `inventory.failed`, `notification.failed`: decide FAILED.
 //! - `notification.sent`: decide CONFIRMED (FAILED if the deadline passed).
-//! - `payment.completed`, `inventory.reserved`, `payment.refunded`,
-//!   `inventory.released`: recorded in the saga's timeline.
+//! - `payment.refunded`, `inventory.released`: added to the saga's timeline.
+//!
+//! A saga is decided exactly once: decisions are conditional updates on the
+//! order's row, so a duplicate or late outcome changes nothing.
 
 use std::sync::Arc;
 
-use common::consumer::{HandlerError, Incoming, MessageHandler};
-use common::envelope::Envelope;
-use common::events::{EventType, StepFailed};
-use common::inbox::UnitOfWork;
-use common::telemetry::metric;
+use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
+use common::messaging::delivery::Incoming;
+use common::messaging::envelope::Envelope;
+use common::messaging::events::{EventType, StepFailed};
+use common::messaging::unit_of_work::UnitOfWork;
+use common::metric_definitions as metric;
 use tracing::warn;
 
 use crate::SERVICE;
 use crate::db::{self, NewStep};
 use crate::domain::{self, StepEffect};
-use crate::saga::{OrderSaga, PlaceError, ReplyTarget, rejection_reply};
+use crate::saga::{
+    DecisionInput, OrderSaga, PlaceError, PlaceRequest, ReplyTarget, rejection_reply,
+};
 
 pub struct OrderHandler {
     pub saga: Arc<OrderSaga>,
 }
 
 impl MessageHandler for OrderHandler {
-    async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
-        if msg.routing_key == EventType::OrderRequested.routing_key() {
-            return self.on_order_requested(msg).await;
+    async fn handle_batch(
+        &self,
+        uow: &mut UnitOfWork,
+        batch: &[Incoming],
+    ) -> Result<Vec<MessageResult>, HandlerError> {
+        let mut results: Vec<MessageResult> = Vec::with_capacity(batch.len());
+        // Orders to place, and the index of each one's message.
+        let mut requests: Vec<PlaceRequest> = Vec::new();
+        let mut requested_by: Vec<usize> = Vec::new();
+        let mut decisions: Vec<DecisionInput> = Vec::new();
+        let mut timeline: Vec<NewStep> = Vec::new();
+        for (i, msg) in batch.iter().enumerate() {
+            let result = if msg.routing_key == EventType::OrderRequested.routing_key() {
+                self.order_requested(uow, msg).map(|request| {
+                    requests.push(request);
+                    requested_by.push(i);
+                })
+            } else {
+                self.step(msg, &mut decisions, &mut timeline)
+            };
+            results.push(result);
         }
-        let env = Envelope::decode(&msg.body)?;
-        if !common::topology::ORDER_SVC
-            .consumes
-            .contains(&env.event_type)
-        {
-            return Err(HandlerError::permanent(format!(
-                "{SERVICE} does not handle {}",
-                env.event_type
-            )));
+
+        if !requests.is_empty() {
+            let outcomes = self.saga.place_batch(uow, &requests).await?;
+            for ((i, request), outcome) in requested_by.iter().zip(&requests).zip(outcomes) {
+                results[*i] = match outcome {
+                    Ok(_) => Ok(()),
+                    Err(PlaceError::Invalid(invalid)) => {
+                        let key = request.key.as_deref().unwrap_or_default();
+                        self.reject(uow, key, request.reply.as_ref(), &invalid);
+                        Err(HandlerError::permanent(format!("invalid order: {invalid}")))
+                    }
+                    Err(PlaceError::KeyReused(key)) => {
+                        // The first order with this key stands; this message is parked.
+                        warn!(%key, "order.requested reuses a message_id for a different order");
+                        Err(HandlerError::permanent(format!(
+                            "message_id {key:?} was already used for a different order"
+                        )))
+                    }
+                    Err(PlaceError::Db(e)) => return Err(e.into()),
+                    Err(PlaceError::Unavailable) => Err(HandlerError::transient("shutting down")),
+                };
+            }
         }
-        self.on_step(env).await
+        if !decisions.is_empty() {
+            self.saga.decide_batch(uow, decisions).await?;
+        }
+        db::record_steps(uow.conn(), &timeline).await?;
+        Ok(results)
     }
 }
 
 impl OrderHandler {
-    async fn on_order_requested(&self, msg: Incoming) -> Result<(), HandlerError> {
+    /// An order dict from a client, validated (invalid: answered and parked).
+    fn order_requested(
+        &self,
+        uow: &mut UnitOfWork,
+        msg: &Incoming,
+    ) -> Result<PlaceRequest, HandlerError> {
         let Some(message_id) = msg.message_id.as_deref().filter(|id| !id.is_empty()) else {
             return Err(HandlerError::permanent(
                 "order.requested must carry an AMQP message_id (it is the order's idempotency key)",
@@ -63,91 +109,86 @@ impl OrderHandler {
                     .clone()
                     .unwrap_or_else(|| message_id.to_owned()),
             });
-
         let order = serde_json::from_slice(&msg.body)
             .map_err(|e| domain::InvalidOrder(format!("the body is not valid JSON ({e})")))
             .and_then(|v| domain::validate_order(&v));
-        let placed = match order {
-            Ok(order) => {
-                self.saga
-                    .place(&order, Some(message_id), reply.as_ref())
-                    .await
-            }
-            Err(invalid) => Err(PlaceError::Invalid(invalid)),
-        };
-        match placed {
-            Ok(_) => Ok(()),
-            Err(PlaceError::Invalid(invalid)) => {
-                self.reject(message_id, reply.as_ref(), &invalid).await?;
+        match order {
+            Ok(order) => Ok(PlaceRequest {
+                order,
+                key: Some(message_id.to_owned()),
+                reply,
+                wait: false,
+            }),
+            Err(invalid) => {
+                self.reject(uow, message_id, reply.as_ref(), &invalid);
                 Err(HandlerError::permanent(format!("invalid order: {invalid}")))
             }
-            Err(PlaceError::KeyReused(key)) => {
-                // The first order with this key stands; this message is parked.
-                warn!(%key, "order.requested reuses a message_id for a different order");
-                Err(HandlerError::permanent(format!(
-                    "message_id {key:?} was already used for a different order"
-                )))
-            }
-            Err(PlaceError::Db(e)) => Err(e.into()),
         }
     }
 
-    /// Answers an invalid order with a failure dict before it is parked.
-    async fn reject(
+    /// Answers an invalid order with a failure dict (committed with the
+    /// batch) before it is parked.
+    fn reject(
         &self,
+        uow: &mut UnitOfWork,
         message_id: &str,
         reply: Option<&ReplyTarget>,
         invalid: &domain::InvalidOrder,
-    ) -> Result<(), HandlerError> {
-        metrics::counter!(metric::ORDERS_REJECTED, "source" => "amqp").increment(1);
+    ) {
+        uow.on_commit(|| {
+            metrics::counter!(metric::ORDERS_REJECTED, "source" => "amqp").increment(1);
+        });
         if let Some(reply) = reply {
-            let mut uow = UnitOfWork::begin(&self.saga.pool).await?;
             uow.emit(rejection_reply(message_id, reply, invalid));
-            uow.commit().await?;
         }
-        Ok(())
     }
 
-    async fn on_step(&self, env: Envelope) -> Result<(), HandlerError> {
+    /// A step's outcome: a decision to make, or a timeline entry.
+    fn step(
+        &self,
+        msg: &Incoming,
+        decisions: &mut Vec<DecisionInput>,
+        timeline: &mut Vec<NewStep>,
+    ) -> MessageResult {
+        let env = Envelope::decode(&msg.body)?;
+        if !common::messaging::topology::ORDER_SVC
+            .consumes
+            .contains(&env.event_type)
+        {
+            return Err(HandlerError::permanent(format!(
+                "{SERVICE} does not handle {}",
+                env.event_type
+            )));
+        }
         let failure = match env.event_type {
             EventType::PaymentFailed
             | EventType::InventoryFailed
             | EventType::NotificationFailed => Some(env.data_as::<StepFailed>()?),
             _ => None,
         };
-        let Some(mut uow) = UnitOfWork::begin_for(&self.saga.pool, SERVICE, &env).await? else {
-            return Ok(());
-        };
-        db::record_step(
-            uow.conn(),
-            &NewStep {
-                order_id: env.order_id,
-                step: env.event_type.routing_key(),
-                event_id: Some(env.event_id),
-                source: &env.producer,
-                detail: failure.as_ref().map(|f| f.reason.as_str()),
-                occurred_at: env.occurred_at,
-            },
-        )
-        .await?;
-        let cause = env.event_id.to_string();
-        let decided = match domain::effect_of(env.event_type, failure.as_ref()) {
-            StepEffect::Record => None,
-            StepEffect::Confirm => {
-                self.saga
-                    .decide(&mut uow, env.order_id, domain::Decision::Confirm, &cause)
-                    .await?
+        let decision = match domain::effect_of(env.event_type, failure.as_ref()) {
+            StepEffect::Record => {
+                timeline.push(NewStep {
+                    order_id: env.order_id,
+                    step: env.event_type.routing_key().to_owned(),
+                    event_id: Some(env.event_id),
+                    source: env.producer.clone(),
+                    detail: None,
+                    occurred_at: env.occurred_at,
+                });
+                return Ok(());
             }
-            StepEffect::Fail(decision) => {
-                self.saga
-                    .decide(&mut uow, env.order_id, decision, &cause)
-                    .await?
-            }
+            StepEffect::Confirm => domain::Decision::Confirm,
+            StepEffect::Fail(decision) => decision,
         };
-        uow.commit().await?;
-        if let Some(d) = decided {
-            d.record();
-        }
+        let mut trail = env.trail.clone();
+        trail.push(env.as_trail_entry());
+        decisions.push(DecisionInput {
+            order_id: env.order_id,
+            decision,
+            cause: env.event_id.to_string(),
+            trail,
+        });
         Ok(())
     }
 }

@@ -16,20 +16,27 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::http::{ApiError, json_body, parse_uuid};
-use common::order::SagaResult;
-use common::telemetry::metric;
+use common::metric_definitions as metric;
+use common::runtime::http::{ApiError, json_body, parse_uuid};
+use common::saga::order::SagaResult;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::db;
 use crate::domain::{self, InvalidOrder};
-use crate::saga::{OrderSaga, PlaceError};
+use crate::placer::Placer;
+use crate::saga::{OrderSaga, PlaceError, PlaceRequest, created_step_row};
+
+#[derive(Clone)]
+struct HttpState {
+    saga: Arc<OrderSaga>,
+    placer: Placer,
+}
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY_LEN: usize = 200;
 
-pub fn routes(saga: Arc<OrderSaga>) -> Router {
+pub fn routes(saga: Arc<OrderSaga>, placer: Placer) -> Router {
     Router::new()
         .route("/orders", post(place_order))
         .route("/orders/{order_id}", get(get_order))
@@ -37,7 +44,7 @@ pub fn routes(saga: Arc<OrderSaga>) -> Router {
             "/catalog/{item_id}",
             get(get_catalog_item).put(put_catalog_item),
         )
-        .with_state(saga)
+        .with_state(HttpState { saga, placer })
 }
 
 fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Response {
@@ -45,7 +52,7 @@ fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Respon
 }
 
 async fn place_order(
-    State(saga): State<Arc<OrderSaga>>,
+    State(HttpState { saga, placer }): State<HttpState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -64,11 +71,20 @@ async fn place_order(
         .map_err(|e| InvalidOrder(format!("the body is not valid JSON ({e})")))
         .and_then(|v| domain::validate_order(&v));
     let placed = match order {
-        Ok(order) => saga.place(&order, key.as_deref(), None).await,
+        Ok(order) => {
+            placer
+                .place(PlaceRequest {
+                    order,
+                    key,
+                    reply: None,
+                    wait: true,
+                })
+                .await
+        }
         Err(invalid) => Err(PlaceError::Invalid(invalid)),
     };
-    let order_id = match placed {
-        Ok(placed) => placed.order_id(),
+    let placement = match placed {
+        Ok(placement) => placement,
         Err(PlaceError::Invalid(invalid)) => {
             metrics::counter!(metric::ORDERS_REJECTED, "source" => "http").increment(1);
             return failure(StatusCode::BAD_REQUEST, domain::INVALID_ORDER, invalid.0);
@@ -81,8 +97,10 @@ async fn place_order(
             );
         }
         Err(PlaceError::Db(e)) => return ApiError::from(e).into_response(),
+        Err(PlaceError::Unavailable) => return ApiError::Unavailable.into_response(),
     };
-    match saga.wait_for_result(order_id).await {
+    let order_id = placement.order_id;
+    match saga.wait_for_result(placement).await {
         Ok(Some(result)) => {
             let location = format!("/orders/{order_id}");
             (StatusCode::OK, [(header::LOCATION, location)], Json(result)).into_response()
@@ -95,7 +113,7 @@ async fn place_order(
 }
 
 async fn get_order(
-    State(saga): State<Arc<OrderSaga>>,
+    State(HttpState { saga, .. }): State<HttpState>,
     Path(order_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let order_id = parse_uuid(&order_id, "order_id")?;
@@ -103,7 +121,11 @@ async fn get_order(
     let order = db::get_order(&mut conn, order_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no order {order_id}")))?;
-    let steps = db::steps(&mut conn, order_id).await?;
+    let mut steps = db::steps(&mut conn, order_id).await?;
+    // Recorded at the decision; until then the timeline starts here.
+    if !steps.iter().any(|s| s.step == "order.created") {
+        steps.insert(0, created_step_row(&order));
+    }
     Ok(Json(json!({
         "order_id": order.order_id,
         "customer_id": order.customer_id,
@@ -127,7 +149,7 @@ struct Price {
 }
 
 async fn put_catalog_item(
-    State(saga): State<Arc<OrderSaga>>,
+    State(HttpState { saga, .. }): State<HttpState>,
     Path(item_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -141,7 +163,7 @@ async fn put_catalog_item(
 }
 
 async fn get_catalog_item(
-    State(saga): State<Arc<OrderSaga>>,
+    State(HttpState { saga, .. }): State<HttpState>,
     Path(item_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let mut conn = saga.pool.acquire().await?;

@@ -1,9 +1,10 @@
 //! OrderService: takes orders (HTTP `POST /orders` or an `order.requested`
 //! message), starts each saga, and decides it exactly once.
 //!
-//! Consumes: `order.requested`, `payment.completed`, `payment.failed`,
-//! `payment.refunded`, `inventory.reserved`, `inventory.failed`,
-//! `inventory.released`, `notification.sent`, `notification.failed`.
+//! Consumes: `order.requested`, `payment.failed`, `payment.refunded`,
+//! `inventory.failed`, `inventory.released`, `notification.sent`,
+//! `notification.failed`. Observes (without consuming durably):
+//! `payment.completed`, `inventory.reserved`.
 //! Emits: `order.created`, `order.confirmed`, `order.failed`,
 //! `order.cancelled`, and the result dict to a client's `reply_to`.
 //!
@@ -13,9 +14,12 @@
 //!
 //! # Layout
 //! - [`domain`]: validation, pricing, decision table (pure).
-//! - [`saga`]: placing and deciding orders (transactions + outbox).
-//! - [`handlers`]: message → transaction.
-//! - [`http`]: the API; [`decisions`]: wake-ups for waiting requests.
+//! - [`saga`]: placing and deciding orders, a batch at a time.
+//! - [`handlers`]: a batch of messages → one transaction.
+//! - [`placer`]: group commit for HTTP orders; [`http`]: the API.
+//! - [`decisions`]: requests waiting for a decision; [`replica`]: this
+//!   replica's own queue (decisions made elsewhere, observed progress);
+//!   [`progress`]: how far each saga has got.
 //! - [`watcher`]: the timeout watcher; [`db`]: every SQL statement.
 
 pub mod db;
@@ -23,6 +27,9 @@ pub mod decisions;
 pub mod domain;
 pub mod handlers;
 pub mod http;
+pub mod placer;
+pub mod progress;
+pub mod replica;
 pub mod saga;
 pub mod watcher;
 
@@ -30,16 +37,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::card::CardSealer;
-use common::config::CommonConfig;
-use common::service::{BackgroundTask, Service, ServiceRuntime};
-use common::topology::ORDER_SVC;
+use common::messaging::topology::ORDER_SVC;
+use common::runtime::config::CommonConfig;
+use common::runtime::service::{BackgroundTask, Service, ServiceRuntime, Tasks};
+use common::saga::card::CardSealer;
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::decisions::DecisionWaiters;
+use crate::placer::{Placer, PlacerTask};
+use crate::progress::Progress;
 use crate::saga::OrderSaga;
+use crate::watcher::NextWake;
 
 /// This service's name (queue prefix, metrics label).
 pub const SERVICE: &str = ORDER_SVC.name;
@@ -60,8 +70,10 @@ pub struct Config {
     /// development key pair (never use it in production).
     #[arg(long, env = "CARD_SEAL_PUBLIC_KEY")]
     pub card_seal_public_key: Option<String>,
-    /// How often the timeout watcher looks for overdue sagas, in ms.
-    #[arg(long, env = "TIMEOUT_SCAN_MS", default_value_t = 100)]
+    /// The longest the timeout watcher sleeps, in ms. It wakes at the
+    /// earliest deadline of an undecided saga anyway; this bounds how late a
+    /// saga placed by a replica that died is timed out by another.
+    #[arg(long, env = "TIMEOUT_SCAN_MS", default_value_t = 1000)]
     pub timeout_scan_ms: u64,
 }
 
@@ -72,7 +84,7 @@ impl Config {
             common,
             saga_deadline_ms: 5000,
             card_seal_public_key: None,
-            timeout_scan_ms: 100,
+            timeout_scan_ms: 1000,
         }
     }
 }
@@ -80,6 +92,8 @@ impl Config {
 pub struct App {
     runtime: ServiceRuntime,
     saga: Arc<OrderSaga>,
+    placer: Placer,
+    placer_task: PlacerTask,
     timeout_scan: Duration,
 }
 
@@ -94,15 +108,23 @@ impl Service for App {
             );
         }
         let runtime = ServiceRuntime::build(ORDER_SVC, config.common, &MIGRATOR).await?;
+        let replica_id = uuid::Uuid::new_v4().simple().to_string();
         let saga = Arc::new(OrderSaga {
             pool: runtime.pool.clone(),
             sealer,
             deadline: Duration::from_millis(config.saga_deadline_ms),
             waiters: Arc::new(DecisionWaiters::default()),
+            progress: Arc::new(Progress::default()),
+            publisher: runtime.publisher.clone(),
+            replica_queue: ORDER_SVC.replica_queue(&replica_id[..12]),
+            next_wake: Arc::new(NextWake::default()),
         });
+        let (placer, placer_task) = Placer::new();
         Ok(Self {
             runtime,
             saga,
+            placer,
+            placer_task,
             timeout_scan: Duration::from_millis(config.timeout_scan_ms),
         })
     }
@@ -118,26 +140,22 @@ impl Service for App {
             let scan = self.timeout_scan;
             Box::new(move |stop| Box::pin(watcher::run(saga, scan, stop)))
         };
-        let wakeups: BackgroundTask = {
-            let pool = saga.pool.clone();
-            let waiters = saga.waiters.clone();
-            Box::new(move |stop| {
-                Box::pin(common::pg_notify::listen(
-                    pool,
-                    &["order_decided"],
-                    stop,
-                    move |n| {
-                        if let Ok(id) = n.payload().parse() {
-                            waiters.wake(id);
-                        }
-                    },
-                ))
-            })
+        let replica: BackgroundTask = {
+            let saga = saga.clone();
+            let broker = self.runtime.broker.clone();
+            Box::new(move |stop| Box::pin(replica::run(saga, broker, stop)))
+        };
+        let placer: BackgroundTask = {
+            let saga = saga.clone();
+            let task = self.placer_task;
+            Box::new(move |stop| Box::pin(task.run(saga, stop)))
         };
         let handler = handlers::OrderHandler { saga: saga.clone() };
-        let routes = http::routes(saga);
-        self.runtime
-            .run(handler, routes, vec![watcher, wakeups], cancel)
-            .await
+        let routes = http::routes(saga, self.placer);
+        let tasks = Tasks {
+            intake: vec![watcher, replica],
+            support: vec![placer],
+        };
+        self.runtime.run(handler, routes, tasks, cancel).await
     }
 }

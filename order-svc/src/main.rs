@@ -2,5 +2,5 @@
 //! the settings (each also read from the environment).
 
 fn main() -> anyhow::Result<()> {
-    common::service::main::<order_svc::App>()
+    common::runtime::service::main::<order_svc::App>()
 }

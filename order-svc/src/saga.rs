@@ -1,29 +1,40 @@
-//! The order side of the saga: placing an order (start) and deciding it
-//! (end), shared by the HTTP API, the message handlers and the timeout
-//! watcher.
+//! The order side of the saga: placing orders (start) and deciding them
+//! (end), a batch at a time, shared by the HTTP API, the message handlers
+//! and the timeout watcher.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use common::card::CardSealer;
-use common::envelope::{SagaContext, derive_event_id};
-use common::events::{EventType, OrderCancelled, OrderCreated, OrderDecided};
-use common::inbox::UnitOfWork;
-use common::order::SagaResult;
-use common::outbox::OutboxMessage;
-use common::telemetry::metric;
-use sqlx::{PgConnection, PgPool};
+use chrono::{DateTime, Utc};
+use common::messaging::envelope::{SagaContext, TrailEntry, derive_event_id};
+use common::messaging::events::{EventType, OrderCancelled, OrderCreated, OrderDecided};
+use common::messaging::outbox::OutboxMessage;
+use common::messaging::publisher::Publisher;
+use common::messaging::unit_of_work::UnitOfWork;
+use common::metric_definitions as metric;
+use common::saga::card::CardSealer;
+use common::saga::order::SagaResult;
+use sqlx::PgPool;
 use tracing::info;
 use uuid::Uuid;
 
 use crate::SERVICE;
 use crate::db::{self, NewOrder, NewStep, OrderRow};
-use crate::decisions::DecisionWaiters;
+use crate::decisions::{DecisionWaiters, Waiter};
 use crate::domain::{self, Decision, FailedStep, InvalidOrder, OrderStatus, ValidOrder};
+use crate::progress::Progress;
+use crate::watcher::NextWake;
 
 /// Currency of every amount (the catalog's).
 pub const CURRENCY: &str = "USD";
+
+/// The AMQP `type` of a decision handed to another replica.
+pub const DECISION_NOTICE: &str = "order.decision";
+
+/// How often a waiting request re-reads its order (in case the hand-over
+/// of its decision was lost).
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// Where to publish an AMQP client's result.
 #[derive(Debug, Clone)]
@@ -32,21 +43,27 @@ pub struct ReplyTarget {
     pub correlation_id: String,
 }
 
-/// Result of placing an order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placed {
-    /// A new saga started.
-    New(Uuid),
-    /// The idempotency key was seen before: this is that order.
-    Existing(Uuid),
+/// An order to place.
+pub struct PlaceRequest {
+    pub order: ValidOrder,
+    /// The client's idempotency key (HTTP `Idempotency-Key`, AMQP `message_id`).
+    pub key: Option<String>,
+    /// Where an AMQP client wants the result dict.
+    pub reply: Option<ReplyTarget>,
+    /// Whether the caller waits for the decision (HTTP).
+    pub wait: bool,
 }
 
-impl Placed {
-    pub fn order_id(self) -> Uuid {
-        match self {
-            Placed::New(id) | Placed::Existing(id) => id,
-        }
-    }
+/// A placed order.
+pub struct Placement {
+    pub order_id: Uuid,
+    /// False if the idempotency key was seen before: this is that order.
+    pub new: bool,
+    pub deadline_at: DateTime<Utc>,
+    /// Already decided (an earlier order with the same key).
+    pub result: Option<SagaResult>,
+    /// Registered before the commit, if the caller waits.
+    pub waiter: Option<Waiter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,19 +74,30 @@ pub enum PlaceError {
     KeyReused(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error("the service is shutting down")]
+    Unavailable,
+}
+
+/// A decision to make, and what caused it.
+pub struct DecisionInput {
+    pub order_id: Uuid,
+    pub decision: Decision,
+    /// The message that caused it (an event id, or `timeout:<order id>`).
+    pub cause: String,
+    /// The causing event and the events before it, oldest first.
+    pub trail: Vec<TrailEntry>,
 }
 
 /// A decision just recorded, for metrics once it is committed.
 #[derive(Debug, Clone, Copy)]
-pub struct Decided {
+struct Decided {
     outcome: OrderStatus,
     failed_step: Option<FailedStep>,
     duration: Duration,
 }
 
 impl Decided {
-    /// Counts the decision; call after the commit.
-    pub fn record(self) {
+    fn record(self) {
         let outcome = if self.outcome == OrderStatus::Confirmed {
             "confirmed"
         } else {
@@ -83,296 +111,661 @@ impl Decided {
     }
 }
 
-/// order-svc's state: the pool, the card sealer and the saga deadline.
+/// order-svc's state: the pool, the card sealer, the saga deadline, and who
+/// is waiting for what.
 pub struct OrderSaga {
     pub pool: PgPool,
     pub sealer: CardSealer,
     pub deadline: Duration,
     pub waiters: Arc<DecisionWaiters>,
+    pub progress: Arc<Progress>,
+    pub publisher: Publisher,
+    /// This replica's own queue: decisions for its waiting requests made by
+    /// another replica arrive there.
+    pub replica_queue: String,
+    /// The timeout watcher's next look, moved earlier by new orders.
+    pub next_wake: Arc<NextWake>,
 }
 
 impl OrderSaga {
-    /// Creates the order and emits `order.created`, or finds the order an
-    /// idempotency key already created. A reply target, if given, receives
-    /// the result dict once the saga is decided (at once if it already is).
-    pub async fn place(
-        &self,
-        order: &ValidOrder,
-        key: Option<&str>,
-        reply: Option<&ReplyTarget>,
-    ) -> Result<Placed, PlaceError> {
-        let fingerprint = domain::fingerprint(order);
-        let mut uow = UnitOfWork::begin(&self.pool).await?;
-        // Two attempts: a concurrent request with the same key may insert
-        // between our lookup and our insert; then the second pass finds it.
-        for _ in 0..2 {
-            if let Some(key) = key
-                && let Some(existing) = db::find_by_key(uow.conn(), key).await?
-            {
-                if existing.request_fingerprint != fingerprint {
-                    return Err(PlaceError::KeyReused(key.to_owned()));
-                }
-                if let Some(reply) = reply {
-                    self.add_reply_target(&mut uow, &existing, reply).await?;
-                }
-                uow.commit().await?;
-                return Ok(Placed::Existing(existing.order_id));
-            }
-
-            let item_ids: Vec<String> = order.items.iter().map(|i| i.item_id.clone()).collect();
-            let catalog = db::catalog_prices(uow.conn(), &item_ids).await?;
-            let lines = domain::price(&order.items, &catalog)?;
-            let amount_cents = domain::amount_cents(&lines);
-            let order_id = Uuid::now_v7();
-            let new = NewOrder {
-                order_id,
-                customer_id: &order.customer_id,
-                items: &lines,
-                amount_cents,
-                currency: CURRENCY,
-                card_brand: order.card.brand(),
-                card_last4: order.card.last4(),
-                idempotency_key: key,
-                fingerprint: &fingerprint,
-                deadline_ms: self.deadline.as_millis() as i64,
-            };
-            let Some(row) = db::insert_order(uow.conn(), &new).await? else {
-                continue; // lost the race for this key: read the winner
-            };
-
-            let ctx = SagaContext {
-                order_id,
-                deadline_at: row.deadline_at,
-                causation_id: key.map_or_else(|| format!("http:{order_id}"), str::to_owned),
-                producer: SERVICE,
-            };
-            let created = ctx.event(
-                EventType::OrderCreated,
-                &OrderCreated {
-                    customer_id: order.customer_id.clone(),
-                    items: lines,
-                    amount_cents,
-                    currency: CURRENCY.to_owned(),
-                    payment: self.sealer.seal(&order.card),
-                },
-            );
-            record_emitted(uow.conn(), &created, order_id, None).await?;
-            uow.emit(created);
-            if let Some(reply) = reply {
-                db::add_reply_target(uow.conn(), order_id, &reply.reply_to, &reply.correlation_id)
-                    .await?;
-            }
-            uow.commit().await?;
-            metrics::counter!(metric::SAGAS_STARTED).increment(1);
-            info!(%order_id, customer_id = %order.customer_id, amount_cents, "order created; saga started");
-            return Ok(Placed::New(order_id));
-        }
-        Err(PlaceError::Db(sqlx::Error::Protocol(
-            "idempotency key vanished between insert and lookup".into(),
-        )))
-    }
-
-    async fn add_reply_target(
+    /// Places a batch of orders in `uow`: new ones are inserted (one
+    /// statement) with their `order.created`; a key seen before yields its
+    /// order. Returns one outcome per request, in order.
+    pub async fn place_batch(
         &self,
         uow: &mut UnitOfWork,
-        order: &OrderRow,
-        reply: &ReplyTarget,
-    ) -> Result<(), sqlx::Error> {
-        let new = db::add_reply_target(
-            uow.conn(),
-            order.order_id,
-            &reply.reply_to,
-            &reply.correlation_id,
-        )
-        .await?;
-        // Already decided: answer now (the decision's own replies went out
-        // before this target existed).
-        if new && let Some(result) = order.result() {
-            uow.emit(reply_message(
-                &format!("late-reply:{}", order.order_id),
-                &reply.reply_to,
-                &reply.correlation_id,
-                &result,
-            ));
-        }
-        Ok(())
-    }
-
-    /// Records `decision` if the saga is still undecided, with everything a
-    /// decision causes: the terminal event(s), replies to AMQP clients, the
-    /// timeline entry and the wake-up of HTTP waiters. A confirmation that
-    /// comes too late turns into a timeout failure.
-    pub async fn decide(
-        &self,
-        uow: &mut UnitOfWork,
-        order_id: Uuid,
-        decision: Decision,
-        cause: &str,
-    ) -> Result<Option<Decided>, sqlx::Error> {
-        let mut decision = decision;
-        let row = match db::decide(uow.conn(), order_id, &decision).await? {
-            Some(row) => row,
-            None => {
-                // Decided already, unknown, or a confirmation past the deadline.
-                let Some(row) = db::lock_order(uow.conn(), order_id).await? else {
-                    return Ok(None);
-                };
-                if row.status() != OrderStatus::Pending {
-                    return Ok(None);
-                }
-                decision = self.timeout_decision(uow.conn(), &row).await?;
-                match db::decide(uow.conn(), order_id, &decision).await? {
-                    Some(row) => row,
-                    None => return Ok(None),
-                }
-            }
-        };
-
-        let ctx = SagaContext {
-            order_id,
-            deadline_at: row.deadline_at,
-            causation_id: cause.to_owned(),
-            producer: SERVICE,
-        };
-        let result = row.result().unwrap_or_else(|| SagaResult::failure("", ""));
-        let decided = OrderDecided {
-            customer_id: row.customer_id.clone(),
-            amount_cents: row.amount_cents,
-            result: result.clone(),
-        };
-        let mut events = Vec::new();
-        let failed_step = match &decision {
-            Decision::Confirm => {
-                events.push(ctx.event(EventType::OrderConfirmed, &decided));
-                None
-            }
-            Decision::Fail { step, reason } => {
-                if *step == FailedStep::Timeout {
-                    events.push(ctx.event(
-                        EventType::OrderCancelled,
-                        &OrderCancelled {
-                            customer_id: row.customer_id.clone(),
-                            reason: reason.clone(),
-                        },
-                    ));
-                }
-                events.push(ctx.event(EventType::OrderFailed, &decided));
-                Some(*step)
-            }
-        };
-        for event in events {
-            let detail = match &decision {
-                Decision::Fail { reason, .. } => Some(reason.as_str()),
-                Decision::Confirm => None,
-            };
-            record_emitted(uow.conn(), &event, order_id, detail).await?;
-            uow.emit(event);
-        }
-        for (reply_to, correlation_id) in db::reply_targets(uow.conn(), order_id).await? {
-            uow.emit(reply_message(cause, &reply_to, &correlation_id, &result));
-        }
-        db::notify_decided(uow.conn(), order_id).await?;
-        let duration = (row.decided_at.unwrap_or_else(Utc::now) - row.created_at)
-            .to_std()
-            .unwrap_or_default();
-        info!(%order_id, status = %row.status, error = ?row.error, reason = ?row.reason, "saga decided");
-        Ok(Some(Decided {
-            outcome: row.status(),
-            failed_step,
-            duration,
-        }))
-    }
-
-    async fn timeout_decision(
-        &self,
-        conn: &mut PgConnection,
-        row: &OrderRow,
-    ) -> Result<Decision, sqlx::Error> {
-        let steps: Vec<String> = db::steps(conn, row.order_id)
-            .await?
-            .into_iter()
-            .map(|s| s.step)
+        requests: &[PlaceRequest],
+    ) -> Result<Vec<Result<Placement, PlaceError>>, sqlx::Error> {
+        let fingerprints: Vec<String> = requests
+            .iter()
+            .map(|r| domain::fingerprint(&r.order))
             .collect();
-        let deadline_ms = (row.deadline_at - row.created_at).num_milliseconds();
-        Ok(Decision::Fail {
-            step: FailedStep::Timeout,
-            reason: domain::timeout_reason(deadline_ms, &steps),
+        let mut keys: Vec<&str> = requests.iter().filter_map(|r| r.key.as_deref()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut existing: HashMap<String, OrderRow> = if keys.is_empty() {
+            HashMap::new()
+        } else {
+            db::find_by_keys(uow.conn(), &keys)
+                .await?
+                .into_iter()
+                .filter_map(|row| Some((row.idempotency_key.clone()?, row)))
+                .collect()
+        };
+
+        // Price the orders to create; a key used twice in this batch creates
+        // one order.
+        let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+        let mut to_create: Vec<usize> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match r.key.as_deref() {
+                Some(k) if existing.contains_key(k) => {}
+                Some(k) => {
+                    if let std::collections::hash_map::Entry::Vacant(v) = first_with_key.entry(k) {
+                        v.insert(i);
+                        to_create.push(i);
+                    }
+                }
+                None => to_create.push(i),
+            }
+        }
+        let mut item_ids: Vec<&str> = to_create
+            .iter()
+            .flat_map(|&i| requests[i].order.items.iter().map(|it| it.item_id.as_str()))
+            .collect();
+        item_ids.sort_unstable();
+        item_ids.dedup();
+        let catalog = if item_ids.is_empty() {
+            HashMap::new()
+        } else {
+            db::catalog_prices(uow.conn(), &item_ids).await?
+        };
+        let mut priced: HashMap<
+            usize,
+            Result<(Vec<common::saga::order::OrderLine>, i64), InvalidOrder>,
+        > = HashMap::new();
+        for &i in &to_create {
+            let lines = domain::price(&requests[i].order.items, &catalog);
+            priced.insert(
+                i,
+                lines.and_then(|lines| {
+                    let amount = domain::amount_cents(&lines)?;
+                    Ok((lines, amount))
+                }),
+            );
+        }
+
+        let order_ids: HashMap<usize, Uuid> = to_create
+            .iter()
+            .filter(|i| priced[i].is_ok())
+            .map(|&i| (i, Uuid::now_v7()))
+            .collect();
+        let new_rows: Vec<NewOrder<'_>> = to_create
+            .iter()
+            .filter_map(|&i| {
+                let (lines, amount) = priced[&i].as_ref().ok()?;
+                let r = &requests[i];
+                Some(NewOrder {
+                    order_id: order_ids[&i],
+                    customer_id: &r.order.customer_id,
+                    items: lines,
+                    amount_cents: *amount,
+                    currency: CURRENCY,
+                    card_brand: r.order.card.brand(),
+                    card_last4: r.order.card.last4(),
+                    idempotency_key: r.key.as_deref(),
+                    fingerprint: &fingerprints[i],
+                    reply_to: r.reply.as_ref().map(|t| t.reply_to.as_str()),
+                    reply_correlation_id: r.reply.as_ref().map(|t| t.correlation_id.as_str()),
+                    waiter: r.wait.then_some(self.replica_queue.as_str()),
+                })
+            })
+            .collect();
+        let inserted: HashMap<Uuid, db::Inserted> = if new_rows.is_empty() {
+            HashMap::new()
+        } else {
+            db::insert_orders(uow.conn(), &new_rows, self.deadline.as_millis() as i64)
+                .await?
+                .into_iter()
+                .map(|row| (row.order_id, row))
+                .collect()
+        };
+        drop(new_rows);
+        // A key taken by a concurrent request since we looked: that order.
+        let lost: Vec<&str> = order_ids
+            .iter()
+            .filter(|(_, id)| !inserted.contains_key(id))
+            .filter_map(|(i, _)| requests[*i].key.as_deref())
+            .collect();
+        if !lost.is_empty() {
+            for row in db::find_by_keys(uow.conn(), &lost).await? {
+                if let Some(k) = row.idempotency_key.clone() {
+                    existing.insert(k, row);
+                }
+            }
+        }
+
+        let mut created = 0u64;
+        let earliest = inserted.values().map(|r| r.deadline_at).min();
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let own = order_ids.get(&i).and_then(|id| inserted.get(id));
+            let outcome = match (own, r.key.as_deref()) {
+                (Some(row), _) => {
+                    created += 1;
+                    self.emit_created(uow, r, row, &priced[&i]);
+                    Ok(Placement {
+                        order_id: row.order_id,
+                        new: true,
+                        deadline_at: row.deadline_at,
+                        result: None,
+                        waiter: r.wait.then(|| self.waiters.register(row.order_id)),
+                    })
+                }
+                (None, _) if matches!(priced.get(&i), Some(Err(_))) => match priced.get(&i) {
+                    Some(Err(invalid)) => Err(PlaceError::Invalid(invalid.clone())),
+                    _ => Err(vanished("")),
+                },
+                (None, Some(k)) => match existing.get(k) {
+                    Some(row) if row.request_fingerprint != fingerprints[i] => {
+                        Err(PlaceError::KeyReused(k.to_owned()))
+                    }
+                    Some(row) => self.existing_placement(uow, r, row).await,
+                    // The key's first request in this batch created (or
+                    // failed to create) the order.
+                    None => match first_with_key.get(k).copied() {
+                        Some(j) if fingerprints[j] != fingerprints[i] => {
+                            Err(PlaceError::KeyReused(k.to_owned()))
+                        }
+                        Some(j) => match order_ids.get(&j).and_then(|id| inserted.get(id)) {
+                            Some(row) => self.same_batch_placement(uow, r, &requests[j], row).await,
+                            None => match priced.get(&j) {
+                                Some(Err(invalid)) => Err(PlaceError::Invalid(invalid.clone())),
+                                _ => Err(vanished(k)),
+                            },
+                        },
+                        None => Err(vanished(k)),
+                    },
+                },
+                (None, None) => Err(PlaceError::Db(sqlx::Error::Protocol(
+                    "an order without a key was not inserted".into(),
+                ))),
+            };
+            outcomes.push(outcome);
+        }
+        if let Some(deadline) = earliest {
+            let next_wake = self.next_wake.clone();
+            uow.on_commit(move || {
+                metrics::counter!(metric::SAGAS_STARTED).increment(created);
+                next_wake.placed(deadline);
+            });
+        }
+        Ok(outcomes)
+    }
+
+    /// `order.created` for a new order: the saga starts.
+    fn emit_created(
+        &self,
+        uow: &mut UnitOfWork,
+        request: &PlaceRequest,
+        row: &db::Inserted,
+        priced: &Result<(Vec<common::saga::order::OrderLine>, i64), InvalidOrder>,
+    ) {
+        let Ok((lines, amount_cents)) = priced else {
+            return;
+        };
+        let ctx = SagaContext {
+            order_id: row.order_id,
+            deadline_at: row.deadline_at,
+            causation_id: created_cause(request.key.as_deref(), row.order_id),
+            producer: SERVICE,
+            trail: Vec::new(),
+        };
+        uow.emit(ctx.event(
+            EventType::OrderCreated,
+            &OrderCreated {
+                customer_id: request.order.customer_id.clone(),
+                items: lines.clone(),
+                amount_cents: *amount_cents,
+                currency: CURRENCY.to_owned(),
+                payment: self.sealer.seal(&request.order.card),
+            },
+        ));
+        let (order_id, customer_id, amount_cents) = (
+            row.order_id,
+            request.order.customer_id.clone(),
+            *amount_cents,
+        );
+        uow.on_commit(move || {
+            info!(%order_id, %customer_id, amount_cents, "order created; saga started");
+        });
+    }
+
+    /// The placement of an order a key already created; a new reply target
+    /// is added (and answered at once if the saga is decided).
+    async fn existing_placement(
+        &self,
+        uow: &mut UnitOfWork,
+        request: &PlaceRequest,
+        row: &OrderRow,
+    ) -> Result<Placement, PlaceError> {
+        let result = row.result();
+        if let Some(reply) = &request.reply {
+            let already = row.reply_to.as_deref() == Some(reply.reply_to.as_str())
+                && row.reply_correlation_id.as_deref() == Some(reply.correlation_id.as_str());
+            if !already
+                && db::add_reply_target(
+                    uow.conn(),
+                    row.order_id,
+                    &reply.reply_to,
+                    &reply.correlation_id,
+                )
+                .await?
+                && let Some(result) = &result
+            {
+                // Decided already: its replies went out before this target existed.
+                uow.emit(reply_message(
+                    &format!("late-reply:{}", row.order_id),
+                    &reply.reply_to,
+                    &reply.correlation_id,
+                    result,
+                ));
+            }
+        }
+        Ok(Placement {
+            order_id: row.order_id,
+            new: false,
+            deadline_at: row.deadline_at,
+            waiter: (request.wait && result.is_none()).then(|| self.waiters.register(row.order_id)),
+            result,
         })
     }
 
-    /// Fails one order if it is overdue (the HTTP waiter's own deadline).
-    pub async fn fail_if_overdue(&self, order_id: Uuid) -> Result<(), sqlx::Error> {
-        let mut uow = UnitOfWork::begin(&self.pool).await?;
-        let Some(row) = db::lock_order(uow.conn(), order_id).await? else {
-            return Ok(());
-        };
-        if row.status() != OrderStatus::Pending || row.deadline_at > Utc::now() {
+    /// A second request for a key whose order this batch creates.
+    async fn same_batch_placement(
+        &self,
+        uow: &mut UnitOfWork,
+        request: &PlaceRequest,
+        first: &PlaceRequest,
+        row: &db::Inserted,
+    ) -> Result<Placement, PlaceError> {
+        if let Some(reply) = &request.reply {
+            let same = first.reply.as_ref().is_some_and(|f| {
+                f.reply_to == reply.reply_to && f.correlation_id == reply.correlation_id
+            });
+            if !same {
+                db::add_reply_target(
+                    uow.conn(),
+                    row.order_id,
+                    &reply.reply_to,
+                    &reply.correlation_id,
+                )
+                .await?;
+            }
+        }
+        Ok(Placement {
+            order_id: row.order_id,
+            new: false,
+            deadline_at: row.deadline_at,
+            result: None,
+            waiter: request.wait.then(|| self.waiters.register(row.order_id)),
+        })
+    }
+
+    /// Records each decision if its saga is still undecided (set-based),
+    /// with everything a decision causes: the terminal event(s), replies to
+    /// AMQP clients, the timeline, and — after the commit — the waiting
+    /// requests' answers. A confirmation that comes too late turns into a
+    /// timeout failure.
+    pub async fn decide_batch(
+        &self,
+        uow: &mut UnitOfWork,
+        inputs: Vec<DecisionInput>,
+    ) -> Result<(), sqlx::Error> {
+        let mut seen = HashSet::new();
+        let mut by_order: HashMap<Uuid, DecisionInput> = HashMap::new();
+        let mut confirms = Vec::new();
+        let mut fails = Vec::new();
+        for input in inputs {
+            if !seen.insert(input.order_id) {
+                continue;
+            }
+            match input.decision {
+                Decision::Confirm => confirms.push(input.order_id),
+                Decision::Fail { .. } => fails.push(input.order_id),
+            }
+            by_order.insert(input.order_id, input);
+        }
+
+        let mut decided: Vec<OrderRow> = Vec::new();
+        if !confirms.is_empty() {
+            let rows = db::confirm_orders(uow.conn(), &confirms).await?;
+            let done: HashSet<Uuid> = rows.iter().map(|r| r.order_id).collect();
+            decided.extend(rows);
+            // Not confirmed: decided already, or past its deadline — then it
+            // fails as a timeout, now.
+            let missed: Vec<Uuid> = confirms
+                .into_iter()
+                .filter(|id| !done.contains(id))
+                .collect();
+            if !missed.is_empty() {
+                for row in db::lock_pending(uow.conn(), &missed).await? {
+                    if let Some(input) = by_order.get_mut(&row.order_id) {
+                        input.decision = self.timeout_decision(&row);
+                        fails.push(row.order_id);
+                    }
+                }
+            }
+        }
+        if !fails.is_empty() {
+            let failures: Vec<(Uuid, &str, &str)> = fails
+                .iter()
+                .filter_map(|id| match &by_order.get(id)?.decision {
+                    Decision::Fail { step, reason } => Some((*id, step.error(), reason.as_str())),
+                    Decision::Confirm => None,
+                })
+                .collect();
+            decided.extend(db::fail_orders(uow.conn(), &failures).await?);
+        }
+        self.record_decisions(uow, decided, &mut by_order).await
+    }
+
+    /// Everything a batch of recorded decisions causes.
+    async fn record_decisions(
+        &self,
+        uow: &mut UnitOfWork,
+        decided: Vec<OrderRow>,
+        inputs: &mut HashMap<Uuid, DecisionInput>,
+    ) -> Result<(), sqlx::Error> {
+        if decided.is_empty() {
             return Ok(());
         }
-        let decision = self.timeout_decision(uow.conn(), &row).await?;
-        let decided = self
-            .decide(&mut uow, order_id, decision, &format!("timeout:{order_id}"))
-            .await?;
-        uow.commit().await?;
-        if let Some(d) = decided {
-            d.record();
+        let extra: Vec<Uuid> = decided
+            .iter()
+            .filter(|r| r.extra_reply_targets)
+            .map(|r| r.order_id)
+            .collect();
+        let mut targets: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
+        if !extra.is_empty() {
+            for (id, to, corr) in db::extra_reply_targets(uow.conn(), &extra).await? {
+                targets.entry(id).or_default().push((to, corr));
+            }
         }
+
+        let mut steps = Vec::new();
+        let mut after = Vec::with_capacity(decided.len());
+        for row in decided {
+            let Some(input) = inputs.remove(&row.order_id) else {
+                continue;
+            };
+            let result = row.result().unwrap_or_else(|| SagaResult::failure("", ""));
+            let ctx = SagaContext {
+                order_id: row.order_id,
+                deadline_at: row.deadline_at,
+                causation_id: input.cause.clone(),
+                producer: SERVICE,
+                trail: Vec::new(),
+            };
+            let data = OrderDecided {
+                customer_id: row.customer_id.clone(),
+                amount_cents: row.amount_cents,
+                result: result.clone(),
+            };
+            let mut events = Vec::new();
+            let failed_step = match &input.decision {
+                Decision::Confirm => {
+                    events.push(ctx.event(EventType::OrderConfirmed, &data));
+                    None
+                }
+                Decision::Fail { step, reason } => {
+                    if *step == FailedStep::Timeout {
+                        events.push(ctx.event(
+                            EventType::OrderCancelled,
+                            &OrderCancelled {
+                                customer_id: row.customer_id.clone(),
+                                reason: reason.clone(),
+                            },
+                        ));
+                    }
+                    events.push(ctx.event(EventType::OrderFailed, &data));
+                    Some(*step)
+                }
+            };
+
+            // The timeline: order.created, the steps that led here, the
+            // decision.
+            let detail = match &input.decision {
+                Decision::Fail { reason, .. } => Some(reason.clone()),
+                Decision::Confirm => None,
+            };
+            if !input
+                .trail
+                .iter()
+                .any(|t| t.event_type == EventType::OrderCreated)
+            {
+                steps.push(created_step(&row));
+            }
+            let last = input.trail.len().saturating_sub(1);
+            for (n, t) in input.trail.iter().enumerate() {
+                steps.push(NewStep {
+                    order_id: row.order_id,
+                    step: t.event_type.routing_key().to_owned(),
+                    event_id: Some(t.event_id),
+                    source: t.producer.clone(),
+                    detail: if n == last { detail.clone() } else { None },
+                    occurred_at: t.occurred_at,
+                });
+            }
+            let now = Utc::now();
+            for event in &events {
+                steps.push(NewStep {
+                    order_id: row.order_id,
+                    step: event.routing_key.clone(),
+                    event_id: Some(event.id),
+                    source: SERVICE.to_owned(),
+                    detail: detail.clone(),
+                    occurred_at: now,
+                });
+            }
+            for event in events {
+                uow.emit(event);
+            }
+            let mut replies: Vec<(String, String)> =
+                targets.remove(&row.order_id).unwrap_or_default();
+            if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
+                replies.push((to.clone(), corr.clone()));
+            }
+            for (to, corr) in replies {
+                uow.emit(reply_message(&input.cause, &to, &corr, &result));
+            }
+
+            info!(order_id = %row.order_id, status = %row.status, error = ?row.error,
+                  reason = ?row.reason, "saga decided");
+            let duration = (row.decided_at.unwrap_or(now) - row.created_at)
+                .to_std()
+                .unwrap_or_default();
+            let decided = Decided {
+                outcome: row.status(),
+                failed_step,
+                duration,
+            };
+            after.push((row.order_id, row.waiter, result, decided));
+        }
+        db::record_steps(uow.conn(), &steps).await?;
+
+        let waiters = self.waiters.clone();
+        let progress = self.progress.clone();
+        let publisher = self.publisher.clone();
+        let me = self.replica_queue.clone();
+        uow.on_commit(move || {
+            for (order_id, waiter, result, decided) in after {
+                decided.record();
+                progress.forget(order_id);
+                match waiter {
+                    Some(queue) if queue != me => {
+                        publisher.publish_transient(decision_notice(order_id, &queue, &result));
+                    }
+                    _ => waiters.resolve(order_id, &result),
+                }
+            }
+        });
         Ok(())
+    }
+
+    /// A timeout failure, naming the step still awaited.
+    fn timeout_decision(&self, row: &OrderRow) -> Decision {
+        let deadline_ms = (row.deadline_at - row.created_at).num_milliseconds();
+        Decision::Fail {
+            step: FailedStep::Timeout,
+            reason: domain::timeout_reason(deadline_ms, &self.progress.steps_seen(row.order_id)),
+        }
     }
 
     /// Fails up to `limit` overdue sagas (the timeout watcher's pass);
     /// returns how many it failed.
     pub async fn fail_overdue(&self, limit: i64) -> Result<usize, sqlx::Error> {
         let mut uow = UnitOfWork::begin(&self.pool).await?;
-        let overdue = db::lock_overdue(uow.conn(), limit).await?;
-        let mut decided = Vec::with_capacity(overdue.len());
-        for order_id in overdue {
-            let Some(row) = db::get_order(uow.conn(), order_id).await? else {
-                continue;
-            };
-            let decision = self.timeout_decision(uow.conn(), &row).await?;
-            if let Some(d) = self
-                .decide(&mut uow, order_id, decision, &format!("timeout:{order_id}"))
-                .await?
-            {
-                decided.push(d);
-            }
+        let rows = db::lock_overdue(uow.conn(), limit).await?;
+        let n = self.fail_as_timeouts(&mut uow, rows).await?;
+        uow.commit(&self.publisher).await?;
+        Ok(n)
+    }
+
+    /// Fails one order if it is still undecided past its deadline (the
+    /// waiting request's own deadline).
+    pub async fn fail_if_overdue(&self, order_id: Uuid) -> Result<(), sqlx::Error> {
+        let mut uow = UnitOfWork::begin(&self.pool).await?;
+        let rows: Vec<OrderRow> = db::lock_pending(uow.conn(), &[order_id])
+            .await?
+            .into_iter()
+            .filter(|r| r.deadline_at <= Utc::now())
+            .collect();
+        self.fail_as_timeouts(&mut uow, rows).await?;
+        uow.commit(&self.publisher).await
+    }
+
+    async fn fail_as_timeouts(
+        &self,
+        uow: &mut UnitOfWork,
+        rows: Vec<OrderRow>,
+    ) -> Result<usize, sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(0);
         }
-        uow.commit().await?;
+        let mut inputs: HashMap<Uuid, DecisionInput> = rows
+            .iter()
+            .map(|row| {
+                (
+                    row.order_id,
+                    DecisionInput {
+                        order_id: row.order_id,
+                        decision: self.timeout_decision(row),
+                        cause: format!("timeout:{}", row.order_id),
+                        trail: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let failures: Vec<(Uuid, &str, &str)> = inputs
+            .values()
+            .filter_map(|i| match &i.decision {
+                Decision::Fail { step, reason } => {
+                    Some((i.order_id, step.error(), reason.as_str()))
+                }
+                Decision::Confirm => None,
+            })
+            .collect();
+        let decided = db::fail_orders(uow.conn(), &failures).await?;
         let n = decided.len();
-        decided.into_iter().for_each(Decided::record);
+        self.record_decisions(uow, decided, &mut inputs).await?;
         Ok(n)
     }
 
     /// Waits for the saga's result. Never waits past the deadline: at the
     /// deadline it fails the saga itself (the watcher would too), so a client
     /// always gets an answer within the deadline plus a few milliseconds.
-    pub async fn wait_for_result(&self, order_id: Uuid) -> Result<Option<SagaResult>, sqlx::Error> {
-        let guard = self.waiters.register(order_id);
+    pub async fn wait_for_result(
+        &self,
+        placement: Placement,
+    ) -> Result<Option<SagaResult>, sqlx::Error> {
+        if let Some(result) = placement.result {
+            return Ok(Some(result));
+        }
+        let order_id = placement.order_id;
+        let waiter = placement
+            .waiter
+            .unwrap_or_else(|| self.waiters.register(order_id));
+        // An order placed earlier may have been decided before the waiter
+        // was registered: look once.
+        let mut check_now = !placement.new;
         loop {
-            let notified = guard.notify().notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-
-            let mut conn = self.pool.acquire().await?;
-            let Some(row) = db::get_order(&mut conn, order_id).await? else {
-                return Ok(None);
-            };
-            drop(conn);
-            if let Some(result) = row.result() {
-                return Ok(Some(result));
+            if check_now {
+                let mut conn = self.pool.acquire().await?;
+                let Some(row) = db::get_order(&mut conn, order_id).await? else {
+                    return Ok(None);
+                };
+                drop(conn);
+                if let Some(result) = row.result() {
+                    return Ok(Some(result));
+                }
             }
-            let now = Utc::now();
-            if row.deadline_at <= now {
+            let until_deadline = (placement.deadline_at - Utc::now())
+                .to_std()
+                .unwrap_or_default();
+            if until_deadline.is_zero() {
                 self.fail_if_overdue(order_id).await?;
+                if let Some(result) = waiter.wait(Duration::from_millis(50)).await {
+                    return Ok(Some(result));
+                }
+                check_now = true;
                 continue;
             }
-            let until_deadline = (row.deadline_at - now).to_std().unwrap_or_default();
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep(until_deadline.min(Duration::from_millis(500))) => {}
+            if let Some(result) = waiter.wait(until_deadline.min(RECHECK)).await {
+                return Ok(Some(result));
             }
+            check_now = true;
         }
+    }
+}
+
+fn vanished(key: &str) -> PlaceError {
+    PlaceError::Db(sqlx::Error::Protocol(format!(
+        "idempotency key {key:?} vanished between insert and lookup"
+    )))
+}
+
+/// The cause of an order's `order.created`: the client's key, or the order.
+fn created_cause(key: Option<&str>, order_id: Uuid) -> String {
+    key.map_or_else(|| format!("http:{order_id}"), str::to_owned)
+}
+
+/// The timeline entry of an order's `order.created`.
+fn created_step(row: &OrderRow) -> NewStep {
+    let cause = created_cause(row.idempotency_key.as_deref(), row.order_id);
+    NewStep {
+        order_id: row.order_id,
+        step: EventType::OrderCreated.routing_key().to_owned(),
+        event_id: Some(derive_event_id(
+            &cause,
+            SERVICE,
+            EventType::OrderCreated.routing_key(),
+        )),
+        source: SERVICE.to_owned(),
+        detail: None,
+        occurred_at: row.created_at,
+    }
+}
+
+/// The timeline entry of `order.created`, for an order not decided yet.
+pub fn created_step_row(row: &OrderRow) -> db::StepRow {
+    let s = created_step(row);
+    db::StepRow {
+        step: s.step,
+        source: s.source,
+        event_id: s.event_id,
+        detail: None,
+        occurred_at: s.occurred_at,
+        recorded_at: s.occurred_at,
     }
 }
 
@@ -396,25 +789,18 @@ fn reply_message(
     )
 }
 
-/// Adds an event order-svc emits to the saga's timeline.
-async fn record_emitted(
-    conn: &mut PgConnection,
-    event: &OutboxMessage,
-    order_id: Uuid,
-    detail: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    db::record_step(
-        conn,
-        &NewStep {
-            order_id,
-            step: &event.routing_key,
-            event_id: Some(event.id),
-            source: SERVICE,
-            detail,
-            occurred_at: Utc::now(),
-        },
-    )
-    .await
+/// A decision handed to the replica whose request waits for it.
+fn decision_notice(order_id: Uuid, queue: &str, result: &SagaResult) -> OutboxMessage {
+    OutboxMessage {
+        id: Uuid::now_v7(),
+        exchange: String::new(),
+        routing_key: queue.to_owned(),
+        message_type: DECISION_NOTICE.to_owned(),
+        correlation_id: Some(order_id.to_string()),
+        payload: serde_json::to_value(result).unwrap_or_default(),
+        mandatory: false,
+        traceparent: None,
+    }
 }
 
 /// Replies to an AMQP client whose order was rejected as invalid.

@@ -1,4 +1,8 @@
-//! Every SQL statement of payment-svc.
+//! Every SQL statement of payment-svc. Functions take `&mut PgConnection` so
+//! the caller decides the transaction; the hot path's are set-based (one
+//! statement for a whole batch of orders).
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -70,6 +74,132 @@ pub async fn insert_payment(
     Ok(n == 1)
 }
 
+/// The payment status of each order that already has a record.
+pub async fn existing_payments(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<HashMap<Uuid, String>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("select order_id, status from payments where order_id = any($1)")
+            .bind(order_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Inserts payment records (one statement); returns the orders that got
+/// one (an order that already has a record keeps it).
+pub async fn insert_payments(
+    conn: &mut PgConnection,
+    payments: &[NewPayment<'_>],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut order_ids = Vec::with_capacity(payments.len());
+    let mut customers = Vec::with_capacity(payments.len());
+    let mut amounts = Vec::with_capacity(payments.len());
+    let mut currencies = Vec::with_capacity(payments.len());
+    let mut statuses = Vec::with_capacity(payments.len());
+    let mut codes = Vec::with_capacity(payments.len());
+    let mut reasons = Vec::with_capacity(payments.len());
+    let mut brands = Vec::with_capacity(payments.len());
+    let mut last4s = Vec::with_capacity(payments.len());
+    for p in payments {
+        order_ids.push(p.order_id);
+        customers.push(p.customer_id);
+        amounts.push(p.amount_cents);
+        currencies.push(p.currency);
+        statuses.push(p.status.as_str());
+        codes.push(p.decline_code);
+        reasons.push(p.reason);
+        brands.push(p.card_brand);
+        last4s.push(p.card_last4);
+    }
+    sqlx::query_scalar(
+        r#"
+        insert into payments (order_id, customer_id, amount_cents, currency, status,
+                              decline_code, reason, card_brand, card_last4)
+        select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                             $6::text[], $7::text[], $8::text[], $9::text[])
+        on conflict (order_id) do nothing
+        returning order_id
+        "#,
+    )
+    .bind(order_ids)
+    .bind(customers)
+    .bind(amounts)
+    .bind(currencies)
+    .bind(statuses)
+    .bind(codes)
+    .bind(reasons)
+    .bind(brands)
+    .bind(last4s)
+    .fetch_all(conn)
+    .await
+}
+
+/// Opens the accounts of customers the ledger has not seen, with
+/// `default_balance` (one statement; existing accounts are untouched).
+pub async fn open_missing_accounts(
+    conn: &mut PgConnection,
+    customer_ids: &[&str],
+    default_balance: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        insert into accounts (customer_id, balance_cents)
+        select c, $2 from unnest($1::text[]) as t(c)
+        on conflict (customer_id) do nothing
+        "#,
+    )
+    .bind(customer_ids)
+    .bind(default_balance)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks the accounts of `customer_ids`, in one global order (sorted), so
+/// that concurrent batches cannot deadlock; returns (balance, frozen).
+pub async fn lock_accounts(
+    conn: &mut PgConnection,
+    customer_ids: &[&str],
+) -> Result<HashMap<String, (i64, bool)>, sqlx::Error> {
+    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+        r#"
+        select customer_id, balance_cents, frozen from accounts
+        where customer_id = any($1)
+        order by customer_id
+        for update
+        "#,
+    )
+    .bind(customer_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(c, b, f)| (c, (b, f))).collect())
+}
+
+/// Subtracts each customer's total from their balance, for accounts locked
+/// by [`lock_accounts`] (one statement; the check constraint keeps every
+/// balance non-negative).
+pub async fn debit_accounts(
+    conn: &mut PgConnection,
+    debits: &HashMap<&str, i64>,
+) -> Result<(), sqlx::Error> {
+    let (customers, amounts): (Vec<&str>, Vec<i64>) = debits.iter().map(|(c, a)| (*c, *a)).unzip();
+    sqlx::query(
+        r#"
+        update accounts a
+        set balance_cents = a.balance_cents - d.amount, updated_at = now()
+        from unnest($1::text[], $2::bigint[]) as d(customer_id, amount)
+        where a.customer_id = d.customer_id
+        "#,
+    )
+    .bind(customers)
+    .bind(amounts)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 pub async fn lock_payment(
     conn: &mut PgConnection,
     order_id: Uuid,
@@ -103,25 +233,6 @@ pub async fn set_status(
     Ok(())
 }
 
-/// Creates the account with the default balance unless it exists.
-pub async fn ensure_account(
-    conn: &mut PgConnection,
-    customer_id: &str,
-    default_balance: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        r#"
-        insert into accounts (customer_id, balance_cents) values ($1, $2)
-        on conflict (customer_id) do nothing
-        "#,
-    )
-    .bind(customer_id)
-    .bind(default_balance)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// What a debit or credit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Posting {
@@ -130,34 +241,6 @@ pub enum Posting {
     Insufficient,
     /// The account is frozen (or missing).
     Frozen,
-}
-
-/// Debits the account if it is not frozen and the balance covers the amount.
-/// One conditional statement: concurrent charges of one customer serialize
-/// on the row and can never take the balance below zero.
-pub async fn debit(
-    conn: &mut PgConnection,
-    customer_id: &str,
-    amount: i64,
-) -> Result<Posting, sqlx::Error> {
-    let n = sqlx::query(
-        r#"
-        update accounts set balance_cents = balance_cents - $2, updated_at = now()
-        where customer_id = $1 and balance_cents >= $2 and not frozen
-        "#,
-    )
-    .bind(customer_id)
-    .bind(amount)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if n == 1 {
-        return Ok(Posting::Done);
-    }
-    Ok(match get_account(conn, customer_id).await? {
-        Some(a) if !a.frozen => Posting::Insufficient,
-        _ => Posting::Frozen,
-    })
 }
 
 /// Credits the account unless it is frozen.

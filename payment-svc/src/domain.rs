@@ -6,9 +6,9 @@
 //! whose ledger balance is below the amount is declined for insufficient
 //! funds (checked in SQL, atomically with the debit).
 
-use common::card::{CardDetails, parse_expiry};
-use common::compensation::StepState;
-use common::events::StepFailed;
+use common::messaging::events::StepFailed;
+use common::saga::card::{CardDetails, parse_expiry};
+use common::saga::compensation::StepState;
 
 /// A test card that always declines, with its code and reason.
 pub const DECLINING_TEST_CARDS: [(&str, &str, &str); 7] = [
@@ -93,7 +93,7 @@ impl StepState for PaymentStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::compensation::{Compensation, compensation_for};
+    use common::saga::compensation::{Compensation, compensation_for};
 
     fn card(number: &str, expiry: &str) -> CardDetails {
         CardDetails {

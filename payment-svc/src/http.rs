@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use common::http::{ApiError, json_body, parse_uuid};
+use common::runtime::http::{ApiError, json_body, parse_uuid};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;

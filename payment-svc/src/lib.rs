@@ -16,10 +16,10 @@ pub mod http;
 
 use std::net::SocketAddr;
 
-use common::card::CardOpener;
-use common::config::CommonConfig;
-use common::service::{Service, ServiceRuntime};
-use common::topology::PAYMENT_SVC;
+use common::messaging::topology::PAYMENT_SVC;
+use common::runtime::config::CommonConfig;
+use common::runtime::service::{Service, ServiceRuntime, Tasks};
+use common::saga::card::CardOpener;
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -93,7 +93,7 @@ impl Service for App {
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let routes = http::routes(self.runtime.pool.clone());
         self.runtime
-            .run(self.handler, routes, Vec::new(), cancel)
+            .run(self.handler, routes, Tasks::default(), cancel)
             .await
     }
 }

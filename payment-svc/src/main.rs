@@ -2,5 +2,5 @@
 //! lists the settings (each also read from the environment).
 
 fn main() -> anyhow::Result<()> {
-    common::service::main::<payment_svc::App>()
+    common::runtime::service::main::<payment_svc::App>()
 }

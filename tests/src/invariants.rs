@@ -59,7 +59,7 @@ async fn queued_now(amqp_url: &str) -> Option<u32> {
     for svc in Svc::ALL {
         let id = svc.identity();
         let names = std::iter::once(id.queue())
-            .chain((0..common::topology::RETRY_TIERS.len()).map(|t| id.retry_queue(t)));
+            .chain((0..common::messaging::retry::RETRY_TIERS.len()).map(|t| id.retry_queue(t)));
         for name in names {
             let q = ch
                 .queue_declare(
@@ -168,7 +168,7 @@ pub async fn check(
         String,
         Option<String>,
         i64,
-        sqlx::types::Json<Vec<common::order::OrderLine>>,
+        sqlx::types::Json<Vec<common::saga::order::OrderLine>>,
     );
     let orders: Vec<OrderRow> = sqlx::query_as(
         "select order_id, customer_id, status, idempotency_key, amount_cents, items from orders",

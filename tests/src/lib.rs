@@ -20,9 +20,9 @@ use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::config::CommonConfig;
-use common::service::Service;
-use common::topology::{self, ServiceIdentity};
+use common::messaging::topology::{self, ServiceIdentity};
+use common::runtime::config::CommonConfig;
+use common::runtime::service::Service;
 use futures_util::StreamExt as _;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use common::events::EXCHANGE;
+pub use common::messaging::events::EXCHANGE;
 
 /// One of the four services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -903,7 +903,7 @@ fn init_test_logging() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
-            common::telemetry::init_tracing();
+            common::runtime::telemetry::init_tracing();
         }
     });
 }

@@ -10,16 +10,16 @@ fn main() -> anyhow::Result<()> {
     let service = args.next().unwrap_or_default();
     let argv = std::iter::once(service.clone()).chain(args);
     match service.as_str() {
-        "order-svc" => {
-            common::service::main_with::<order_svc::App>(order_svc::Config::parse_from(argv))
-        }
-        "payment-svc" => {
-            common::service::main_with::<payment_svc::App>(payment_svc::Config::parse_from(argv))
-        }
-        "inventory-svc" => common::service::main_with::<inventory_svc::App>(
+        "order-svc" => common::runtime::service::main_with::<order_svc::App>(
+            order_svc::Config::parse_from(argv),
+        ),
+        "payment-svc" => common::runtime::service::main_with::<payment_svc::App>(
+            payment_svc::Config::parse_from(argv),
+        ),
+        "inventory-svc" => common::runtime::service::main_with::<inventory_svc::App>(
             inventory_svc::Config::parse_from(argv),
         ),
-        "notification-svc" => common::service::main_with::<notification_svc::App>(
+        "notification-svc" => common::runtime::service::main_with::<notification_svc::App>(
             notification_svc::Config::parse_from(argv),
         ),
         other => anyhow::bail!(

@@ -227,7 +227,7 @@ pub async fn inject_poison(publisher: &Mutex<Publisher>, counts: &FaultCounts) {
             "poison published"
         );
         counts.poison.fetch_add(1, Ordering::Relaxed);
-        let consumers = common::topology::SERVICES
+        let consumers = common::messaging::topology::SERVICES
             .iter()
             .filter(|s| s.consumes.iter().any(|e| e.routing_key() == key))
             .count();

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use common::card::{CardDetails, CardSealer};
+use common::saga::card::{CardDetails, CardSealer};
 use lapin::BasicProperties;
 use saga_tests::{Svc, TestSystem, eventually};
 use serde_json::{Value, json};

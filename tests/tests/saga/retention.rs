@@ -32,7 +32,7 @@ async fn the_cleaner_removes_only_rows_older_than_the_window() {
     .await
     .unwrap();
 
-    let deleted = common::retention::clean_once(&pool, Duration::from_secs(7 * 24 * 3600))
+    let deleted = common::store::retention::clean_once(&pool, Duration::from_secs(7 * 24 * 3600))
         .await
         .unwrap();
 

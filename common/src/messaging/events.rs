@@ -8,8 +8,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::card::SealedCard;
-use crate::order::{OrderLine, SagaResult};
+use crate::saga::card::SealedCard;
+use crate::saga::order::{OrderLine, SagaResult};
 
 /// The topic exchange every service publishes to and consumes from.
 pub const EXCHANGE: &str = "saga.events";

@@ -6,11 +6,14 @@
 //! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/<db>` | the service's own database (created if missing) |
 //! | `HTTP_ADDR` | `127.0.0.1:<port>` | HTTP API, `/health`, `/metrics` |
 //! | `DB_POOL_SIZE` | 8 | PostgreSQL connections in the pool |
-//! | `PREFETCH` | 16 | unacked deliveries (and handlers) in flight |
+//! | `PREFETCH` | 256 | unacked deliveries at most |
+//! | `BATCH_SIZE` | 128 | deliveries handled in one transaction at most |
+//! | `QUEUE_TYPE` | `quorum` | kind of the work, delay and parking queues: `quorum` or `classic` |
 //! | `RETRY_MAX_ATTEMPTS` | 8 | attempts before a failing message is parked |
-//! | `FAULT_DELAY_MS` | unset | delay before each message: `N` or `MIN-MAX` |
-//! | `OUTBOX_BATCH_SIZE` | 256 | rows per relay pass |
-//! | `OUTBOX_POLL_MS` | 500 | relay poll period when no NOTIFY arrives |
+//! | `FAULT_DELAY_MS` | unset | delay before each batch: `N` or `MIN-MAX` |
+//! | `OUTBOX_BATCH_SIZE` | 256 | rows per sweeper pass |
+//! | `OUTBOX_POLL_MS` | 1000 | how often the sweeper looks for rows the fast path left |
+//! | `OUTBOX_SWEEP_AFTER_MS` | 1000 | a row not confirmed this long after its commit is swept |
 //! | `SHUTDOWN_GRACE_MS` | 10000 | time allowed to drain on SIGTERM |
 //! | `RETENTION_SECS` | 604800 | keep published outbox rows and inbox ids this long (7 days) |
 //! | `CLEANUP_INTERVAL_SECS` | 60 | how often the retention cleaner runs |
@@ -18,8 +21,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::fault::FaultDelay;
-use crate::topology::ServiceIdentity;
+use crate::messaging::fault::FaultDelay;
+use crate::messaging::topology::{QueueType, ServiceIdentity};
 
 /// The local broker's default vhost `/`.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -40,21 +43,32 @@ pub struct CommonConfig {
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
-    /// Unacked deliveries (and concurrent handlers) at most.
-    #[arg(long, env = "PREFETCH", default_value_t = 16)]
+    /// Unacked deliveries at most (the broker's prefetch).
+    #[arg(long, env = "PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
+    /// Deliveries handled in one transaction at most.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 128)]
+    pub batch_size: usize,
+    /// Kind of the work, delay and parking queues: `quorum` or `classic`
+    /// (every service of a system must use the same).
+    #[arg(long, env = "QUEUE_TYPE", default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
     /// Attempts (first delivery + retries) before a failing message is parked.
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 8)]
     pub retry_max_attempts: u32,
-    /// Artificial delay before handling each message: `N` or `MIN-MAX` ms.
+    /// Artificial delay before handling each batch: `N` or `MIN-MAX` ms.
     #[arg(long, env = "FAULT_DELAY_MS")]
     pub fault_delay_ms: Option<FaultDelay>,
-    /// Outbox rows published per relay pass.
+    /// Outbox rows published per sweeper pass.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 256)]
     pub outbox_batch_size: i64,
-    /// Relay poll period when no notification arrives, in ms.
-    #[arg(long, env = "OUTBOX_POLL_MS", default_value_t = 500)]
+    /// How often the outbox sweeper looks for rows the fast path left, in ms.
+    #[arg(long, env = "OUTBOX_POLL_MS", default_value_t = 1000)]
     pub outbox_poll_ms: u64,
+    /// An outbox row not confirmed this long after its commit is published
+    /// by the sweeper, in ms.
+    #[arg(long, env = "OUTBOX_SWEEP_AFTER_MS", default_value_t = 1000)]
+    pub outbox_sweep_after_ms: u64,
     /// Time allowed to drain on SIGTERM, in ms.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
@@ -75,11 +89,14 @@ impl CommonConfig {
             database_url: Some(database_url.into()),
             http_addr: None,
             db_pool_size: 8,
-            prefetch: 16,
+            prefetch: 256,
+            batch_size: 128,
+            queue_type: QueueType::Quorum,
             retry_max_attempts: 8,
             fault_delay_ms: None,
             outbox_batch_size: 256,
-            outbox_poll_ms: 500,
+            outbox_poll_ms: 1000,
+            outbox_sweep_after_ms: 1000,
             shutdown_grace_ms: 10_000,
             retention_secs: 7 * 24 * 3600,
             cleanup_interval_secs: 60,
@@ -118,6 +135,8 @@ impl fmt::Debug for CommonConfig {
             .field("http_addr", &self.http_addr)
             .field("db_pool_size", &self.db_pool_size)
             .field("prefetch", &self.prefetch)
+            .field("batch_size", &self.batch_size)
+            .field("queue_type", &self.queue_type)
             .field("retry_max_attempts", &self.retry_max_attempts)
             .field(
                 "fault_delay_ms",
@@ -125,6 +144,7 @@ impl fmt::Debug for CommonConfig {
             )
             .field("outbox_batch_size", &self.outbox_batch_size)
             .field("outbox_poll_ms", &self.outbox_poll_ms)
+            .field("outbox_sweep_after_ms", &self.outbox_sweep_after_ms)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("retention_secs", &self.retention_secs)
             .field("cleanup_interval_secs", &self.cleanup_interval_secs)

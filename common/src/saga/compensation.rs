@@ -29,11 +29,3 @@ pub fn compensation_for<S: StepState>(current: Option<S>) -> Compensation {
         Some(_) => Compensation::Nothing,
     }
 }
-
-/// For [`crate::consumer::MessageHandler::compensation`]: `step` for the
-/// rollback events (`order.failed`, `order.cancelled`), `None` otherwise.
-pub fn on_rollback(routing_key: &str, step: &'static str) -> Option<&'static str> {
-    crate::events::EventType::from_routing_key(routing_key)
-        .filter(|t| t.is_abort())
-        .map(|_| step)
-}

@@ -1,19 +1,25 @@
-//! The envelope every internal event travels in, and the deterministic ids of
-//! the events a handler emits.
+//! The envelope every internal event travels in, the deterministic ids of
+//! the events a handler emits, and the saga's trail.
 //!
 //! ```json
 //! {"event_id": "…", "event_type": "payment.completed", "version": 1,
 //!  "order_id": "…", "causation_id": "…", "occurred_at": "…",
-//!  "deadline_at": "…", "producer": "payment-svc", "data": {…}}
+//!  "deadline_at": "…", "producer": "payment-svc", "data": {…},
+//!  "trail": [{"event_type": "order.created", "event_id": "…",
+//!             "producer": "order-svc", "occurred_at": "…"}]}
 //! ```
+//!
+//! The trail lists the events that led to this one, oldest first. It is how
+//! order-svc learns the saga's timeline without consuming every step: the
+//! event that decides a saga carries the steps before it.
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::events::{EXCHANGE, EventType};
-use crate::outbox::OutboxMessage;
+use crate::messaging::events::{EXCHANGE, EventType};
+use crate::messaging::outbox::OutboxMessage;
 
 /// The envelope schema version this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -40,6 +46,30 @@ pub struct Envelope<T = serde_json::Value> {
     /// The service that emitted the event.
     pub producer: String,
     pub data: T,
+    /// The events that led to this one, oldest first (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trail: Vec<TrailEntry>,
+}
+
+/// One earlier event of the saga, as carried in a later event's trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrailEntry {
+    pub event_type: EventType,
+    pub event_id: Uuid,
+    pub producer: String,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl<T> Envelope<T> {
+    /// This event as an entry of a later event's trail.
+    pub fn as_trail_entry(&self) -> TrailEntry {
+        TrailEntry {
+            event_type: self.event_type,
+            event_id: self.event_id,
+            producer: self.producer.clone(),
+            occurred_at: self.occurred_at,
+        }
+    }
 }
 
 /// Why a message is not a valid envelope. Always a permanent failure.
@@ -92,16 +122,22 @@ pub struct SagaContext {
     pub causation_id: String,
     /// The emitting service.
     pub producer: &'static str,
+    /// The trail the emitted events carry.
+    pub trail: Vec<TrailEntry>,
 }
 
 impl SagaContext {
     /// The context of an event being handled by `producer`.
     pub fn caused_by(env: &Envelope, producer: &'static str) -> Self {
+        let mut trail = Vec::with_capacity(env.trail.len() + 1);
+        trail.extend(env.trail.iter().cloned());
+        trail.push(env.as_trail_entry());
         Self {
             order_id: env.order_id,
             deadline_at: env.deadline_at,
             causation_id: env.event_id.to_string(),
             producer,
+            trail,
         }
     }
 
@@ -125,6 +161,7 @@ impl SagaContext {
             deadline_at: self.deadline_at,
             producer: self.producer.to_owned(),
             data,
+            trail: self.trail.clone(),
         };
         OutboxMessage {
             id: event_id,
@@ -164,6 +201,7 @@ mod tests {
             deadline_at: Utc::now(),
             causation_id: cause.into(),
             producer: "payment-svc",
+            trail: Vec::new(),
         }
     }
 
@@ -192,6 +230,23 @@ mod tests {
         let tp = msg.traceparent.unwrap();
         assert!(tp.starts_with(&format!("00-{}-", c.order_id.simple())));
         assert_eq!(tp.len(), 55);
+    }
+
+    #[test]
+    fn an_event_carries_the_trail_of_its_cause_plus_the_cause() {
+        let first = ctx("request").event(EventType::OrderCreated, &serde_json::json!({}));
+        let first = Envelope::decode(&serde_json::to_vec(&first.payload).unwrap()).unwrap();
+        assert!(first.trail.is_empty());
+        let second = SagaContext::caused_by(&first, "payment-svc")
+            .event(EventType::PaymentCompleted, &serde_json::json!({}));
+        let second = Envelope::decode(&serde_json::to_vec(&second.payload).unwrap()).unwrap();
+        let third = SagaContext::caused_by(&second, "inventory-svc");
+        let kinds: Vec<_> = third.trail.iter().map(|t| t.event_type).collect();
+        assert_eq!(
+            kinds,
+            [EventType::OrderCreated, EventType::PaymentCompleted]
+        );
+        assert_eq!(third.trail[1].event_id, second.event_id);
     }
 
     #[test]

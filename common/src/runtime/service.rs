@@ -1,16 +1,22 @@
-//! The wiring every service shares: database, broker supervisor, outbox
-//! relay, consumer, HTTP server, background tasks, and an orderly shutdown.
+//! The wiring every service shares: database, broker supervisor, the
+//! outbox's publisher, janitor and sweeper, the consumer, the HTTP server,
+//! background tasks, and an orderly shutdown.
 //!
 //! A service's `main` is: parse config, [`ServiceRuntime::build`], build its
-//! handler and routes on the runtime's pool, then [`ServiceRuntime::run`].
+//! handler and routes on the runtime's pool and publisher, then
+//! [`ServiceRuntime::run`].
 //!
 //! Shutdown (on the token passed to `run`) happens in phases, so nothing in
 //! flight is lost:
 //! 1. stop intake: the HTTP server stops accepting and drains, the consumer
-//!    stops taking deliveries and lets its handlers finish and ack, background
-//!    tasks (timeout watcher) stop;
-//! 2. flush: the outbox relay publishes what those handlers committed;
-//! 3. close the broker connection and the pool.
+//!    finishes the batch in hand (commit, ack), intake tasks (timeout
+//!    watcher) stop;
+//! 2. support tasks that intake relied on (order-svc's placement batcher)
+//!    finish what is queued;
+//! 3. flush: the publisher sends what was committed and waits for its
+//!    confirms, the janitor deletes the confirmed rows, the sweeper
+//!    publishes whatever is left;
+//! 4. close the broker connection and the pool.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,15 +35,28 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::{Level, info, warn};
 
-use crate::broker::Broker;
-use crate::config::CommonConfig;
-use crate::consumer::{Consumer, ConsumerSettings, MessageHandler};
-use crate::outbox::{OutboxRelay, RelaySettings};
-use crate::topology::ServiceIdentity;
-use crate::{db, http, retention, telemetry};
+use crate::messaging::broker::Broker;
+use crate::messaging::consumer::{Consumer, ConsumerSettings, MessageHandler};
+use crate::messaging::outbox::{Confirmed, Janitor, OutboxSettings, Sweeper};
+use crate::messaging::publisher::{Publisher, PublisherTask};
+use crate::messaging::retry;
+use crate::messaging::topology::ServiceIdentity;
+use crate::runtime::config::{CommonConfig, redact_url};
+use crate::runtime::{http, telemetry};
+use crate::store::{pool as db, retention};
 
-/// A task that runs until the intake token is cancelled.
+/// A task that runs until its token is cancelled.
 pub type BackgroundTask = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
+/// A service's own tasks, by shutdown phase.
+#[derive(Default)]
+pub struct Tasks {
+    /// Stopped with the intake (phase 1): e.g. the timeout watcher.
+    pub intake: Vec<BackgroundTask>,
+    /// Stopped once the intake has drained (phase 2): what intake handlers
+    /// wait on, e.g. a batcher of HTTP requests.
+    pub support: Vec<BackgroundTask>,
+}
 
 /// A service's infrastructure, ready to run.
 pub struct ServiceRuntime {
@@ -45,6 +64,10 @@ pub struct ServiceRuntime {
     pub config: CommonConfig,
     pub pool: PgPool,
     pub broker: Broker,
+    /// The outbox's fast path: hand it what a commit wrote.
+    pub publisher: Publisher,
+    publisher_task: PublisherTask,
+    confirmed: Confirmed,
     listener: TcpListener,
 }
 
@@ -55,22 +78,20 @@ impl ServiceRuntime {
         config: CommonConfig,
         migrations: &Migrator,
     ) -> anyhow::Result<Self> {
-        retention::check_window(config.retention(), config.retry_max_attempts)?;
+        retry::check_window(config.retention(), config.retry_max_attempts)?;
         let database_url = config.database_url(&identity);
         let pool = db::connect_and_migrate(&database_url, config.db_pool_size, migrations)
             .await
-            .with_context(|| {
-                format!(
-                    "preparing database {}",
-                    crate::config::redact_url(&database_url)
-                )
-            })?;
+            .with_context(|| format!("preparing database {}", redact_url(&database_url)))?;
         let addr = config.http_addr(&identity);
         let listener = TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding HTTP on {addr}"))?;
         let connection_name = format!("{}@{}", identity.name, std::process::id());
-        let broker = Broker::new(config.amqp_url.clone(), connection_name);
+        let broker = Broker::new(config.amqp_url.clone(), connection_name, config.queue_type);
+        let confirmed = Confirmed::default();
+        let (publisher, publisher_task) =
+            Publisher::new(identity.name, broker.clone(), confirmed.clone());
         // Register the recorder before anything records.
         let _ = telemetry::prometheus();
         Ok(Self {
@@ -78,6 +99,9 @@ impl ServiceRuntime {
             config,
             pool,
             broker,
+            publisher,
+            publisher_task,
+            confirmed,
             listener,
         })
     }
@@ -94,13 +118,14 @@ impl ServiceRuntime {
         self,
         handler: H,
         routes: Router,
-        background: Vec<BackgroundTask>,
+        tasks: Tasks,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
         let name = self.identity.name;
         let grace = self.config.shutdown_grace();
         let intake = CancellationToken::new();
-        let relay_stop = CancellationToken::new();
+        let support = CancellationToken::new();
+        let flush = CancellationToken::new();
         let infra_stop = CancellationToken::new();
 
         let infra = TaskTracker::new();
@@ -114,24 +139,41 @@ impl ServiceRuntime {
             infra_stop.clone(),
         ));
 
-        let relay = OutboxRelay::new(
-            name,
-            self.pool.clone(),
-            self.broker.clone(),
-            RelaySettings {
-                batch_size: self.config.outbox_batch_size,
-                poll_interval: Duration::from_millis(self.config.outbox_poll_ms),
-            },
+        // The outbox: fast path, janitor, sweeper.
+        let publisher_task = tokio::spawn(self.publisher_task.run(flush.clone()));
+        let janitor_stop = CancellationToken::new();
+        let janitor = tokio::spawn(
+            Janitor::new(self.pool.clone(), self.confirmed.clone()).run(janitor_stop.clone()),
         );
-        let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+        let sweeper_stop = CancellationToken::new();
+        let sweeper = tokio::spawn(
+            Sweeper::new(
+                name,
+                self.pool.clone(),
+                self.broker.clone(),
+                OutboxSettings {
+                    batch_size: self.config.outbox_batch_size,
+                    sweep_interval: Duration::from_millis(self.config.outbox_poll_ms),
+                    sweep_after: Duration::from_millis(self.config.outbox_sweep_after_ms),
+                },
+            )
+            .run(sweeper_stop.clone()),
+        );
+
+        let support_tasks = TaskTracker::new();
+        for task in tasks.support {
+            support_tasks.spawn(task(support.clone()));
+        }
 
         let intake_tasks = TaskTracker::new();
         let consumer = Consumer::new(
             self.identity,
             self.broker.clone(),
             self.pool.clone(),
+            self.publisher.clone(),
             ConsumerSettings {
                 prefetch: self.config.prefetch,
+                batch_size: self.config.batch_size,
                 max_attempts: self.config.retry_max_attempts,
                 fault_delay: self.config.fault_delay_ms,
                 replay_window: self.config.retention(),
@@ -139,7 +181,7 @@ impl ServiceRuntime {
             Arc::new(handler),
         );
         intake_tasks.spawn(consumer.run(intake.clone()));
-        for task in background {
+        for task in tasks.intake {
             intake_tasks.spawn(task(intake.clone()));
         }
 
@@ -185,10 +227,25 @@ impl ServiceRuntime {
                 "intake did not drain within the grace period"
             );
         }
+        support.cancel();
+        support_tasks.close();
+        if tokio::time::timeout(grace, support_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                service = name,
+                "support tasks did not stop within the grace period"
+            );
+        }
 
         info!(service = name, "flushing the outbox");
-        relay_stop.cancel();
-        if tokio::time::timeout(grace, relay_task).await.is_err() {
+        flush.cancel();
+        let _ = tokio::time::timeout(grace, publisher_task).await;
+        janitor_stop.cancel();
+        let _ = tokio::time::timeout(grace, janitor).await;
+        sweeper_stop.cancel();
+        if tokio::time::timeout(grace, sweeper).await.is_err() {
             warn!(
                 service = name,
                 "outbox flush did not finish within the grace period"
@@ -240,7 +297,7 @@ pub fn main_with<S: Service>(config: S::Config) -> anyhow::Result<()> {
         telemetry::init_tracing();
         let app = S::build(config).await?;
         info!(addr = %app.local_addr(), "listening");
-        app.run(crate::shutdown::on_signal()).await
+        app.run(crate::runtime::shutdown::on_signal()).await
     });
     // Everything that matters has drained by now; don't let a blocking
     // thread (a client's I/O loop stuck on a dead socket) hold the exit.

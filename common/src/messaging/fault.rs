@@ -1,5 +1,6 @@
-//! `FAULT_DELAY_MS`: an artificial delay before each message is handled, to
-//! reproduce network latency and the deadline path in tests and benchmarks.
+//! `FAULT_DELAY_MS`: an artificial delay before each batch of messages is
+//! handled, to reproduce a slow dependency and the deadline path in tests
+//! and benchmarks.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,13 +1,9 @@
-//! Bounded tables: published outbox rows and inbox ids are deleted once they
-//! are older than the retention window.
+//! Bounded tables: old outbox rows and inbox ids are deleted once they are
+//! older than the retention window.
 //!
-//! The window must outlast every way a message can come back:
-//! - a retried message (the delay tiers, up to `RETRY_MAX_ATTEMPTS`) — checked
-//!   at start-up: a service refuses to start if its window is shorter than
-//!   [`retry_horizon`];
-//! - a replayed or long-queued message — refused by the consumer if it is
-//!   older than the window (`occurred_at`), because the inbox may have
-//!   forgotten it: it is parked with the reason instead of being applied twice.
+//! The window must outlast every way a message can come back (see
+//! [`crate::messaging::retry::check_window`], checked at start-up); a message
+//! older than the window is refused by the consumer rather than applied twice.
 //!
 //! One replica per service cleans at a time (a transaction-level advisory
 //! lock), in batches of [`BATCH`] rows found through an index, so the hot
@@ -19,51 +15,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::telemetry::metric;
-use crate::topology::RETRY_TIERS;
+use crate::metric_definitions as metric;
 
 /// Rows deleted per statement.
 pub const BATCH: i64 = 1000;
 
 /// Advisory lock key of the cleaner ("saga-retention" in ASCII).
 const LOCK_KEY: i64 = 0x7361_6761_2d72_6574;
-
-/// The longest a message can take to come back through the retry tiers:
-/// every delay before the last attempt, with its maximum jitter (+50 %).
-pub fn retry_horizon(max_attempts: u32) -> Duration {
-    (1..max_attempts.max(1))
-        .map(|attempt| {
-            let tier = (attempt as usize - 1).min(RETRY_TIERS.len() - 1);
-            RETRY_TIERS[tier].mul_f64(1.5)
-        })
-        .sum()
-}
-
-/// Why a retention window is too short.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "RETENTION_SECS ({retention_s}s) must exceed the retry horizon ({horizon_s}s for \
-     RETRY_MAX_ATTEMPTS={max_attempts}) plus one hour: otherwise a retried message could \
-     outlive its inbox entry and be applied twice"
-)]
-pub struct WindowTooShort {
-    pub retention_s: u64,
-    pub horizon_s: u64,
-    pub max_attempts: u32,
-}
-
-/// Checks the window against the retry horizon (with an hour to spare).
-pub fn check_window(retention: Duration, max_attempts: u32) -> Result<(), WindowTooShort> {
-    let horizon = retry_horizon(max_attempts);
-    if retention < horizon + Duration::from_secs(3600) {
-        return Err(WindowTooShort {
-            retention_s: retention.as_secs(),
-            horizon_s: horizon.as_secs(),
-            max_attempts,
-        });
-    }
-    Ok(())
-}
 
 /// Published outbox rows older than `$1` seconds, at most `$2` of them.
 const DELETE_OLD_OUTBOX: &str = r#"
@@ -152,25 +110,5 @@ pub async fn run_cleaner(
             Ok(None) => debug!(service, "retention: another replica is cleaning"),
             Err(error) => warn!(service, %error, "retention: cleaning failed; will retry"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_retry_horizon_sums_the_tiers_with_jitter() {
-        assert_eq!(retry_horizon(1), Duration::ZERO);
-        assert_eq!(retry_horizon(2), Duration::from_millis(300));
-        // 8 attempts: 0.2 + 1 + 5 + 30 + 120 + 120 + 120 = 396.2 s, × 1.5.
-        assert_eq!(retry_horizon(8), Duration::from_millis(594_300));
-    }
-
-    #[test]
-    fn a_window_shorter_than_the_horizon_is_refused() {
-        assert!(check_window(Duration::from_secs(7 * 24 * 3600), 8).is_ok());
-        let err = check_window(Duration::from_secs(600), 8).unwrap_err();
-        assert!(err.to_string().contains("RETENTION_SECS (600s)"));
     }
 }

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, PgPool};
 use tracing::info;
 
-use crate::telemetry::metric;
+use crate::metric_definitions as metric;
 
 /// The shared tables (outbox, inbox, escalations).
 pub static COMMON_MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
@@ -74,9 +74,13 @@ pub async fn connect_and_migrate(
             ("idle_in_transaction_session_timeout", "60s"),
         ]);
     ensure_database(&options).await?;
+    // No ping before each acquire (a broken connection fails its statement,
+    // which is retried like any database error), and a couple of warm
+    // connections so the first batch after a quiet spell does not connect.
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
-        .min_connections(0)
+        .min_connections(pool_size.min(2))
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .idle_timeout(Duration::from_secs(60))
         .connect_with(options)
@@ -123,22 +127,6 @@ pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> 
             Err(source) => return Err(DbError::Create { name, source }),
         }
     }
-    let _ = admin.close().await;
-    Ok(())
-}
-
-/// Drops a database (tests and tooling), closing other sessions first.
-pub async fn drop_database(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
-    let name = options
-        .get_database()
-        .ok_or_else(|| sqlx::Error::Configuration("no database".into()))?
-        .to_owned();
-    let mut admin = options.clone().database("postgres").connect().await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "drop database if exists \"{name}\" with (force)"
-    )))
-    .execute(&mut admin)
-    .await?;
     let _ = admin.close().await;
     Ok(())
 }

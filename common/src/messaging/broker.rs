@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::telemetry::metric;
-use crate::topology;
+use crate::messaging::topology::{self, QueueType};
+use crate::metric_definitions as metric;
 
 /// The longest a connection or channel set-up may take before it is
 /// abandoned (and the connection recycled).
@@ -40,19 +40,26 @@ pub struct Broker {
 struct Inner {
     url: String,
     connection_name: String,
+    queue_type: QueueType,
     current: watch::Sender<Option<SharedConnection>>,
     /// Wakes the supervisor when a component saw the connection fail.
     broken: tokio::sync::Notify,
 }
 
 impl Broker {
-    /// `connection_name` shows in the management UI's connection list.
-    pub fn new(url: impl Into<String>, connection_name: impl Into<String>) -> Self {
+    /// `connection_name` shows in the management UI's connection list;
+    /// `queue_type` is the kind of queue the topology is declared with.
+    pub fn new(
+        url: impl Into<String>,
+        connection_name: impl Into<String>,
+        queue_type: QueueType,
+    ) -> Self {
         let (current, _) = watch::channel(None);
         Self {
             inner: Arc::new(Inner {
                 url: url.into(),
                 connection_name: connection_name.into(),
+                queue_type,
                 current,
                 broken: tokio::sync::Notify::new(),
             }),
@@ -175,7 +182,7 @@ impl Broker {
         let connect = async {
             let conn = Connection::connect(&self.inner.url, props).await?;
             let channel = conn.create_channel().await?;
-            topology::declare_all(&channel).await?;
+            topology::declare_all(&channel, self.inner.queue_type).await?;
             let _ = channel.close(200, "topology declared".into()).await;
             Ok::<_, lapin::Error>(conn)
         };

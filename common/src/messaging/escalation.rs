@@ -16,9 +16,9 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::consumer::Incoming;
-use crate::envelope::Envelope;
-use crate::telemetry::metric;
+use crate::messaging::delivery::Incoming;
+use crate::messaging::envelope::Envelope;
+use crate::metric_definitions as metric;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct EscalationRow {

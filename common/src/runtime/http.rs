@@ -18,9 +18,12 @@ use sqlx::PgPool;
 use tracing::error;
 use uuid::Uuid;
 
-use crate::broker::Broker;
-use crate::topology::ServiceIdentity;
-use crate::{consumer, escalation, telemetry};
+use crate::messaging::broker::Broker;
+use crate::messaging::delivery::{H_ESCALATION_ID, H_ORIGINAL_ROUTING_KEY};
+use crate::messaging::escalation;
+use crate::messaging::topology::ServiceIdentity;
+use crate::runtime::telemetry;
+use crate::store::pool as db;
 
 /// An error answered as JSON `{"error": "..."}`.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +48,7 @@ pub enum ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        if crate::db::retryable(&e).is_some() {
+        if db::retryable(&e).is_some() {
             error!(error = %e, "database unavailable");
             ApiError::Unavailable
         } else {
@@ -150,11 +153,11 @@ async fn retry_escalation(
         .ok_or_else(|| ApiError::NotFound(format!("no escalation {id}")))?;
     let mut headers = FieldTable::default();
     headers.insert(
-        consumer::H_ORIGINAL_ROUTING_KEY.into(),
+        H_ORIGINAL_ROUTING_KEY.into(),
         AMQPValue::LongString(LongString::from(row.routing_key.as_str())),
     );
     headers.insert(
-        consumer::H_ESCALATION_ID.into(),
+        H_ESCALATION_ID.into(),
         AMQPValue::LongString(LongString::from(id.to_string().as_str())),
     );
     let props = BasicProperties::default()

@@ -1,0 +1,41 @@
+//! Everything between a service's database and the broker.
+//!
+//! The contract:
+//! - [`events`]: the event catalogue (routing keys, payloads);
+//! - [`envelope`]: the envelope every event travels in, deterministic ids,
+//!   the saga's trail.
+//!
+//! The broker:
+//! - [`topology`]: exchange, queues and bindings, who consumes what;
+//! - [`broker`]: one supervised connection per process.
+//!
+//! The hot path, for each batch of deliveries:
+//! - [`delivery`]: a delivery as handlers see it;
+//! - [`consumer`]: takes what is ready, runs the handler on the whole batch
+//!   in one [`unit_of_work`], acks after the commit, retries or parks what
+//!   failed (one message at a time, so one bad message never sinks others);
+//!   [`fault`] can slow it down on purpose (tests, benchmarks);
+//! - [`outbox`]: the durable record of every event a commit caused, and the
+//!   sweeper that publishes whatever the fast path did not;
+//! - [`publisher`]: the fast path — publishes committed events right after
+//!   the commit, pipelined, and tells the outbox what the broker confirmed.
+//!
+//! Duplicates and failures:
+//! - [`retry`]: the delay tiers of broker-level retries;
+//! - [`inbox`]: dedup where a message has no natural key, and the counters
+//!   of duplicates and late events;
+//! - [`escalation`]: compensations that kept failing, for an operator.
+
+pub mod broker;
+pub mod consumer;
+pub mod delivery;
+pub mod envelope;
+pub mod escalation;
+pub mod events;
+pub mod fault;
+pub mod inbox;
+pub mod outbox;
+pub mod publisher;
+pub mod retry;
+pub mod topology;
+pub mod unit_of_work;

@@ -1,0 +1,353 @@
+//! The broker topology: who consumes what, and the queues that carry it.
+//!
+//! Every service declares the *whole* topology when it connects, not just its
+//! own queues. An event published before its consumer ever started then waits
+//! in that consumer's durable queue instead of being dropped as unroutable,
+//! whatever order the services start in. Declarations are idempotent.
+//!
+//! Per service `S` (e.g. `payment-svc`):
+//! - `S.events` — the work queue, bound to `saga.events` with the routing
+//!   keys `S` reacts to. Manual acks, bounded prefetch. A quorum queue by
+//!   default ([`QueueType`]): a message delivered more than
+//!   [`DELIVERY_LIMIT`] times (a handler that crashes the process every time)
+//!   is dead-lettered to `S.parking` by the broker itself.
+//! - `S.retry.<delay>` — delay queues for transient failures: a message is
+//!   re-published there with a per-message TTL and dead-letters back into
+//!   `S.events` when it expires. Several tiers, so a long delay never holds a
+//!   short one behind it.
+//! - `S.parking` — the parking lot (dead-letter queue): messages that cannot
+//!   be handled, with the reason in their `x-parked-reason` header. Nothing
+//!   consumes it; an operator inspects it in the management UI.
+//!
+//! A service may also *observe* events without consuming them durably: each
+//! of its replicas declares its own exclusive, transient queue
+//! ([`ServiceIdentity::replica_queue`]) bound to those keys. order-svc uses
+//! this to learn how far each saga has got (for the timeout's reason) and to
+//! receive decisions made by another replica, without a durable delivery,
+//! an ack or a database write per event.
+
+use std::fmt;
+use std::str::FromStr;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::messaging::events::{EXCHANGE, EventType};
+use crate::messaging::retry::RETRY_TIERS;
+
+/// Deliveries of one message after which the broker parks it (crash loops;
+/// quorum queues only).
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// The kind of the work, delay and parking queues (`QUEUE_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// Raft-replicated, fsynced before confirming; redeliveries are counted,
+    /// so a crash-looping message is parked by the broker
+    /// ([`DELIVERY_LIMIT`]); dead-lettering is at-least-once. The default.
+    #[default]
+    Quorum,
+    /// Classic queues, version 2 (durable, persistent messages, confirmed
+    /// once written to disk). One node only; no delivery limit, and
+    /// dead-lettering out of the delay queues is at-most-once.
+    Classic,
+}
+
+impl FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            other => Err(format!(
+                "QUEUE_TYPE must be quorum or classic, got {other:?}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        })
+    }
+}
+
+/// A service of the saga: its name, its default database and port, and the
+/// events it consumes.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceIdentity {
+    /// Binary, queue-prefix and metrics-label name, e.g. `payment-svc`.
+    pub name: &'static str,
+    /// Default PostgreSQL database name.
+    pub database: &'static str,
+    /// Default HTTP port on 127.0.0.1.
+    pub http_port: u16,
+    /// Routing keys bound to the service's durable work queue.
+    pub consumes: &'static [EventType],
+    /// Routing keys each replica observes on its own transient queue.
+    pub observes: &'static [EventType],
+}
+
+impl ServiceIdentity {
+    pub fn queue(&self) -> String {
+        format!("{}.events", self.name)
+    }
+
+    pub fn parking_queue(&self) -> String {
+        format!("{}.parking", self.name)
+    }
+
+    pub fn retry_queue(&self, tier: usize) -> String {
+        format!("{}.retry.{}", self.name, tier_label(RETRY_TIERS[tier]))
+    }
+
+    /// The transient queue of one replica, `<service>.replica.<id>`.
+    pub fn replica_queue(&self, replica_id: &str) -> String {
+        format!("{}.replica.{replica_id}", self.name)
+    }
+}
+
+fn tier_label(d: std::time::Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+pub const ORDER_SVC: ServiceIdentity = ServiceIdentity {
+    name: "order-svc",
+    database: "orders",
+    http_port: 8080,
+    // Failures decide the saga, notification.sent confirms it, compensations
+    // complete its timeline. Forward progress is only observed (below).
+    consumes: &[
+        EventType::OrderRequested,
+        EventType::PaymentFailed,
+        EventType::PaymentRefunded,
+        EventType::InventoryFailed,
+        EventType::InventoryReleased,
+        EventType::NotificationSent,
+        EventType::NotificationFailed,
+    ],
+    observes: &[EventType::PaymentCompleted, EventType::InventoryReserved],
+};
+
+pub const PAYMENT_SVC: ServiceIdentity = ServiceIdentity {
+    name: "payment-svc",
+    database: "payments",
+    http_port: 8081,
+    consumes: &[
+        EventType::OrderCreated,
+        EventType::OrderFailed,
+        EventType::OrderCancelled,
+    ],
+    observes: &[],
+};
+
+pub const INVENTORY_SVC: ServiceIdentity = ServiceIdentity {
+    name: "inventory-svc",
+    database: "inventory",
+    http_port: 8082,
+    consumes: &[
+        EventType::PaymentCompleted,
+        EventType::OrderConfirmed,
+        EventType::OrderFailed,
+        EventType::OrderCancelled,
+    ],
+    observes: &[],
+};
+
+pub const NOTIFICATION_SVC: ServiceIdentity = ServiceIdentity {
+    name: "notification-svc",
+    database: "notifications",
+    http_port: 8083,
+    consumes: &[
+        EventType::InventoryReserved,
+        EventType::OrderFailed,
+        EventType::OrderCancelled,
+    ],
+    observes: &[],
+};
+
+/// The four services of the saga.
+pub const SERVICES: [ServiceIdentity; 4] =
+    [ORDER_SVC, PAYMENT_SVC, INVENTORY_SVC, NOTIFICATION_SVC];
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares the exchange and every service's queues and bindings.
+pub async fn declare_all(channel: &Channel, queue_type: QueueType) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for svc in SERVICES {
+        declare_service(channel, &svc, queue_type).await?;
+    }
+    Ok(())
+}
+
+/// The arguments every queue of a kind gets.
+fn kind_args(queue_type: QueueType) -> Vec<(&'static str, AMQPValue)> {
+    match queue_type {
+        QueueType::Quorum => vec![("x-queue-type", text("quorum"))],
+        QueueType::Classic => vec![
+            ("x-queue-type", text("classic")),
+            ("x-queue-version", AMQPValue::LongInt(2)),
+        ],
+    }
+}
+
+/// Dead-lettering arguments: at-least-once where the queue type offers it
+/// (the source keeps a message until the target confirms it; needs
+/// reject-publish overflow).
+fn dead_letter_args(queue_type: QueueType, target: &str) -> Vec<(&'static str, AMQPValue)> {
+    let mut args = vec![
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(target)),
+    ];
+    if queue_type == QueueType::Quorum {
+        args.push(("x-dead-letter-strategy", text("at-least-once")));
+        args.push(("x-overflow", text("reject-publish")));
+    }
+    args
+}
+
+async fn declare_service(
+    channel: &Channel,
+    svc: &ServiceIdentity,
+    queue_type: QueueType,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            svc.parking_queue().into(),
+            durable(),
+            table(&kind_args(queue_type)),
+        )
+        .await?;
+
+    let queue = svc.queue();
+    let mut args = kind_args(queue_type);
+    if queue_type == QueueType::Quorum {
+        args.push(("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)));
+    }
+    args.extend(dead_letter_args(queue_type, &svc.parking_queue()));
+    channel
+        .queue_declare(queue.as_str().into(), durable(), table(&args))
+        .await?;
+    for event in svc.consumes {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                EXCHANGE.into(),
+                event.routing_key().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+
+    for tier in 0..RETRY_TIERS.len() {
+        let mut args = kind_args(queue_type);
+        args.extend(dead_letter_args(queue_type, &queue));
+        channel
+            .queue_declare(svc.retry_queue(tier).into(), durable(), table(&args))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Declares a replica's own transient queue (exclusive to this connection,
+/// deleted with it) and binds it to what the service observes.
+pub async fn declare_replica_queue(
+    channel: &Channel,
+    svc: &ServiceIdentity,
+    name: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            // Bounded: a replica that stops reading loses old hints, never memory.
+            table(&[
+                ("x-max-length", AMQPValue::LongLongInt(100_000)),
+                ("x-overflow", text("drop-head")),
+            ]),
+        )
+        .await?;
+    for event in svc.observes {
+        channel
+            .queue_bind(
+                name.into(),
+                EXCHANGE.into(),
+                event.routing_key().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_has_a_durable_consumer_so_none_is_unroutable() {
+        for t in EventType::ALL {
+            let consumed = SERVICES.iter().any(|s| s.consumes.contains(&t));
+            assert!(consumed, "{t} has no consumer: it would be unroutable");
+        }
+    }
+
+    #[test]
+    fn queue_names_follow_the_documented_scheme() {
+        assert_eq!(PAYMENT_SVC.queue(), "payment-svc.events");
+        assert_eq!(PAYMENT_SVC.parking_queue(), "payment-svc.parking");
+        assert_eq!(PAYMENT_SVC.retry_queue(0), "payment-svc.retry.200ms");
+        assert_eq!(PAYMENT_SVC.retry_queue(4), "payment-svc.retry.120s");
+        assert_eq!(ORDER_SVC.replica_queue("ab12"), "order-svc.replica.ab12");
+    }
+
+    #[test]
+    fn queue_types_parse_from_their_documented_names() {
+        assert_eq!("quorum".parse(), Ok(QueueType::Quorum));
+        assert_eq!("Classic".parse(), Ok(QueueType::Classic));
+        assert!("stream".parse::<QueueType>().is_err());
+    }
+}

@@ -1,0 +1,63 @@
+//! The unit of work: one PostgreSQL transaction carrying a batch's state
+//! changes and the events they cause.
+//!
+//! A handler writes through [`UnitOfWork::conn`], queues the events it causes
+//! with [`UnitOfWork::emit`] and what must happen only once the commit is
+//! durable (metrics, waking a waiting request) with
+//! [`UnitOfWork::on_commit`]. [`UnitOfWork::commit`] inserts the events into
+//! the outbox with one statement, commits, runs the callbacks and hands the
+//! events to the publisher's fast path. Dropped without a commit, nothing of
+//! it happened.
+
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use crate::messaging::outbox::{self, OutboxMessage};
+use crate::messaging::publisher::Publisher;
+
+type Callback = Box<dyn FnOnce() + Send>;
+
+/// One transaction: state changes, outbox events, after-commit callbacks.
+pub struct UnitOfWork {
+    tx: Transaction<'static, Postgres>,
+    outgoing: Vec<OutboxMessage>,
+    on_commit: Vec<Callback>,
+}
+
+impl UnitOfWork {
+    pub async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            tx: pool.begin().await?,
+            outgoing: Vec::new(),
+            on_commit: Vec::new(),
+        })
+    }
+
+    /// The transaction's connection, for the handler's own statements.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Queues an event; it is inserted into the outbox at commit.
+    pub fn emit(&mut self, message: OutboxMessage) {
+        self.outgoing.push(message);
+    }
+
+    /// Runs `f` once the transaction has committed (never if it does not).
+    pub fn on_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_commit.push(Box::new(f));
+    }
+
+    /// Inserts the queued events into the outbox, commits, runs the
+    /// callbacks and hands the events to `publisher`.
+    pub async fn commit(mut self, publisher: &Publisher) -> Result<(), sqlx::Error> {
+        if !self.outgoing.is_empty() {
+            outbox::enqueue(&mut self.tx, &self.outgoing).await?;
+        }
+        self.tx.commit().await?;
+        for f in self.on_commit {
+            f();
+        }
+        publisher.publish_committed(self.outgoing);
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! Every metric name the shared code records (Prometheus conventions:
+//! `_total` counters, `_seconds` histograms). Label values come from fixed
+//! sets, never ids or error strings. Services add their own next to their
+//! code; the README lists them all.
+
+/// Messages handled, by `service`, `event_type` and `outcome` (`ok`, `retry`, `parked`, `escalated`).
+pub const MESSAGES_HANDLED: &str = "messages_handled_total";
+/// Time to handle the batch a message was in, by `service` and `event_type`.
+pub const MESSAGE_HANDLING_SECONDS: &str = "message_handling_seconds";
+/// Deliveries handled per transaction, by `service`.
+pub const CONSUMER_BATCH_SIZE: &str = "consumer_batch_size";
+/// Batches that failed as a whole and were retried one message at a time, by `service`.
+pub const CONSUMER_BATCH_FALLBACKS: &str = "consumer_batch_fallbacks_total";
+/// Messages parked in a dead-letter queue, by `service` and `reason`.
+pub const MESSAGES_PARKED: &str = "messages_parked_total";
+/// Duplicate messages recognised (by an inbox or a natural key) and not applied again, by `service` and `event_type`.
+pub const INBOX_DUPLICATES: &str = "inbox_duplicates_total";
+/// Forward events not applied because their saga was already over, by `service` and `event_type`.
+pub const LATE_EVENTS: &str = "late_events_ignored_total";
+/// Outbox rows published and confirmed, by `service` and `path` (`fast`: right after the commit; `sweep`: by the sweeper).
+pub const OUTBOX_PUBLISHED: &str = "outbox_published_total";
+/// Outbox rows the broker refused or returned, by `service`.
+pub const OUTBOX_PUBLISH_FAILURES: &str = "outbox_publish_failures_total";
+/// Rows per sweeper pass that found work, by `service`.
+pub const OUTBOX_BATCH_ROWS: &str = "outbox_batch_rows";
+/// From commit to broker confirm, by `service`.
+pub const OUTBOX_LAG_SECONDS: &str = "outbox_lag_seconds";
+/// Committed events the fast path could not publish (no broker): the sweeper sends them, by `service`.
+pub const OUTBOX_FAST_PATH_SKIPPED: &str = "outbox_fast_path_skipped_total";
+/// 1 while the broker connection is up, by `service`.
+pub const BROKER_CONNECTED: &str = "broker_connected";
+/// Failed broker connection attempts, by `service`.
+pub const BROKER_CONNECT_FAILURES: &str = "broker_connect_failures_total";
+/// Retryable database errors, by `service` and `kind` (`deadlock`, `serialization`, `lock_timeout`, `connection`, `other`).
+pub const DB_RETRYABLE_ERRORS: &str = "db_retryable_errors_total";
+/// Sagas started (orders created), order-svc.
+pub const SAGAS_STARTED: &str = "sagas_started_total";
+/// Sagas decided, by `outcome` (`confirmed`, `failed`) and `failed_step` (`none`, `payment`, `inventory`, `notification`, `timeout`).
+pub const SAGAS_DECIDED: &str = "sagas_decided_total";
+/// From order creation to decision, by `outcome`.
+pub const SAGA_DURATION_SECONDS: &str = "saga_duration_seconds";
+/// Orders rejected as invalid input, by `source` (`http`, `amqp`).
+pub const ORDERS_REJECTED: &str = "orders_rejected_total";
+/// Compensations whose retries were exhausted and that were escalated, by `service` and `step`.
+pub const COMPENSATIONS_ESCALATED: &str = "compensations_escalated_total";
+/// Old outbox rows and inbox ids deleted by the cleaner, by `service` and `table`.
+pub const RETENTION_DELETED: &str = "retention_deleted_rows_total";
+/// Business outcomes of a service's step, by `service` and `outcome`
+/// (e.g. `charged`, `declined`, `refunded`, `reserved`, `released`, `sent`, `bounced`).
+pub const STEP_OUTCOMES: &str = "saga_step_outcomes_total";
+
+/// Counts business outcomes of a service's step (`saga_step_outcomes_total`).
+pub fn step_outcome(service: &'static str, outcome: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!(STEP_OUTCOMES, "service" => service, "outcome" => outcome).increment(n);
+    }
+}

@@ -1,0 +1,10 @@
+//! What turns a message handler and a few routes into a running service:
+//! [`service`] wires the parts together and shuts them down in order;
+//! [`http`] serves health, metrics and the escalation admin API;
+//! [`config`], [`telemetry`] and [`shutdown`] support them.
+
+pub mod config;
+pub mod http;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,6 @@
+//! PostgreSQL: each service's own database ([`pool`]: creation, pool,
+//! migrations, which errors are worth retrying) and keeping its bookkeeping
+//! tables bounded ([`retention`]).
+
+pub mod pool;
+pub mod retention;
