@@ -17,11 +17,13 @@
 //! - [`runtime`]: what turns a handler into a running service — wiring and
 //!   orderly shutdown, HTTP operations routes, configuration, telemetry.
 //! - [`metric_definitions`]: the names of the metrics recorded here.
+//! - [`failpoints`]: crash points for the tests (compiled out otherwise).
 //!
 //! Dependencies point one way: `saga` ← `messaging` ← `runtime`, with
 //! `store` beside `messaging` (the outbox writes through a store
 //! connection; the store knows nothing of messages).
 
+pub mod failpoints;
 pub mod messaging;
 pub mod metric_definitions;
 pub mod runtime;

@@ -470,16 +470,22 @@ impl TestSystem {
 
     /// A service's `/metrics` text.
     pub async fn metrics(&self, svc: Svc) -> String {
-        self.http
-            .get(format!("{}/metrics", self.url(svc)))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("text")
+        metrics_text(&self.http, self.url(svc)).await
     }
+}
 
+/// The `/metrics` text of the service at `base_url`.
+pub async fn metrics_text(http: &reqwest::Client, base_url: &str) -> String {
+    http.get(format!("{base_url}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+impl TestSystem {
     /// Stops every service; the sandbox is removed when the system drops
     /// (also when a test panics before getting here).
     pub async fn shutdown(mut self) {
@@ -662,6 +668,26 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The sum of every series of the metric `name` in a Prometheus text whose
+/// labels include all of `labels` (0 if there is none).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest),
+                None => (series, ""),
+            };
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// The mission's example order, with a real test card.

@@ -20,6 +20,8 @@ pub struct Replica {
     pub log: PathBuf,
     /// How many times it was started.
     pub starts: u32,
+    /// Environment of this replica only, on top of the system's.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -72,6 +74,17 @@ impl ProcessSystem {
     /// Starts `n` replicas of each listed service, with `env` added to each
     /// process's environment, and waits until all are healthy.
     pub async fn spawn(bin: &str, layout: &[(Svc, usize)], env: &[(&str, &str)]) -> ProcessSystem {
+        Self::spawn_with(bin, layout, env, &[]).await
+    }
+
+    /// [`ProcessSystem::spawn`], with `(service, key, value)` added to the
+    /// environment of every replica of that service (e.g. a failpoint).
+    pub async fn spawn_with(
+        bin: &str,
+        layout: &[(Svc, usize)],
+        env: &[(&str, &str)],
+        service_env: &[(Svc, &str, &str)],
+    ) -> ProcessSystem {
         let sandbox = Sandbox::new().await;
         let log_dir = std::env::temp_dir().join(&sandbox.prefix);
         std::fs::create_dir_all(&log_dir).expect("log dir");
@@ -83,6 +96,11 @@ impl ProcessSystem {
                     port: free_port(),
                     log: log_dir.join(format!("{}-{i}.log", svc.identity().name)),
                     starts: 0,
+                    env: service_env
+                        .iter()
+                        .filter(|(s, _, _)| *s == svc)
+                        .map(|(_, k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
                     child: None,
                 });
             }
@@ -149,6 +167,7 @@ impl ProcessSystem {
                 std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn,common=info".into()),
             )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(r.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -219,6 +238,26 @@ impl ProcessSystem {
                 Err("still running 30 s after SIGTERM".into())
             }
         }
+    }
+
+    /// Waits up to `timeout` for replica `i` to exit on its own (a crash);
+    /// its exit status, or `None` if it is still running.
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.replicas[i].child.as_mut()?;
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .ok()?
+            .ok()?;
+        harness_log(
+            &self.log_dir,
+            &format!("{} exited: {status}", self.replicas[i].name()),
+        );
+        self.replicas[i].child = None;
+        Some(status)
     }
 
     pub fn is_running(&self, i: usize) -> bool {

@@ -486,6 +486,10 @@ impl<H: MessageHandler> Consumer<H> {
                 }
             }
         }
+        if crate::failpoints::is_set("consumer::before_ack") {
+            self.publisher.wait_settled().await;
+            crate::failpoints::crash("consumer::before_ack");
+        }
         if let Some(last) = deliveries.last() {
             let acked = last
                 .acker

@@ -13,12 +13,14 @@
 //! Transient hints (a decision for another replica's waiting request) go
 //! the same way without touching the outbox: losing one costs latency only.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use lapin::Channel;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -51,6 +53,23 @@ enum Job {
 pub struct Publisher {
     service: &'static str,
     jobs: mpsc::Sender<Job>,
+    tally: Arc<Tally>,
+}
+
+/// Hand-overs of committed events, and how many the task has finished
+/// (confirmed, or left to the sweeper).
+#[derive(Default)]
+struct Tally {
+    handed: AtomicU64,
+    settled: AtomicU64,
+    changed: Notify,
+}
+
+impl Tally {
+    fn settle_one(&self) {
+        self.settled.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
 }
 
 impl Publisher {
@@ -62,13 +81,19 @@ impl Publisher {
         confirmed: Confirmed,
     ) -> (Self, PublisherTask) {
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let tally = Arc::new(Tally::default());
         (
-            Self { service, jobs },
+            Self {
+                service,
+                jobs,
+                tally: tally.clone(),
+            },
             PublisherTask {
                 service,
                 broker,
                 confirmed,
                 queue,
+                tally,
             },
         )
     }
@@ -83,9 +108,26 @@ impl Publisher {
             messages,
             committed_at: Instant::now(),
         };
-        if self.jobs.try_send(job).is_err() {
+        if self.jobs.try_send(job).is_ok() {
+            self.tally.handed.fetch_add(1, Ordering::AcqRel);
+        } else {
             metrics::counter!(metric::OUTBOX_FAST_PATH_SKIPPED, "service" => self.service)
                 .increment(n as u64);
+        }
+    }
+
+    /// Waits until everything handed over so far is settled: confirmed by
+    /// the broker, or left to the sweeper.
+    pub async fn wait_settled(&self) {
+        let target = self.tally.handed.load(Ordering::Acquire);
+        loop {
+            let changed = self.tally.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.tally.settled.load(Ordering::Acquire) >= target {
+                return;
+            }
+            changed.await;
         }
     }
 
@@ -101,6 +143,7 @@ pub struct PublisherTask {
     broker: Broker,
     confirmed: Confirmed,
     queue: mpsc::Receiver<Job>,
+    tally: Arc<Tally>,
 }
 
 /// The confirms of one hand-over: (committed ids or none for a transient
@@ -147,7 +190,12 @@ impl PublisherTask {
                             }
                             (ids, committed_at, Ok(outcomes))
                         }),
-                        None => self.skipped(&ids),
+                        None => {
+                            self.skipped(&ids);
+                            if committed_at.is_some() {
+                                self.tally.settle_one();
+                            }
+                        }
                     }
                 }
                 _ = stop.cancelled(), if !stopping => {
@@ -224,7 +272,16 @@ impl PublisherTask {
     }
 
     /// Records a hand-over's confirms; true if its channel failed.
-    fn settle(&self, (ids, committed_at, outcome): ConfirmsOf) -> bool {
+    fn settle(&self, confirms: ConfirmsOf) -> bool {
+        let committed = confirms.1.is_some();
+        let broken = self.record(confirms);
+        if committed {
+            self.tally.settle_one();
+        }
+        broken
+    }
+
+    fn record(&self, (ids, committed_at, outcome): ConfirmsOf) -> bool {
         match outcome {
             Ok(outcomes) => {
                 let mut ok = Vec::with_capacity(ids.len());

@@ -293,6 +293,7 @@ pub fn main_with<S: Service>(config: S::Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let _failpoints = crate::failpoints::setup();
     let result = runtime.block_on(async move {
         telemetry::init_tracing();
         let app = S::build(config).await?;

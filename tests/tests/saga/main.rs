@@ -1,6 +1,7 @@
 //! End-to-end tests of the saga: four services in-process, real RabbitMQ and
 //! PostgreSQL, one vhost and four databases per test.
 
+mod batches;
 mod deadlock;
 mod escalation;
 mod failures;
