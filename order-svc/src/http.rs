@@ -6,12 +6,13 @@
 //!   invalid input (nothing is created); 409 if the key was used for a
 //!   different order.
 //! - `GET /orders/{order_id}` — the order, its status and the saga timeline.
+//! - `GET /orders?idempotency_key=K` — the same, for the order a key placed.
 //! - `PUT`/`GET /catalog/{item_id}` — `{"price_cents": N}`.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,7 +39,7 @@ const MAX_KEY_LEN: usize = 200;
 
 pub fn routes(saga: Arc<OrderSaga>, placer: Placer) -> Router {
     Router::new()
-        .route("/orders", post(place_order))
+        .route("/orders", post(place_order).get(find_order))
         .route("/orders/{order_id}", get(get_order))
         .route(
             "/catalog/{item_id}",
@@ -121,12 +122,42 @@ async fn get_order(
     let order = db::get_order(&mut conn, order_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no order {order_id}")))?;
-    let mut steps = db::steps(&mut conn, order_id).await?;
+    Ok(Json(order_view(&mut conn, order).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct ByKey {
+    idempotency_key: Option<String>,
+}
+
+/// `GET /orders?idempotency_key=K`: the order a key placed (a client that
+/// lost its answer finds its order this way).
+async fn find_order(
+    State(HttpState { saga, .. }): State<HttpState>,
+    Query(ByKey { idempotency_key }): Query<ByKey>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("idempotency_key is required".into()))?;
+    let mut conn = saga.pool.acquire().await?;
+    let order = db::find_by_keys(&mut conn, &[key.as_str()])
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::NotFound(format!("no order with idempotency key {key:?}")))?;
+    Ok(Json(order_view(&mut conn, order).await?).into_response())
+}
+
+/// An order, its status and its saga's timeline.
+async fn order_view(
+    conn: &mut sqlx::PgConnection,
+    order: db::OrderRow,
+) -> Result<serde_json::Value, sqlx::Error> {
+    let mut steps = db::steps(conn, order.order_id).await?;
     // Recorded at the decision; until then the timeline starts here.
     if !steps.iter().any(|s| s.step == "order.created") {
         steps.insert(0, created_step_row(&order));
     }
-    Ok(Json(json!({
+    Ok(json!({
         "order_id": order.order_id,
         "customer_id": order.customer_id,
         "status": order.status,
@@ -140,7 +171,6 @@ async fn get_order(
         "result": order.result(),
         "steps": steps,
     }))
-    .into_response())
 }
 
 #[derive(Deserialize)]

@@ -13,6 +13,7 @@
 //! (`postgres://postgres@127.0.0.1:5432`). If they are not reachable the
 //! tests fail loudly: start them with `scripts/dev-up.sh`.
 
+pub mod bench;
 pub mod invariants;
 pub mod process;
 

@@ -30,6 +30,11 @@ impl Replica {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     pub fn name(&self) -> String {
         format!("{}:{}", self.svc.identity().name, self.port)
     }

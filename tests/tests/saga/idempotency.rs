@@ -160,3 +160,29 @@ async fn internal_events_published_twice_by_hand_charge_and_reserve_once() {
     assert_eq!(sys.email_kinds(&id).await, ["confirmation"]);
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_is_found_by_its_idempotency_key_whatever_its_outcome() {
+    let sys = TestSystem::spawn().await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("nokey", 0).await;
+    let (_, declined) = sys
+        .post_order_with_key(&order_dict("nokey", &[("productA", 1)]), Some("lost-answer"))
+        .await;
+    assert_eq!(declined["reason"], "Insufficient funds");
+
+    let found = sys
+        .get(Svc::Order, "/orders?idempotency_key=lost-answer")
+        .await
+        .expect("found by its key");
+    assert_eq!(found["status"], "FAILED");
+    assert_eq!(found["result"], declined);
+    let id = found["order_id"].as_str().unwrap();
+    assert_eq!(sys.order(id).await["order_id"], found["order_id"]);
+    assert!(
+        sys.get(Svc::Order, "/orders?idempotency_key=never-used")
+            .await
+            .is_none()
+    );
+    sys.shutdown().await;
+}
