@@ -34,6 +34,8 @@ pub struct OrderRow {
     pub reply_correlation_id: Option<String>,
     pub extra_reply_targets: bool,
     pub waiter: Option<String>,
+    /// The timeline recorded with the decision.
+    pub timeline: Json<Vec<StepRow>>,
 }
 
 impl OrderRow {
@@ -58,7 +60,7 @@ impl OrderRow {
 
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, items, amount_cents, currency, card_brand, \
      card_last4, idempotency_key, request_fingerprint, error, reason, created_at, deadline_at, \
-     decided_at, reply_to, reply_correlation_id, extra_reply_targets, waiter";
+     decided_at, reply_to, reply_correlation_id, extra_reply_targets, waiter, timeline";
 
 pub async fn get_order(
     conn: &mut PgConnection,
@@ -175,44 +177,65 @@ pub async fn insert_orders(
     .await
 }
 
-/// Confirms the orders still PENDING and within their deadline (one
-/// statement); returns them. An order decided already, past its deadline or
-/// unknown is left alone: a saga is decided exactly once.
+/// Confirms the orders still PENDING and within their deadline, each with
+/// its timeline (one statement); returns them. An order decided already,
+/// past its deadline or unknown is left alone: a saga is decided exactly
+/// once.
 pub async fn confirm_orders(
     conn: &mut PgConnection,
-    order_ids: &[Uuid],
+    confirms: &[(Uuid, Json<&[StepRow]>)],
 ) -> Result<Vec<OrderRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let (ids, timelines): (Vec<Uuid>, Vec<&Json<&[StepRow]>>) =
+        confirms.iter().map(|(id, t)| (*id, t)).unzip();
+    sqlx::query_as(
         r#"
-        update orders set status = 'CONFIRMED', decided_at = clock_timestamp()
-        where order_id = any($1) and status = 'PENDING' and deadline_at > clock_timestamp()
-        returning {ORDER_COLUMNS}
-        "#
-    )))
-    .bind(order_ids)
+        update orders o
+        set status = 'CONFIRMED', decided_at = clock_timestamp(), timeline = d.timeline
+        from unnest($1::uuid[], $2::jsonb[]) as d(order_id, timeline)
+        where o.order_id = d.order_id and o.status = 'PENDING' and o.deadline_at > clock_timestamp()
+        returning o.*
+        "#,
+    )
+    .bind(ids)
+    .bind(timelines)
     .fetch_all(conn)
     .await
 }
 
-/// Fails the orders still PENDING, each with its error and reason (one
-/// statement); returns them.
+/// A failure to record: the order, its error and reason, its timeline.
+pub struct Failure<'a> {
+    pub order_id: Uuid,
+    pub error: &'a str,
+    pub reason: &'a str,
+    pub timeline: Json<&'a [StepRow]>,
+}
+
+/// Fails the orders still PENDING, each with its error, reason and timeline
+/// (one statement); returns them.
 pub async fn fail_orders(
     conn: &mut PgConnection,
-    failures: &[(Uuid, &str, &str)],
+    failures: &[Failure<'_>],
 ) -> Result<Vec<OrderRow>, sqlx::Error> {
-    let mut ids = Vec::with_capacity(failures.len());
-    let mut errors = Vec::with_capacity(failures.len());
-    let mut reasons = Vec::with_capacity(failures.len());
-    for (id, error, reason) in failures {
-        ids.push(*id);
-        errors.push(*error);
-        reasons.push(*reason);
+    let n = failures.len();
+    let (mut ids, mut errors, mut reasons, mut timelines) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for f in failures {
+        ids.push(f.order_id);
+        errors.push(f.error);
+        reasons.push(f.reason);
+        timelines.push(&f.timeline);
     }
     sqlx::query_as(
         r#"
         update orders o
-        set status = 'FAILED', error = d.error, reason = d.reason, decided_at = clock_timestamp()
-        from unnest($1::uuid[], $2::text[], $3::text[]) as d(order_id, error, reason)
+        set status = 'FAILED', error = d.error, reason = d.reason,
+            decided_at = clock_timestamp(), timeline = d.timeline
+        from unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[])
+            as d(order_id, error, reason, timeline)
         where o.order_id = d.order_id and o.status = 'PENDING'
         returning o.*
         "#,
@@ -220,6 +243,7 @@ pub async fn fail_orders(
     .bind(ids)
     .bind(errors)
     .bind(reasons)
+    .bind(timelines)
     .fetch_all(conn)
     .await
 }
@@ -271,7 +295,7 @@ pub async fn next_deadline(conn: &mut PgConnection) -> Result<Option<DateTime<Ut
 }
 
 /// One entry of the saga timeline.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct StepRow {
     pub step: String,
     pub source: String,

@@ -152,11 +152,14 @@ async fn order_view(
     conn: &mut sqlx::PgConnection,
     order: db::OrderRow,
 ) -> Result<serde_json::Value, sqlx::Error> {
-    let mut steps = db::steps(conn, order.order_id).await?;
-    // Recorded at the decision; until then the timeline starts here.
-    if !steps.iter().any(|s| s.step == "order.created") {
-        steps.insert(0, created_step_row(&order));
-    }
+    // Recorded with the decision (until then the timeline starts with the
+    // order), then what came after it.
+    let mut steps = if order.timeline.0.is_empty() {
+        vec![created_step_row(&order)]
+    } else {
+        order.timeline.0.clone()
+    };
+    steps.extend(db::steps(conn, order.order_id).await?);
     Ok(json!({
         "order_id": order.order_id,
         "customer_id": order.customer_id,

@@ -16,11 +16,12 @@ use common::metric_definitions as metric;
 use common::saga::card::CardSealer;
 use common::saga::order::SagaResult;
 use sqlx::PgPool;
+use sqlx::types::Json;
 use tracing::info;
 use uuid::Uuid;
 
 use crate::SERVICE;
-use crate::db::{self, NewOrder, NewStep, OrderRow};
+use crate::db::{self, NewOrder, OrderRow, StepRow};
 use crate::decisions::{DecisionWaiters, Waiter};
 use crate::domain::{self, Decision, FailedStep, InvalidOrder, OrderStatus, ValidOrder};
 use crate::progress::Progress;
@@ -413,21 +414,20 @@ impl OrderSaga {
     }
 
     /// Records each decision if its saga is still undecided (set-based),
-    /// with everything a decision causes: the terminal event(s), replies to
-    /// AMQP clients, the timeline, and — after the commit — the waiting
-    /// requests' answers. A confirmation that comes too late turns into a
-    /// timeout failure.
+    /// with everything a decision causes: the timeline, the terminal
+    /// event(s), replies to AMQP clients, and — after the commit — the
+    /// waiting requests' answers. A confirmation that comes too late turns
+    /// into a timeout failure.
     pub async fn decide_batch(
         &self,
         uow: &mut UnitOfWork,
         inputs: Vec<DecisionInput>,
     ) -> Result<(), sqlx::Error> {
-        let mut seen = HashSet::new();
         let mut by_order: HashMap<Uuid, DecisionInput> = HashMap::new();
         let mut confirms = Vec::new();
         let mut fails = Vec::new();
         for input in inputs {
-            if !seen.insert(input.order_id) {
+            if by_order.contains_key(&input.order_id) {
                 continue;
             }
             match input.decision {
@@ -439,14 +439,23 @@ impl OrderSaga {
 
         let mut decided: Vec<OrderRow> = Vec::new();
         if !confirms.is_empty() {
-            let rows = db::confirm_orders(uow.conn(), &confirms).await?;
-            let done: HashSet<Uuid> = rows.iter().map(|r| r.order_id).collect();
-            decided.extend(rows);
+            let timelines: Vec<Vec<StepRow>> = confirms
+                .iter()
+                .map(|id| timeline(&by_order[id], None))
+                .collect();
+            let rows: Vec<(Uuid, Json<&[StepRow]>)> = confirms
+                .iter()
+                .zip(&timelines)
+                .map(|(id, t)| (*id, Json(t.as_slice())))
+                .collect();
+            let done = db::confirm_orders(uow.conn(), &rows).await?;
+            let confirmed: HashSet<Uuid> = done.iter().map(|r| r.order_id).collect();
+            decided.extend(done);
             // Not confirmed: decided already, or past its deadline — then it
             // fails as a timeout, now.
             let missed: Vec<Uuid> = confirms
                 .into_iter()
-                .filter(|id| !done.contains(id))
+                .filter(|id| !confirmed.contains(id))
                 .collect();
             if !missed.is_empty() {
                 for row in db::lock_pending(uow.conn(), &missed).await? {
@@ -458,16 +467,38 @@ impl OrderSaga {
             }
         }
         if !fails.is_empty() {
-            let failures: Vec<(Uuid, &str, &str)> = fails
-                .iter()
-                .filter_map(|id| match &by_order.get(id)?.decision {
-                    Decision::Fail { step, reason } => Some((*id, step.error(), reason.as_str())),
-                    Decision::Confirm => None,
-                })
-                .collect();
-            decided.extend(db::fail_orders(uow.conn(), &failures).await?);
+            let inputs: Vec<&DecisionInput> =
+                fails.iter().filter_map(|id| by_order.get(id)).collect();
+            decided.extend(self.fail(uow, &inputs, &HashMap::new()).await?);
         }
         self.record_decisions(uow, decided, &mut by_order).await
+    }
+
+    /// Records failures (one statement); returns the orders it decided.
+    async fn fail(
+        &self,
+        uow: &mut UnitOfWork,
+        inputs: &[&DecisionInput],
+        rows: &HashMap<Uuid, &OrderRow>,
+    ) -> Result<Vec<OrderRow>, sqlx::Error> {
+        let timelines: Vec<Vec<StepRow>> = inputs
+            .iter()
+            .map(|i| timeline(i, rows.get(&i.order_id).copied()))
+            .collect();
+        let failures: Vec<db::Failure<'_>> = inputs
+            .iter()
+            .zip(&timelines)
+            .filter_map(|(i, t)| match &i.decision {
+                Decision::Fail { step, reason } => Some(db::Failure {
+                    order_id: i.order_id,
+                    error: step.error(),
+                    reason,
+                    timeline: Json(t.as_slice()),
+                }),
+                Decision::Confirm => None,
+            })
+            .collect();
+        db::fail_orders(uow.conn(), &failures).await
     }
 
     /// Everything a batch of recorded decisions causes.
@@ -492,34 +523,26 @@ impl OrderSaga {
             }
         }
 
-        let mut steps = Vec::new();
         let mut after = Vec::with_capacity(decided.len());
         for row in decided {
             let Some(input) = inputs.remove(&row.order_id) else {
                 continue;
             };
             let result = row.result().unwrap_or_else(|| SagaResult::failure("", ""));
-            let ctx = SagaContext {
-                order_id: row.order_id,
-                deadline_at: row.deadline_at,
-                causation_id: input.cause.clone(),
-                producer: SERVICE,
-                trail: Vec::new(),
-            };
+            let ctx = decision_context(&row, &input.cause);
             let data = OrderDecided {
                 customer_id: row.customer_id.clone(),
                 amount_cents: row.amount_cents,
                 result: result.clone(),
             };
-            let mut events = Vec::new();
             let failed_step = match &input.decision {
                 Decision::Confirm => {
-                    events.push(ctx.event(EventType::OrderConfirmed, &data));
+                    uow.emit(ctx.event(EventType::OrderConfirmed, &data));
                     None
                 }
                 Decision::Fail { step, reason } => {
                     if *step == FailedStep::Timeout {
-                        events.push(ctx.event(
+                        uow.emit(ctx.event(
                             EventType::OrderCancelled,
                             &OrderCancelled {
                                 customer_id: row.customer_id.clone(),
@@ -527,49 +550,10 @@ impl OrderSaga {
                             },
                         ));
                     }
-                    events.push(ctx.event(EventType::OrderFailed, &data));
+                    uow.emit(ctx.event(EventType::OrderFailed, &data));
                     Some(*step)
                 }
             };
-
-            // The timeline: order.created, the steps that led here, the
-            // decision.
-            let detail = match &input.decision {
-                Decision::Fail { reason, .. } => Some(reason.clone()),
-                Decision::Confirm => None,
-            };
-            if !input
-                .trail
-                .iter()
-                .any(|t| t.event_type == EventType::OrderCreated)
-            {
-                steps.push(created_step(&row));
-            }
-            let last = input.trail.len().saturating_sub(1);
-            for (n, t) in input.trail.iter().enumerate() {
-                steps.push(NewStep {
-                    order_id: row.order_id,
-                    step: t.event_type.routing_key().to_owned(),
-                    event_id: Some(t.event_id),
-                    source: t.producer.clone(),
-                    detail: if n == last { detail.clone() } else { None },
-                    occurred_at: t.occurred_at,
-                });
-            }
-            let now = Utc::now();
-            for event in &events {
-                steps.push(NewStep {
-                    order_id: row.order_id,
-                    step: event.routing_key.clone(),
-                    event_id: Some(event.id),
-                    source: SERVICE.to_owned(),
-                    detail: detail.clone(),
-                    occurred_at: now,
-                });
-            }
-            for event in events {
-                uow.emit(event);
-            }
             let mut replies: Vec<(String, String)> =
                 targets.remove(&row.order_id).unwrap_or_default();
             if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
@@ -581,7 +565,7 @@ impl OrderSaga {
 
             info!(order_id = %row.order_id, status = %row.status, error = ?row.error,
                   reason = ?row.reason, "saga decided");
-            let duration = (row.decided_at.unwrap_or(now) - row.created_at)
+            let duration = (row.decided_at.unwrap_or_else(Utc::now) - row.created_at)
                 .to_std()
                 .unwrap_or_default();
             let decided = Decided {
@@ -591,7 +575,6 @@ impl OrderSaga {
             };
             after.push((row.order_id, row.waiter, result, decided));
         }
-        db::record_steps(uow.conn(), &steps).await?;
 
         let waiters = self.waiters.clone();
         let progress = self.progress.clone();
@@ -666,16 +649,9 @@ impl OrderSaga {
                 )
             })
             .collect();
-        let failures: Vec<(Uuid, &str, &str)> = inputs
-            .values()
-            .filter_map(|i| match &i.decision {
-                Decision::Fail { step, reason } => {
-                    Some((i.order_id, step.error(), reason.as_str()))
-                }
-                Decision::Confirm => None,
-            })
-            .collect();
-        let decided = db::fail_orders(uow.conn(), &failures).await?;
+        let by_id: HashMap<Uuid, &OrderRow> = rows.iter().map(|r| (r.order_id, r)).collect();
+        let refs: Vec<&DecisionInput> = inputs.values().collect();
+        let decided = self.fail(uow, &refs, &by_id).await?;
         let n = decided.len();
         self.record_decisions(uow, decided, &mut inputs).await?;
         Ok(n)
@@ -739,33 +715,81 @@ fn created_cause(key: Option<&str>, order_id: Uuid) -> String {
     key.map_or_else(|| format!("http:{order_id}"), str::to_owned)
 }
 
-/// The timeline entry of an order's `order.created`.
-fn created_step(row: &OrderRow) -> NewStep {
-    let cause = created_cause(row.idempotency_key.as_deref(), row.order_id);
-    NewStep {
+/// The context of the events a decision emits.
+fn decision_context(row: &OrderRow, cause: &str) -> SagaContext {
+    SagaContext {
         order_id: row.order_id,
+        deadline_at: row.deadline_at,
+        causation_id: cause.to_owned(),
+        producer: SERVICE,
+        trail: Vec::new(),
+    }
+}
+
+/// The timeline a decision records: `order.created`, the steps that led
+/// here (the deciding event's trail), the decision's own events. Their ids
+/// are derived from their causes, so they are known before the decision is.
+fn timeline(input: &DecisionInput, row: Option<&OrderRow>) -> Vec<StepRow> {
+    let now = Utc::now();
+    let detail = match &input.decision {
+        Decision::Fail { reason, .. } => Some(reason.clone()),
+        Decision::Confirm => None,
+    };
+    let mut steps = Vec::with_capacity(input.trail.len() + 3);
+    if !input
+        .trail
+        .iter()
+        .any(|t| t.event_type == EventType::OrderCreated)
+        && let Some(row) = row
+    {
+        steps.push(created_step_row(row));
+    }
+    let last = input.trail.len().saturating_sub(1);
+    for (n, t) in input.trail.iter().enumerate() {
+        steps.push(StepRow {
+            step: t.event_type.routing_key().to_owned(),
+            source: t.producer.clone(),
+            event_id: Some(t.event_id),
+            detail: if n == last { detail.clone() } else { None },
+            occurred_at: t.occurred_at,
+            recorded_at: now,
+        });
+    }
+    let events: &[EventType] = match &input.decision {
+        Decision::Confirm => &[EventType::OrderConfirmed],
+        Decision::Fail {
+            step: FailedStep::Timeout,
+            ..
+        } => &[EventType::OrderCancelled, EventType::OrderFailed],
+        Decision::Fail { .. } => &[EventType::OrderFailed],
+    };
+    for kind in events {
+        steps.push(StepRow {
+            step: kind.routing_key().to_owned(),
+            source: SERVICE.to_owned(),
+            event_id: Some(derive_event_id(&input.cause, SERVICE, kind.routing_key())),
+            detail: detail.clone(),
+            occurred_at: now,
+            recorded_at: now,
+        });
+    }
+    steps
+}
+
+/// The timeline entry of an order's `order.created`.
+pub fn created_step_row(row: &OrderRow) -> StepRow {
+    let cause = created_cause(row.idempotency_key.as_deref(), row.order_id);
+    StepRow {
         step: EventType::OrderCreated.routing_key().to_owned(),
+        source: SERVICE.to_owned(),
         event_id: Some(derive_event_id(
             &cause,
             SERVICE,
             EventType::OrderCreated.routing_key(),
         )),
-        source: SERVICE.to_owned(),
         detail: None,
         occurred_at: row.created_at,
-    }
-}
-
-/// The timeline entry of `order.created`, for an order not decided yet.
-pub fn created_step_row(row: &OrderRow) -> db::StepRow {
-    let s = created_step(row);
-    db::StepRow {
-        step: s.step,
-        source: s.source,
-        event_id: s.event_id,
-        detail: None,
-        occurred_at: s.occurred_at,
-        recorded_at: s.occurred_at,
+        recorded_at: row.created_at,
     }
 }
 

@@ -196,12 +196,16 @@ impl Confirmed {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    fn len(&self) -> usize {
         self.inner
             .ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+            .len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -211,10 +215,12 @@ pub struct Janitor {
     confirmed: Confirmed,
 }
 
-/// Rows one janitor statement deletes at most.
+/// Rows one janitor statement deletes at most; this many waiting rows are
+/// deleted at once.
 const JANITOR_BATCH: usize = 2000;
-/// How long the janitor lets confirmations gather before a delete.
-const JANITOR_LINGER: Duration = Duration::from_millis(20);
+/// How long the janitor lets confirmations gather before a delete: one
+/// delete per quarter second at most, however light or heavy the load.
+const JANITOR_LINGER: Duration = Duration::from_millis(250);
 
 impl Janitor {
     pub fn new(pool: PgPool, confirmed: Confirmed) -> Self {
@@ -229,7 +235,15 @@ impl Janitor {
                 _ = self.confirmed.inner.added.notified() => false,
             };
             if !stopping {
-                tokio::time::sleep(JANITOR_LINGER).await;
+                let linger = tokio::time::sleep(JANITOR_LINGER);
+                tokio::pin!(linger);
+                while self.confirmed.len() < JANITOR_BATCH {
+                    tokio::select! {
+                        _ = &mut linger => break,
+                        _ = self.confirmed.inner.added.notified() => {}
+                        _ = cancel.cancelled() => break,
+                    }
+                }
             }
             while !self.confirmed.is_empty() {
                 let ids = self.confirmed.take(JANITOR_BATCH);

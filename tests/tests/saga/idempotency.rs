@@ -167,7 +167,10 @@ async fn an_order_is_found_by_its_idempotency_key_whatever_its_outcome() {
     stock_the_shop(&sys).await;
     sys.set_balance("nokey", 0).await;
     let (_, declined) = sys
-        .post_order_with_key(&order_dict("nokey", &[("productA", 1)]), Some("lost-answer"))
+        .post_order_with_key(
+            &order_dict("nokey", &[("productA", 1)]),
+            Some("lost-answer"),
+        )
         .await;
     assert_eq!(declined["reason"], "Insufficient funds");
 
