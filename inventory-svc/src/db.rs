@@ -5,230 +5,236 @@
 //! locks all of them with one `SELECT … ORDER BY item_id FOR UPDATE`, i.e.
 //! in one global order; the updates that follow touch only rows it holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use common::messaging::outbox::{OutboxRows, insert_cte};
 use common::saga::order::OrderLine;
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 use uuid::Uuid;
 
 use crate::domain::{ReservationStatus, StockLevel};
 
-/// Locks the stock rows of `item_ids` (sorted) and returns their levels.
-pub async fn lock_stock(
-    conn: &mut PgConnection,
-    item_ids: &[String],
-) -> Result<HashMap<String, StockLevel>, sqlx::Error> {
-    let rows: Vec<(String, i32, bool)> = sqlx::query_as(
-        r#"
-        select item_id, available, frozen from stock
-        where item_id = any($1)
-        order by item_id
-        for update
-        "#,
-    )
-    .bind(item_ids)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, available, frozen)| (id, StockLevel { available, frozen }))
-        .collect())
+/// What a batch starts from, read in one round trip: the reservation status
+/// of each order that has a record, the lines of those held among
+/// `finishing` (orders to commit or release), and the stock of every item
+/// those lines and `items` name — locked in one global order (sorted), so
+/// concurrent batches cannot deadlock.
+pub struct BatchState {
+    pub existing: HashMap<Uuid, String>,
+    pub held_lines: HashMap<Uuid, Vec<OrderLine>>,
+    pub stock: HashMap<String, StockLevel>,
 }
 
-/// A movement of an order's units between the stock columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StockMove {
-    /// available → held (reservation).
-    Hold,
-    /// held → available (rollback).
-    Release,
-    /// held → sold (confirmation).
-    Commit,
-}
-
-impl StockMove {
-    /// Signs applied to (available, held).
-    fn signs(self) -> (i32, i32) {
-        match self {
-            StockMove::Hold => (-1, 1),
-            StockMove::Release => (1, -1),
-            StockMove::Commit => (0, -1),
-        }
-    }
-}
-
-/// Net change of one item's stock columns within a batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StockDelta {
-    pub available: i32,
-    pub held: i32,
-}
-
-impl StockDelta {
-    /// Adds `qty` units moved by `how`.
-    pub fn add(&mut self, how: StockMove, qty: i32) {
-        let (to_available, to_held) = how.signs();
-        self.available += to_available * qty;
-        self.held += to_held * qty;
-    }
-}
-
-/// Applies every item's net change, for rows already locked by
-/// [`lock_stock`] (one statement; the check constraints keep both columns
-/// non-negative).
-pub async fn apply_deltas(
-    conn: &mut PgConnection,
-    deltas: &HashMap<String, StockDelta>,
-) -> Result<(), sqlx::Error> {
-    let mut items = Vec::with_capacity(deltas.len());
-    let mut available = Vec::with_capacity(deltas.len());
-    let mut held = Vec::with_capacity(deltas.len());
-    for (item, d) in deltas {
-        if *d == StockDelta::default() {
-            continue;
-        }
-        items.push(item.as_str());
-        available.push(d.available);
-        held.push(d.held);
-    }
-    if items.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        r#"
-        update stock s
-        set available = s.available + d.available,
-            held = s.held + d.held,
-            updated_at = now()
-        from unnest($1::text[], $2::int[], $3::int[]) as d(item_id, available, held)
-        where s.item_id = d.item_id
-        "#,
-    )
-    .bind(items)
-    .bind(available)
-    .bind(held)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The reservation status of each order that has a record.
-pub async fn existing_reservations(
+pub async fn batch_state(
     conn: &mut PgConnection,
     order_ids: &[Uuid],
-) -> Result<HashMap<Uuid, String>, sqlx::Error> {
-    let rows: Vec<(Uuid, String)> =
-        sqlx::query_as("select order_id, status from reservations where order_id = any($1)")
-            .bind(order_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows.into_iter().collect())
+    finishing: &[Uuid],
+    items: &[String],
+) -> Result<BatchState, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        kind: String,
+        key: String,
+        text: Option<String>,
+        number: Option<i32>,
+        frozen: Option<bool>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        r#"
+        with existing as (
+            select order_id, status from reservations where order_id = any($1)
+        ),
+        held_lines as (
+            select l.order_id, l.item_id, l.quantity
+            from reservation_lines l join existing e on e.order_id = l.order_id
+            where e.status = 'held' and l.order_id = any($2)
+        ),
+        locked as (
+            select item_id, available, frozen from stock
+            where item_id in (select unnest($3::text[]) union select item_id from held_lines)
+            order by item_id
+            for update
+        )
+        select 'reservation' as kind, order_id::text as key, status as text,
+               null::int as number, null::bool as frozen
+        from existing
+        union all
+        select 'line', order_id::text, item_id, quantity, null from held_lines
+        union all
+        select 'stock', item_id, null, available, frozen from locked
+        "#,
+    )
+    .bind(order_ids)
+    .bind(finishing)
+    .bind(items)
+    .fetch_all(conn)
+    .await?;
+    let mut state = BatchState {
+        existing: HashMap::new(),
+        held_lines: HashMap::new(),
+        stock: HashMap::new(),
+    };
+    for Row {
+        kind,
+        key,
+        text,
+        number,
+        frozen,
+    } in rows
+    {
+        match kind.as_str() {
+            "reservation" => {
+                if let (Ok(id), Some(status)) = (key.parse(), text) {
+                    state.existing.insert(id, status);
+                }
+            }
+            "line" => {
+                if let (Ok(id), Some(item_id), Some(quantity)) = (key.parse(), text, number) {
+                    state.held_lines.entry(id).or_default().push(OrderLine {
+                        item_id,
+                        quantity,
+                        unit_price_cents: 0,
+                    });
+                }
+            }
+            _ => {
+                state.stock.insert(
+                    key,
+                    StockLevel {
+                        available: number.unwrap_or(0),
+                        frozen: frozen.unwrap_or(false),
+                    },
+                );
+            }
+        }
+    }
+    for lines in state.held_lines.values_mut() {
+        lines.sort_by(|a, b| a.item_id.cmp(&b.item_id));
+    }
+    Ok(state)
 }
 
-/// Inserts reservation records (one statement); returns the orders that got
-/// one (an order that already has a record keeps it).
-pub async fn insert_reservations(
+/// A batch's writes, for [`record_batch`].
+pub struct BatchWrites<'a> {
+    /// New records: reservations (held or rejected) and tombstones.
+    pub records: &'a [(Uuid, ReservationStatus, Option<&'a str>)],
+    /// The lines of the new held reservations.
+    pub lines: &'a [(Uuid, &'a OrderLine)],
+    /// Held reservations to commit or release.
+    pub finish: &'a [(Uuid, ReservationStatus)],
+}
+
+/// What [`record_batch`] changed.
+pub struct Recorded {
+    /// Orders that got a new record.
+    pub inserted: HashSet<Uuid>,
+    /// Orders whose held reservation was committed or released.
+    pub finished: HashSet<Uuid>,
+}
+
+/// Writes a batch in one statement: the new records and lines, the
+/// commits and releases of held reservations, one net update per stock
+/// row (units moved only for what was actually inserted or finished), and
+/// the batch's events, keeping those of the orders it changed. For stock
+/// rows locked by [`batch_state`]; the check constraints keep both columns
+/// non-negative.
+pub async fn record_batch(
     conn: &mut PgConnection,
-    records: &[(Uuid, ReservationStatus, Option<&str>)],
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    let mut ids = Vec::with_capacity(records.len());
-    let mut statuses = Vec::with_capacity(records.len());
-    let mut reasons = Vec::with_capacity(records.len());
-    for (id, status, reason) in records {
+    writes: &BatchWrites<'_>,
+    events: OutboxRows<'_>,
+) -> Result<Recorded, sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"
+            with inserted as (
+                insert into reservations (order_id, status, reason)
+                select * from unnest($1::uuid[], $2::text[], $3::text[])
+                on conflict (order_id) do nothing
+                returning order_id, status
+            ),
+            new_lines as (
+                insert into reservation_lines (order_id, item_id, quantity)
+                select l.order_id, l.item_id, l.qty
+                from unnest($4::uuid[], $5::text[], $6::int[]) as l(order_id, item_id, qty)
+                where l.order_id in (select order_id from inserted where status = 'held')
+                returning item_id, quantity
+            ),
+            finished as (
+                update reservations r set status = d.status, updated_at = now()
+                from unnest($7::uuid[], $8::text[]) as d(order_id, status)
+                where r.order_id = d.order_id and r.status = 'held'
+                returning r.order_id, r.status
+            ),
+            moves as (
+                select item_id, -quantity as available, quantity as held from new_lines
+                union all
+                select l.item_id,
+                       case when f.status = 'released' then l.quantity else 0 end,
+                       -l.quantity
+                from finished f join reservation_lines l on l.order_id = f.order_id
+            ),
+            stocked as (
+                update stock s
+                set available = s.available + m.available, held = s.held + m.held, updated_at = now()
+                from (select item_id, sum(available)::int as available, sum(held)::int as held
+                      from moves group by item_id) m
+                where s.item_id = m.item_id
+            ),
+            events as ({})
+            select 'inserted', order_id from inserted
+            union all
+            select 'finished', order_id from finished
+            "#,
+            insert_cte(
+                9,
+                Some("select order_id from inserted union all select order_id from finished")
+            )
+        )
+    });
+    let (mut ids, mut statuses, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, status, reason) in writes.records {
         ids.push(*id);
         statuses.push(status.as_str());
         reasons.push(*reason);
     }
-    sqlx::query_scalar(
-        r#"
-        insert into reservations (order_id, status, reason)
-        select * from unnest($1::uuid[], $2::text[], $3::text[])
-        on conflict (order_id) do nothing
-        returning order_id
-        "#,
-    )
-    .bind(ids)
-    .bind(statuses)
-    .bind(reasons)
-    .fetch_all(conn)
-    .await
-}
-
-/// Inserts the lines of several reservations (one statement).
-pub async fn insert_lines_of(
-    conn: &mut PgConnection,
-    lines: &[(Uuid, &OrderLine)],
-) -> Result<(), sqlx::Error> {
-    let mut ids = Vec::with_capacity(lines.len());
-    let mut items = Vec::with_capacity(lines.len());
-    let mut qtys = Vec::with_capacity(lines.len());
-    for (id, line) in lines {
-        ids.push(*id);
-        items.push(line.item_id.as_str());
-        qtys.push(line.quantity);
+    let (mut line_orders, mut line_items, mut line_qtys) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, line) in writes.lines {
+        line_orders.push(*id);
+        line_items.push(line.item_id.as_str());
+        line_qtys.push(line.quantity);
     }
-    sqlx::query(
-        r#"
-        insert into reservation_lines (order_id, item_id, quantity)
-        select * from unnest($1::uuid[], $2::text[], $3::int[])
-        "#,
-    )
-    .bind(ids)
-    .bind(items)
-    .bind(qtys)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The lines of several reservations, by order.
-pub async fn lines_of(
-    conn: &mut PgConnection,
-    order_ids: &[Uuid],
-) -> Result<HashMap<Uuid, Vec<OrderLine>>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
-        r#"
-        select order_id, item_id, quantity from reservation_lines
-        where order_id = any($1) order by order_id, item_id
-        "#,
-    )
-    .bind(order_ids)
-    .fetch_all(conn)
-    .await?;
-    let mut out: HashMap<Uuid, Vec<OrderLine>> = HashMap::new();
-    for (order_id, item_id, quantity) in rows {
-        out.entry(order_id).or_default().push(OrderLine {
-            item_id,
-            quantity,
-            unit_price_cents: 0,
-        });
+    let (fin_ids, fin_statuses): (Vec<Uuid>, Vec<&str>) = writes
+        .finish
+        .iter()
+        .map(|(id, s)| (*id, s.as_str()))
+        .unzip();
+    let query = sqlx::query(AssertSqlSafe(SQL.as_str()))
+        .bind(ids)
+        .bind(statuses)
+        .bind(reasons)
+        .bind(line_orders)
+        .bind(line_items)
+        .bind(line_qtys)
+        .bind(fin_ids)
+        .bind(fin_statuses);
+    let rows = events.bind(query).fetch_all(conn).await?;
+    let mut recorded = Recorded {
+        inserted: HashSet::new(),
+        finished: HashSet::new(),
+    };
+    for row in rows {
+        let kind: String = row.try_get(0)?;
+        let id: Uuid = row.try_get(1)?;
+        if kind == "inserted" {
+            recorded.inserted.insert(id);
+        } else {
+            recorded.finished.insert(id);
+        }
     }
-    Ok(out)
-}
-
-/// Moves held reservations to their new status (one statement); returns the
-/// orders whose reservation was still held (only those move stock).
-pub async fn finish_held(
-    conn: &mut PgConnection,
-    changes: &[(Uuid, ReservationStatus)],
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    let (ids, statuses): (Vec<Uuid>, Vec<&str>) =
-        changes.iter().map(|(id, s)| (*id, s.as_str())).unzip();
-    sqlx::query_scalar(
-        r#"
-        update reservations r
-        set status = d.status, updated_at = now()
-        from unnest($1::uuid[], $2::text[]) as d(order_id, status)
-        where r.order_id = d.order_id and r.status = 'held'
-        returning r.order_id
-        "#,
-    )
-    .bind(ids)
-    .bind(statuses)
-    .fetch_all(conn)
-    .await
+    Ok(recorded)
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -271,19 +277,6 @@ pub async fn lines(conn: &mut PgConnection, order_id: Uuid) -> Result<Vec<OrderL
             unit_price_cents: 0,
         })
         .collect())
-}
-
-pub async fn set_status(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    status: ReservationStatus,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("update reservations set status = $2, updated_at = now() where order_id = $1")
-        .bind(order_id)
-        .bind(status.as_str())
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

@@ -15,7 +15,7 @@
 //! changes and one net update per item. Duplicates are recognised by the
 //! natural key: one reservation record per order, ever.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use chrono::Utc;
 use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
@@ -25,6 +25,7 @@ use common::messaging::events::{
     EventType, InventoryReleased, InventoryReserved, PaymentCompleted, StepFailed,
 };
 use common::messaging::inbox;
+use common::messaging::outbox::{OutboxMessage, OutboxRows};
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions::step_outcome;
 use common::saga::order::OrderLine;
@@ -33,7 +34,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::SERVICE;
-use crate::db::{self, StockDelta, StockMove};
+use crate::db;
 use crate::domain::{self, ReservationStatus};
 
 pub struct InventoryHandler {
@@ -104,7 +105,7 @@ impl Work {
             abort,
         } = self;
 
-        // What every order of the batch already has.
+        // What the batch starts from, in one statement.
         let mut ids: Vec<Uuid> = reserve
             .iter()
             .map(|(_, e, _)| e.order_id)
@@ -112,19 +113,18 @@ impl Work {
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        let existing = db::existing_reservations(uow.conn(), &ids).await?;
-        let status_of = |id: &Uuid| existing.get(id).and_then(|s| ReservationStatus::parse(s));
-        let held: Vec<Uuid> = confirm
+        let finishing: Vec<Uuid> = confirm
             .iter()
             .chain(&abort)
             .map(|(_, e)| e.order_id)
-            .filter(|id| status_of(id) == Some(ReservationStatus::Held))
             .collect();
-        let held_lines = if held.is_empty() {
-            HashMap::new()
-        } else {
-            db::lines_of(uow.conn(), &held).await?
-        };
+        let items = domain::lock_order(reserve.iter().flat_map(|(_, _, p)| &p.items));
+        let db::BatchState {
+            existing,
+            held_lines,
+            stock: mut levels,
+        } = db::batch_state(uow.conn(), &ids, &finishing, &items).await?;
+        let status_of = |id: &Uuid| existing.get(id).and_then(|s| ReservationStatus::parse(s));
 
         // New reservations: a duplicate or a late request (tombstone) is
         // recognised by the record it finds.
@@ -148,19 +148,6 @@ impl Work {
                 None => Some((env, paid)),
             })
             .collect();
-
-        // Lock every stock row the batch touches, in one global order.
-        let items = domain::lock_order(
-            fresh
-                .iter()
-                .flat_map(|(_, p)| &p.items)
-                .chain(held_lines.values().flatten()),
-        );
-        let mut levels = if items.is_empty() {
-            HashMap::new()
-        } else {
-            db::lock_stock(uow.conn(), &items).await?
-        };
 
         // Decide each reservation in the batch's order, holding as we go.
         let now = Utc::now();
@@ -208,52 +195,21 @@ impl Work {
                 Some("saga rolled back before any reservation"),
             )
         }));
-        let inserted: HashSet<Uuid> = if records.is_empty() {
-            HashSet::new()
-        } else {
-            db::insert_reservations(uow.conn(), &records)
-                .await?
-                .into_iter()
-                .collect()
-        };
-        let mut tombstoned = 0u64;
-        for (i, id) in &tombstones {
-            if inserted.contains(id) {
-                tombstoned += 1;
-            } else {
-                // A reservation appeared since we looked (in this batch, or a
-                // concurrent one): look again, on its own, shortly.
-                results[*i] = Err(HandlerError::transient(format!(
-                    "the reservation of order {id} changed while rolling it back; retrying"
-                )));
-            }
-        }
-
-        let mut deltas: HashMap<String, StockDelta> = HashMap::new();
-        let mut new_lines: Vec<(Uuid, &OrderLine)> = Vec::new();
-        for ((env, paid), v) in fresh.iter().zip(&verdicts) {
-            if v.is_ok() && inserted.contains(&env.order_id) {
-                for line in &paid.items {
-                    new_lines.push((env.order_id, line));
-                    deltas
-                        .entry(line.item_id.clone())
-                        .or_default()
-                        .add(StockMove::Hold, line.quantity);
-                }
-            }
-        }
-        if !new_lines.is_empty() {
-            db::insert_lines_of(uow.conn(), &new_lines).await?;
-        }
+        let lines: Vec<(Uuid, &OrderLine)> = fresh
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_ok())
+            .flat_map(|((env, paid), _)| paid.items.iter().map(|l| (env.order_id, l)))
+            .collect();
 
         // Commit or release what is held (a frozen item cannot be released:
         // that rollback is retried, then escalated).
-        let mut changes: Vec<(Uuid, ReservationStatus)> = Vec::new();
+        let mut finish: Vec<(Uuid, ReservationStatus)> = Vec::new();
         let mut changing = HashSet::new();
         for (i, env) in &confirm {
             match status_of(&env.order_id) {
                 Some(ReservationStatus::Held) if changing.insert(env.order_id) => {
-                    changes.push((env.order_id, ReservationStatus::Committed));
+                    finish.push((env.order_id, ReservationStatus::Committed));
                 }
                 // Causally impossible (confirmation follows the reservation):
                 // park it for an operator rather than guess.
@@ -266,95 +222,103 @@ impl Work {
                 _ => {}
             }
         }
+        let mut releases: Vec<&Envelope> = Vec::new();
         for (i, env) in &abort {
             if status_of(&env.order_id) != Some(ReservationStatus::Held) {
                 continue;
             }
-            let lines = held_lines.get(&env.order_id).map_or(&[][..], Vec::as_slice);
-            let frozen: Vec<&str> = lines
+            let held = held_lines.get(&env.order_id).map_or(&[][..], Vec::as_slice);
+            let frozen: Vec<&str> = held
                 .iter()
                 .filter(|l| levels.get(&l.item_id).is_some_and(|s| s.frozen))
                 .map(|l| l.item_id.as_str())
                 .collect();
-            if frozen.is_empty() {
-                if changing.insert(env.order_id) {
-                    changes.push((env.order_id, ReservationStatus::Released));
-                }
-            } else {
+            if !frozen.is_empty() {
                 results[*i] = Err(HandlerError::Transient(anyhow::anyhow!(
                     "item(s) {} frozen for stocktake: the release cannot be applied yet",
                     frozen.join(", ")
                 )));
+            } else if changing.insert(env.order_id) {
+                finish.push((env.order_id, ReservationStatus::Released));
+                releases.push(env);
             }
         }
-        let finished: HashSet<Uuid> = if changes.is_empty() {
-            HashSet::new()
-        } else {
-            db::finish_held(uow.conn(), &changes)
-                .await?
-                .into_iter()
-                .collect()
-        };
-        let (mut committed, mut released) = (0u64, HashSet::new());
-        for (id, status) in &changes {
-            if !finished.contains(id) {
-                continue;
-            }
-            let how = if *status == ReservationStatus::Committed {
-                committed += 1;
-                StockMove::Commit
-            } else {
-                released.insert(*id);
-                StockMove::Release
-            };
-            for line in held_lines.get(id).into_iter().flatten() {
-                deltas
-                    .entry(line.item_id.clone())
-                    .or_default()
-                    .add(how, line.quantity);
-            }
-        }
-        db::apply_deltas(uow.conn(), &deltas).await?;
 
-        // The events.
+        // The events, and everything in one statement.
+        let mut events: Vec<(Uuid, OutboxMessage)> = Vec::new();
+        for ((env, paid), verdict) in fresh.iter().zip(&verdicts) {
+            let ctx = SagaContext::caused_by(env, SERVICE);
+            let event = match verdict {
+                Ok(()) => ctx.event(
+                    EventType::InventoryReserved,
+                    &InventoryReserved {
+                        customer_id: paid.customer_id.clone(),
+                        items: paid.items.clone(),
+                        amount_cents: paid.amount_cents,
+                        currency: paid.currency.clone(),
+                    },
+                ),
+                Err(failure) => ctx.event(EventType::InventoryFailed, failure),
+            };
+            events.push((env.order_id, event));
+        }
+        for env in &releases {
+            let items = held_lines.get(&env.order_id).cloned().unwrap_or_default();
+            let event = SagaContext::caused_by(env, SERVICE)
+                .event(EventType::InventoryReleased, &InventoryReleased { items });
+            events.push((env.order_id, event));
+        }
+        let recorded = db::record_batch(
+            uow.conn(),
+            &db::BatchWrites {
+                records: &records,
+                lines: &lines,
+                finish: &finish,
+            },
+            OutboxRows::new(events.iter().map(|(id, e)| (*id, e))),
+        )
+        .await?;
+
+        let mut tombstoned = 0u64;
+        for (i, id) in &tombstones {
+            if recorded.inserted.contains(id) {
+                tombstoned += 1;
+            } else {
+                // A reservation appeared since we looked (in this batch, or a
+                // concurrent one): look again, on its own, shortly.
+                results[*i] = Err(HandlerError::transient(format!(
+                    "the reservation of order {id} changed while rolling it back; retrying"
+                )));
+            }
+        }
         let (mut reserved, mut rejected) = (Vec::new(), 0u64);
-        let mut released_ids = Vec::new();
-        for ((env, paid), verdict) in fresh.into_iter().zip(verdicts) {
-            if !inserted.contains(&env.order_id) {
+        for ((env, _), verdict) in fresh.iter().zip(&verdicts) {
+            if !recorded.inserted.contains(&env.order_id) {
                 late += 1;
-                continue;
-            }
-            let ctx = SagaContext::caused_by(&env, SERVICE);
-            match verdict {
-                Ok(()) => {
-                    reserved.push(env.order_id);
-                    uow.emit(ctx.event(
-                        EventType::InventoryReserved,
-                        &InventoryReserved {
-                            customer_id: paid.customer_id,
-                            items: paid.items,
-                            amount_cents: paid.amount_cents,
-                            currency: paid.currency,
-                        },
-                    ));
-                }
-                Err(failure) => {
-                    rejected += 1;
-                    info!(order_id = %env.order_id, reason = %failure.reason, "reservation rejected");
-                    uow.emit(ctx.event(EventType::InventoryFailed, &failure));
-                }
+            } else if verdict.is_ok() {
+                reserved.push(env.order_id);
+            } else {
+                rejected += 1;
             }
         }
-        for (_, env) in &abort {
-            if released.remove(&env.order_id) {
-                released_ids.push(env.order_id);
-                let lines = held_lines.get(&env.order_id).cloned().unwrap_or_default();
-                uow.emit(SagaContext::caused_by(env, SERVICE).event(
-                    EventType::InventoryReleased,
-                    &InventoryReleased { items: lines },
-                ));
-            }
-        }
+        let committed = finish
+            .iter()
+            .filter(|(id, s)| *s == ReservationStatus::Committed && recorded.finished.contains(id))
+            .count() as u64;
+        let released: Vec<Uuid> = releases
+            .iter()
+            .map(|e| e.order_id)
+            .filter(|id| recorded.finished.contains(id))
+            .collect();
+        let n_reserve = fresh.len();
+        uow.enqueued(events.into_iter().enumerate().filter_map(|(n, (id, e))| {
+            let kept = if n < n_reserve {
+                recorded.inserted.contains(&id)
+            } else {
+                recorded.finished.contains(&id)
+            };
+            kept.then_some(e)
+        }));
         uow.on_commit(move || {
             let key = EventType::PaymentCompleted.routing_key();
             inbox::count_duplicates(SERVICE, key, duplicates);
@@ -362,12 +326,12 @@ impl Work {
             step_outcome(SERVICE, "reserved", reserved.len() as u64);
             step_outcome(SERVICE, "rejected", rejected);
             step_outcome(SERVICE, "committed", committed);
-            step_outcome(SERVICE, "released", released_ids.len() as u64);
+            step_outcome(SERVICE, "released", released.len() as u64);
             step_outcome(SERVICE, "cancelled_before_reservation", tombstoned);
             for order_id in reserved {
                 info!(%order_id, "stock reserved");
             }
-            for order_id in released_ids {
+            for order_id in released {
                 info!(%order_id, "stock released");
             }
         });

@@ -2,10 +2,12 @@
 //! (one statement for a whole batch of orders).
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use common::messaging::outbox::{OutboxRows, insert_cte};
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
 use crate::domain::{Email, NotificationStatus};
@@ -20,30 +22,92 @@ pub async fn get_customer_email(
         .await
 }
 
-/// The addresses on file of several customers.
-pub async fn customer_emails(
-    conn: &mut PgConnection,
-    customer_ids: &[&str],
-) -> Result<HashMap<String, String>, sqlx::Error> {
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("select customer_id, email from customers where customer_id = any($1)")
-            .bind(customer_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows.into_iter().collect())
-}
-
-/// The notification status of each order that has a record.
-pub async fn existing_notifications(
+/// What a batch of confirmations starts from, in one round trip: the
+/// notification status of each order that has a record, and the addresses
+/// on file of `customer_ids`.
+pub async fn confirmation_state(
     conn: &mut PgConnection,
     order_ids: &[Uuid],
-) -> Result<HashMap<Uuid, String>, sqlx::Error> {
-    let rows: Vec<(Uuid, String)> =
-        sqlx::query_as("select order_id, status from notifications where order_id = any($1)")
-            .bind(order_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows.into_iter().collect())
+    customer_ids: &[&str],
+) -> Result<(HashMap<Uuid, String>, HashMap<String, String>), sqlx::Error> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        r#"
+        select 'notification', order_id::text, status from notifications where order_id = any($1)
+        union all
+        select 'customer', customer_id, email from customers where customer_id = any($2)
+        "#,
+    )
+    .bind(order_ids)
+    .bind(customer_ids)
+    .fetch_all(conn)
+    .await?;
+    let (mut existing, mut emails) = (HashMap::new(), HashMap::new());
+    for (kind, key, value) in rows {
+        if kind == "notification" {
+            if let Ok(id) = key.parse() {
+                existing.insert(id, value);
+            }
+        } else {
+            emails.insert(key, value);
+        }
+    }
+    Ok((existing, emails))
+}
+
+/// Records a batch's sent emails, marks the notifications whose email the
+/// relay refused, and writes the batch's events — one statement.
+pub async fn record_confirmations(
+    conn: &mut PgConnection,
+    emails: &[&Email],
+    transport: &str,
+    refused: &[Uuid],
+    events: OutboxRows<'_>,
+) -> Result<(), sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"
+            with recorded as (
+                insert into emails (id, order_id, kind, recipient, subject, body, transport)
+                select i, o, k, r, s, b, $7
+                from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+                    as t(i, o, k, r, s, b)
+                on conflict do nothing
+            ),
+            refused as (
+                update notifications set status = 'bounced', updated_at = now()
+                where order_id = any($8)
+            ),
+            events as ({})
+            select 1
+            "#,
+            insert_cte(9, None)
+        )
+    });
+    let mut ids = Vec::with_capacity(emails.len());
+    let mut orders = Vec::with_capacity(emails.len());
+    let mut kinds = Vec::with_capacity(emails.len());
+    let mut recipients = Vec::with_capacity(emails.len());
+    let mut subjects = Vec::with_capacity(emails.len());
+    let mut bodies = Vec::with_capacity(emails.len());
+    for e in emails {
+        ids.push(e.id);
+        orders.push(e.order_id);
+        kinds.push(e.kind.as_str());
+        recipients.push(e.recipient.as_str());
+        subjects.push(e.subject.as_str());
+        bodies.push(e.body.as_str());
+    }
+    let query = sqlx::query(AssertSqlSafe(SQL.as_str()))
+        .bind(ids)
+        .bind(orders)
+        .bind(kinds)
+        .bind(recipients)
+        .bind(subjects)
+        .bind(bodies)
+        .bind(transport)
+        .bind(refused);
+    events.bind(query).execute(conn).await?;
+    Ok(())
 }
 
 /// A notification record to insert.
@@ -88,63 +152,6 @@ pub async fn insert_notifications(
     .bind(reasons)
     .fetch_all(conn)
     .await
-}
-
-/// Records sent emails (one statement).
-pub async fn record_emails(
-    conn: &mut PgConnection,
-    emails: &[&Email],
-    transport: &str,
-) -> Result<(), sqlx::Error> {
-    let mut ids = Vec::with_capacity(emails.len());
-    let mut orders = Vec::with_capacity(emails.len());
-    let mut kinds = Vec::with_capacity(emails.len());
-    let mut recipients = Vec::with_capacity(emails.len());
-    let mut subjects = Vec::with_capacity(emails.len());
-    let mut bodies = Vec::with_capacity(emails.len());
-    for e in emails {
-        ids.push(e.id);
-        orders.push(e.order_id);
-        kinds.push(e.kind.as_str());
-        recipients.push(e.recipient.as_str());
-        subjects.push(e.subject.as_str());
-        bodies.push(e.body.as_str());
-    }
-    sqlx::query(
-        r#"
-        insert into emails (id, order_id, kind, recipient, subject, body, transport)
-        select i, o, k, r, s, b, $7
-        from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-            as t(i, o, k, r, s, b)
-        on conflict do nothing
-        "#,
-    )
-    .bind(ids)
-    .bind(orders)
-    .bind(kinds)
-    .bind(recipients)
-    .bind(subjects)
-    .bind(bodies)
-    .bind(transport)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Marks orders' notifications (one statement).
-pub async fn set_statuses(
-    conn: &mut PgConnection,
-    order_ids: &[Uuid],
-    status: NotificationStatus,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "update notifications set status = $2, updated_at = now() where order_id = any($1)",
-    )
-    .bind(order_ids)
-    .bind(status.as_str())
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 pub async fn put_customer_email(

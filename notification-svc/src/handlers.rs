@@ -14,7 +14,7 @@
 //! SMTP a crash between the send and the commit re-sends it on redelivery
 //! (at-least-once, as email always is).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -23,6 +23,7 @@ use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{EventType, InventoryReserved, NotificationSent, StepFailed};
 use common::messaging::inbox;
+use common::messaging::outbox::OutboxRows;
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions::step_outcome;
 use common::saga::compensation::{Compensation, compensation_for};
@@ -105,7 +106,15 @@ impl NotificationHandler {
         requests: Vec<(Envelope, InventoryReserved)>,
     ) -> Result<(), HandlerError> {
         let order_ids: Vec<Uuid> = requests.iter().map(|(e, _)| e.order_id).collect();
-        let existing = db::existing_notifications(uow.conn(), &order_ids).await?;
+        let mut customers: Vec<&str> = requests
+            .iter()
+            .map(|(_, r)| r.customer_id.as_str())
+            .collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let (existing, on_file) =
+            db::confirmation_state(uow.conn(), &order_ids, &customers).await?;
+        drop(customers);
         let mut seen = HashSet::new();
         let (mut duplicates, mut late) = (0u64, 0u64);
         let fresh: Vec<(Envelope, InventoryReserved)> = requests
@@ -126,16 +135,6 @@ impl NotificationHandler {
                 None => true,
             })
             .collect();
-        let on_file = if fresh.is_empty() {
-            HashMap::new()
-        } else {
-            let mut customers: Vec<&str> =
-                fresh.iter().map(|(_, r)| r.customer_id.as_str()).collect();
-            customers.sort_unstable();
-            customers.dedup();
-            db::customer_emails(uow.conn(), &customers).await?
-        };
-
         let now = Utc::now();
         let planned: Vec<Planned> = fresh
             .into_iter()
@@ -243,17 +242,15 @@ impl NotificationHandler {
                 }
             }
         }
-        if !sent_emails.is_empty() {
-            let refs: Vec<&Email> = sent_emails.iter().collect();
-            db::record_emails(uow.conn(), &refs, self.transport.name()).await?;
-        }
-        if !refused.is_empty() {
-            // The relay refused them after all.
-            db::set_statuses(uow.conn(), &refused, NotificationStatus::Bounced).await?;
-        }
         let bounced = (events.len() - sent_emails.len()) as u64;
-        for event in events {
-            uow.emit(event);
+        if !events.is_empty() {
+            // The emails sent, the ones the relay refused after all, and the
+            // events: one statement.
+            let refs: Vec<&Email> = sent_emails.iter().collect();
+            let rows = OutboxRows::new(events.iter().map(|e| (Uuid::nil(), e)));
+            db::record_confirmations(uow.conn(), &refs, self.transport.name(), &refused, rows)
+                .await?;
+            uow.enqueued(events);
         }
         let sent = sent_emails.len() as u64;
         uow.on_commit(move || {

@@ -3,12 +3,14 @@
 //! statement for a whole batch of orders).
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use common::messaging::outbox::{OutboxRows, insert_cte};
 use common::saga::order::{OrderLine, SagaResult};
 use serde::Serialize;
-use sqlx::PgConnection;
 use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 use uuid::Uuid;
 
 use crate::domain::OrderStatus;
@@ -101,6 +103,8 @@ pub struct NewOrder<'a> {
     pub reply_to: Option<&'a str>,
     pub reply_correlation_id: Option<&'a str>,
     pub waiter: Option<&'a str>,
+    pub created_at: DateTime<Utc>,
+    pub deadline_at: DateTime<Utc>,
 }
 
 /// What the database assigned a new order.
@@ -111,14 +115,35 @@ pub struct Inserted {
     pub deadline_at: DateTime<Utc>,
 }
 
-/// Inserts orders (one statement), each with its deadline `deadline_ms`
-/// from now; an order whose idempotency key is already taken is skipped
-/// (not returned).
+/// Inserts orders and their `order.created` events (one statement); an
+/// order whose idempotency key is already taken is skipped (not returned),
+/// and so is its event.
 pub async fn insert_orders(
     conn: &mut PgConnection,
     orders: &[NewOrder<'_>],
-    deadline_ms: i64,
+    events: OutboxRows<'_>,
 ) -> Result<Vec<Inserted>, sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"
+            with inserted as (
+                insert into orders (order_id, customer_id, status, items, amount_cents, currency,
+                                    card_brand, card_last4, idempotency_key, request_fingerprint,
+                                    reply_to, reply_correlation_id, waiter, created_at, deadline_at)
+                select o, c, 'PENDING', i, a, cur, b, l4, k, f, rt, rc, w, ca, d
+                from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], $5::text[], $6::text[],
+                            $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+                            $13::timestamptz[], $14::timestamptz[])
+                    as t(o, c, i, a, cur, b, l4, k, f, rt, rc, w, ca, d)
+                on conflict (idempotency_key) do nothing
+                returning order_id, created_at, deadline_at
+            ),
+            events as ({})
+            select order_id, created_at, deadline_at from inserted
+            "#,
+            insert_cte(15, Some("select order_id from inserted"))
+        )
+    });
     let n = orders.len();
     let mut ids = Vec::with_capacity(n);
     let mut customers = Vec::with_capacity(n);
@@ -132,6 +157,8 @@ pub async fn insert_orders(
     let mut reply_tos = Vec::with_capacity(n);
     let mut correlations = Vec::with_capacity(n);
     let mut waiters = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut deadlines = Vec::with_capacity(n);
     for o in orders {
         ids.push(o.order_id);
         customers.push(o.customer_id);
@@ -145,36 +172,68 @@ pub async fn insert_orders(
         reply_tos.push(o.reply_to);
         correlations.push(o.reply_correlation_id);
         waiters.push(o.waiter);
+        created.push(o.created_at);
+        deadlines.push(o.deadline_at);
     }
-    sqlx::query_as(
+    let query = sqlx::query(AssertSqlSafe(SQL.as_str()))
+        .bind(ids)
+        .bind(customers)
+        .bind(items)
+        .bind(amounts)
+        .bind(currencies)
+        .bind(brands)
+        .bind(last4s)
+        .bind(keys)
+        .bind(fingerprints)
+        .bind(reply_tos)
+        .bind(correlations)
+        .bind(waiters)
+        .bind(created)
+        .bind(deadlines);
+    events
+        .bind(query)
+        .fetch_all(conn)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Inserted {
+                order_id: row.try_get(0)?,
+                created_at: row.try_get(1)?,
+                deadline_at: row.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// What placing a batch starts from, in one round trip: the prices of
+/// `item_ids`, and which of `keys` already placed an order.
+pub async fn placement_state(
+    conn: &mut PgConnection,
+    item_ids: &[&str],
+    keys: &[&str],
+) -> Result<(HashMap<String, i64>, Vec<String>), sqlx::Error> {
+    let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
         r#"
-        insert into orders (order_id, customer_id, status, items, amount_cents, currency,
-                            card_brand, card_last4, idempotency_key, request_fingerprint,
-                            reply_to, reply_correlation_id, waiter, deadline_at)
-        select o, c, 'PENDING', i, a, cur, b, l4, k, f, rt, rc, w,
-               now() + make_interval(secs => $13::double precision / 1000)
-        from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], $5::text[], $6::text[],
-                    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
-            as t(o, c, i, a, cur, b, l4, k, f, rt, rc, w)
-        on conflict (idempotency_key) do nothing
-        returning order_id, created_at, deadline_at
+        select 'price', item_id, price_cents from catalog where item_id = any($1)
+        union all
+        select 'key', idempotency_key, null from orders where idempotency_key = any($2)
         "#,
     )
-    .bind(ids)
-    .bind(customers)
-    .bind(items)
-    .bind(amounts)
-    .bind(currencies)
-    .bind(brands)
-    .bind(last4s)
+    .bind(item_ids)
     .bind(keys)
-    .bind(fingerprints)
-    .bind(reply_tos)
-    .bind(correlations)
-    .bind(waiters)
-    .bind(deadline_ms)
     .fetch_all(conn)
-    .await
+    .await?;
+    let mut prices = HashMap::new();
+    let mut taken = Vec::new();
+    for (kind, key, price) in rows {
+        match (kind.as_str(), price) {
+            ("price", Some(p)) => {
+                prices.insert(key, p);
+            }
+            _ => taken.push(key),
+        }
+    }
+    Ok((prices, taken))
 }
 
 /// Confirms the orders still PENDING and within their deadline, each with
@@ -408,18 +467,6 @@ pub async fn extra_reply_targets(
     .bind(order_ids)
     .fetch_all(conn)
     .await
-}
-
-pub async fn catalog_prices(
-    conn: &mut PgConnection,
-    item_ids: &[&str],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("select item_id, price_cents from catalog where item_id = any($1)")
-            .bind(item_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows.into_iter().collect())
 }
 
 pub async fn get_price(conn: &mut PgConnection, item_id: &str) -> Result<Option<i64>, sqlx::Error> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::messaging::envelope::{SagaContext, TrailEntry, derive_event_id};
 use common::messaging::events::{EventType, OrderCancelled, OrderCreated, OrderDecided};
-use common::messaging::outbox::OutboxMessage;
+use common::messaging::outbox::{OutboxMessage, OutboxRows};
 use common::messaging::publisher::Publisher;
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions as metric;
@@ -144,10 +144,20 @@ impl OrderSaga {
         let mut keys: Vec<&str> = requests.iter().filter_map(|r| r.key.as_deref()).collect();
         keys.sort_unstable();
         keys.dedup();
-        let mut existing: HashMap<String, OrderRow> = if keys.is_empty() {
+        // Prices for every item named, and which keys placed an order
+        // already (a retry; rare), in one round trip.
+        let mut item_ids: Vec<&str> = requests
+            .iter()
+            .flat_map(|r| r.order.items.iter().map(|it| it.item_id.as_str()))
+            .collect();
+        item_ids.sort_unstable();
+        item_ids.dedup();
+        let (catalog, taken) = db::placement_state(uow.conn(), &item_ids, &keys).await?;
+        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
+        let mut existing: HashMap<String, OrderRow> = if taken.is_empty() {
             HashMap::new()
         } else {
-            db::find_by_keys(uow.conn(), &keys)
+            db::find_by_keys(uow.conn(), &taken)
                 .await?
                 .into_iter()
                 .filter_map(|row| Some((row.idempotency_key.clone()?, row)))
@@ -170,17 +180,6 @@ impl OrderSaga {
                 None => to_create.push(i),
             }
         }
-        let mut item_ids: Vec<&str> = to_create
-            .iter()
-            .flat_map(|&i| requests[i].order.items.iter().map(|it| it.item_id.as_str()))
-            .collect();
-        item_ids.sort_unstable();
-        item_ids.dedup();
-        let catalog = if item_ids.is_empty() {
-            HashMap::new()
-        } else {
-            db::catalog_prices(uow.conn(), &item_ids).await?
-        };
         let mut priced: HashMap<
             usize,
             Result<(Vec<common::saga::order::OrderLine>, i64), InvalidOrder>,
@@ -201,7 +200,17 @@ impl OrderSaga {
             .filter(|i| priced[i].is_ok())
             .map(|&i| (i, Uuid::now_v7()))
             .collect();
-        let new_rows: Vec<NewOrder<'_>> = to_create
+        // Both from one clock, so that the deadline is exactly the configured
+        // one after the creation.
+        let created_at = Utc::now();
+        let deadline_at = created_at
+            + chrono::TimeDelta::from_std(self.deadline).unwrap_or(chrono::TimeDelta::MAX);
+        let creatable: Vec<usize> = to_create
+            .iter()
+            .copied()
+            .filter(|i| order_ids.contains_key(i))
+            .collect();
+        let new_rows: Vec<NewOrder<'_>> = creatable
             .iter()
             .filter_map(|&i| {
                 let (lines, amount) = priced[&i].as_ref().ok()?;
@@ -219,19 +228,43 @@ impl OrderSaga {
                     reply_to: r.reply.as_ref().map(|t| t.reply_to.as_str()),
                     reply_correlation_id: r.reply.as_ref().map(|t| t.correlation_id.as_str()),
                     waiter: r.wait.then_some(self.replica_queue.as_str()),
+                    created_at,
+                    deadline_at,
                 })
+            })
+            .collect();
+        let events: Vec<(Uuid, OutboxMessage)> = creatable
+            .iter()
+            .filter_map(|&i| {
+                let order_id = order_ids[&i];
+                Some((
+                    order_id,
+                    self.created_event(
+                        &requests[i],
+                        order_id,
+                        deadline_at,
+                        priced[&i].as_ref().ok()?,
+                    ),
+                ))
             })
             .collect();
         let inserted: HashMap<Uuid, db::Inserted> = if new_rows.is_empty() {
             HashMap::new()
         } else {
-            db::insert_orders(uow.conn(), &new_rows, self.deadline.as_millis() as i64)
+            let rows = OutboxRows::new(events.iter().map(|(id, e)| (*id, e)));
+            db::insert_orders(uow.conn(), &new_rows, rows)
                 .await?
                 .into_iter()
                 .map(|row| (row.order_id, row))
                 .collect()
         };
         drop(new_rows);
+        uow.enqueued(
+            events
+                .into_iter()
+                .filter(|(id, _)| inserted.contains_key(id))
+                .map(|(_, e)| e),
+        );
         // A key taken by a concurrent request since we looked: that order.
         let lost: Vec<&str> = order_ids
             .iter()
@@ -254,7 +287,10 @@ impl OrderSaga {
             let outcome = match (own, r.key.as_deref()) {
                 (Some(row), _) => {
                     created += 1;
-                    self.emit_created(uow, r, row, &priced[&i]);
+                    let (order_id, customer_id) = (row.order_id, r.order.customer_id.clone());
+                    uow.on_commit(move || {
+                        info!(%order_id, %customer_id, "order created; saga started");
+                    });
                     Ok(Placement {
                         order_id: row.order_id,
                         new: true,
@@ -305,24 +341,21 @@ impl OrderSaga {
     }
 
     /// `order.created` for a new order: the saga starts.
-    fn emit_created(
+    fn created_event(
         &self,
-        uow: &mut UnitOfWork,
         request: &PlaceRequest,
-        row: &db::Inserted,
-        priced: &Result<(Vec<common::saga::order::OrderLine>, i64), InvalidOrder>,
-    ) {
-        let Ok((lines, amount_cents)) = priced else {
-            return;
-        };
+        order_id: Uuid,
+        deadline_at: DateTime<Utc>,
+        (lines, amount_cents): &(Vec<common::saga::order::OrderLine>, i64),
+    ) -> OutboxMessage {
         let ctx = SagaContext {
-            order_id: row.order_id,
-            deadline_at: row.deadline_at,
-            causation_id: created_cause(request.key.as_deref(), row.order_id),
+            order_id,
+            deadline_at,
+            causation_id: created_cause(request.key.as_deref(), order_id),
             producer: SERVICE,
             trail: Vec::new(),
         };
-        uow.emit(ctx.event(
+        ctx.event(
             EventType::OrderCreated,
             &OrderCreated {
                 customer_id: request.order.customer_id.clone(),
@@ -331,15 +364,7 @@ impl OrderSaga {
                 currency: CURRENCY.to_owned(),
                 payment: self.sealer.seal(&request.order.card),
             },
-        ));
-        let (order_id, customer_id, amount_cents) = (
-            row.order_id,
-            request.order.customer_id.clone(),
-            *amount_cents,
-        );
-        uow.on_commit(move || {
-            info!(%order_id, %customer_id, amount_cents, "order created; saga started");
-        });
+        )
     }
 
     /// The placement of an order a key already created; a new reply target
@@ -809,7 +834,7 @@ fn reply_message(
         id,
         reply_to,
         correlation_id,
-        serde_json::to_value(result).unwrap_or_default(),
+        serde_json::to_vec(result).unwrap_or_default(),
     )
 }
 
@@ -821,7 +846,7 @@ fn decision_notice(order_id: Uuid, queue: &str, result: &SagaResult) -> OutboxMe
         routing_key: queue.to_owned(),
         message_type: DECISION_NOTICE.to_owned(),
         correlation_id: Some(order_id.to_string()),
-        payload: serde_json::to_value(result).unwrap_or_default(),
+        body: serde_json::to_vec(result).unwrap_or_default(),
         mandatory: false,
         traceparent: None,
     }

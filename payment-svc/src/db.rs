@@ -3,10 +3,12 @@
 //! statement for a whole batch of orders).
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use common::messaging::outbox::{OutboxRows, insert_cte};
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 use uuid::Uuid;
 
 use crate::domain::PaymentStatus;
@@ -74,34 +76,141 @@ pub async fn insert_payment(
     Ok(n == 1)
 }
 
-/// The payment status of each order that already has a record.
-pub async fn existing_payments(
-    conn: &mut PgConnection,
-    order_ids: &[Uuid],
-) -> Result<HashMap<Uuid, String>, sqlx::Error> {
-    let rows: Vec<(Uuid, String)> =
-        sqlx::query_as("select order_id, status from payments where order_id = any($1)")
-            .bind(order_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows.into_iter().collect())
+/// What a batch of charges starts from, read in one round trip: the orders
+/// that already have a payment record (their status), and the accounts of
+/// `customer_ids` — opened with `default_balance` if new, locked in one
+/// global order (sorted), so concurrent batches cannot deadlock.
+pub struct ChargeState {
+    pub existing: HashMap<Uuid, String>,
+    pub accounts: HashMap<String, (i64, bool)>,
 }
 
-/// Inserts payment records (one statement); returns the orders that got
-/// one (an order that already has a record keeps it).
-pub async fn insert_payments(
+pub async fn charge_state(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+    customer_ids: &[&str],
+    default_balance: i64,
+) -> Result<ChargeState, sqlx::Error> {
+    // An account opened here is invisible to `locked` (one snapshot per
+    // statement): it comes back through `opened`'s RETURNING instead.
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        kind: String,
+        key: String,
+        balance: Option<i64>,
+        frozen: Option<bool>,
+        status: Option<String>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        r#"
+        with opened as (
+            insert into accounts (customer_id, balance_cents)
+            select c, $3 from unnest($2::text[]) as t(c)
+            on conflict (customer_id) do nothing
+            returning customer_id, balance_cents, frozen
+        ),
+        locked as (
+            select customer_id, balance_cents, frozen from accounts
+            where customer_id = any($2)
+            order by customer_id
+            for update
+        )
+        select 'payment' as kind, order_id::text as key, null::bigint as balance,
+               null::bool as frozen, status
+        from payments where order_id = any($1)
+        union all
+        select 'account', customer_id, balance_cents, frozen, null from locked
+        union all
+        select 'account', customer_id, balance_cents, frozen, null from opened
+        "#,
+    )
+    .bind(order_ids)
+    .bind(customer_ids)
+    .bind(default_balance)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut state = ChargeState {
+        existing: HashMap::new(),
+        accounts: HashMap::new(),
+    };
+    for Row {
+        kind,
+        key,
+        balance,
+        frozen,
+        status,
+    } in rows
+    {
+        if kind == "payment" {
+            if let (Ok(id), Some(status)) = (key.parse(), status) {
+                state.existing.insert(id, status);
+            }
+        } else {
+            state
+                .accounts
+                .insert(key, (balance.unwrap_or(0), frozen.unwrap_or(true)));
+        }
+    }
+    // Opened by a concurrent batch that committed while this statement ran:
+    // neither seen nor opened here. Lock it now.
+    let missing: Vec<&str> = customer_ids
+        .iter()
+        .copied()
+        .filter(|c| !state.accounts.contains_key(*c))
+        .collect();
+    if !missing.is_empty() {
+        state.accounts.extend(lock_accounts(conn, &missing).await?);
+    }
+    Ok(state)
+}
+
+/// Records a batch's payments, debits every account by its charged total and
+/// writes the batch's events, keeping only those of the orders that got a
+/// record — one statement. Returns those orders (an order that already had
+/// a record, e.g. a tombstone written since [`charge_state`], keeps it).
+pub async fn record_charges(
     conn: &mut PgConnection,
     payments: &[NewPayment<'_>],
+    events: OutboxRows<'_>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let mut order_ids = Vec::with_capacity(payments.len());
-    let mut customers = Vec::with_capacity(payments.len());
-    let mut amounts = Vec::with_capacity(payments.len());
-    let mut currencies = Vec::with_capacity(payments.len());
-    let mut statuses = Vec::with_capacity(payments.len());
-    let mut codes = Vec::with_capacity(payments.len());
-    let mut reasons = Vec::with_capacity(payments.len());
-    let mut brands = Vec::with_capacity(payments.len());
-    let mut last4s = Vec::with_capacity(payments.len());
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"
+            with pay as (
+                insert into payments (order_id, customer_id, amount_cents, currency, status,
+                                      decline_code, reason, card_brand, card_last4)
+                select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                                     $6::text[], $7::text[], $8::text[], $9::text[])
+                on conflict (order_id) do nothing
+                returning order_id, customer_id, amount_cents, status
+            ),
+            debited as (
+                update accounts a
+                set balance_cents = a.balance_cents - d.total, updated_at = now()
+                from (select customer_id, sum(amount_cents) as total from pay
+                      where status = 'charged' group by customer_id) d
+                where a.customer_id = d.customer_id
+            ),
+            events as ({})
+            select order_id from pay
+            "#,
+            insert_cte(10, Some("select order_id from pay"))
+        )
+    });
+    let n = payments.len();
+    let (mut order_ids, mut customers, mut amounts, mut currencies, mut statuses) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut codes, mut reasons, mut brands, mut last4s) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for p in payments {
         order_ids.push(p.order_id);
         customers.push(p.customer_id);
@@ -113,48 +222,18 @@ pub async fn insert_payments(
         brands.push(p.card_brand);
         last4s.push(p.card_last4);
     }
-    sqlx::query_scalar(
-        r#"
-        insert into payments (order_id, customer_id, amount_cents, currency, status,
-                              decline_code, reason, card_brand, card_last4)
-        select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                             $6::text[], $7::text[], $8::text[], $9::text[])
-        on conflict (order_id) do nothing
-        returning order_id
-        "#,
-    )
-    .bind(order_ids)
-    .bind(customers)
-    .bind(amounts)
-    .bind(currencies)
-    .bind(statuses)
-    .bind(codes)
-    .bind(reasons)
-    .bind(brands)
-    .bind(last4s)
-    .fetch_all(conn)
-    .await
-}
-
-/// Opens the accounts of customers the ledger has not seen, with
-/// `default_balance` (one statement; existing accounts are untouched).
-pub async fn open_missing_accounts(
-    conn: &mut PgConnection,
-    customer_ids: &[&str],
-    default_balance: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        r#"
-        insert into accounts (customer_id, balance_cents)
-        select c, $2 from unnest($1::text[]) as t(c)
-        on conflict (customer_id) do nothing
-        "#,
-    )
-    .bind(customer_ids)
-    .bind(default_balance)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let query = sqlx::query(AssertSqlSafe(SQL.as_str()))
+        .bind(order_ids)
+        .bind(customers)
+        .bind(amounts)
+        .bind(currencies)
+        .bind(statuses)
+        .bind(codes)
+        .bind(reasons)
+        .bind(brands)
+        .bind(last4s);
+    let rows = events.bind(query).fetch_all(conn).await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
 }
 
 /// Locks the accounts of `customer_ids`, in one global order (sorted), so
@@ -175,29 +254,6 @@ pub async fn lock_accounts(
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(c, b, f)| (c, (b, f))).collect())
-}
-
-/// Subtracts each customer's total from their balance, for accounts locked
-/// by [`lock_accounts`] (one statement; the check constraint keeps every
-/// balance non-negative).
-pub async fn debit_accounts(
-    conn: &mut PgConnection,
-    debits: &HashMap<&str, i64>,
-) -> Result<(), sqlx::Error> {
-    let (customers, amounts): (Vec<&str>, Vec<i64>) = debits.iter().map(|(c, a)| (*c, *a)).unzip();
-    sqlx::query(
-        r#"
-        update accounts a
-        set balance_cents = a.balance_cents - d.amount, updated_at = now()
-        from unnest($1::text[], $2::bigint[]) as d(customer_id, amount)
-        where a.customer_id = d.customer_id
-        "#,
-    )
-    .bind(customers)
-    .bind(amounts)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 pub async fn lock_payment(

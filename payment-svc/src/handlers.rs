@@ -10,7 +10,7 @@
 //! Duplicates are recognised by the natural key: one payment record per
 //! order, ever.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use chrono::{Datelike as _, Utc};
 use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
@@ -20,6 +20,7 @@ use common::messaging::events::{
     EventType, OrderCreated, PaymentCompleted, PaymentRefunded, StepFailed,
 };
 use common::messaging::inbox;
+use common::messaging::outbox::{OutboxMessage, OutboxRows};
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions::step_outcome;
 use common::saga::card::CardOpener;
@@ -117,37 +118,45 @@ impl PaymentHandler {
         }
     }
 
-    /// Charges every new order of the batch.
+    /// Charges every new order of the batch: one statement reads what the
+    /// batch starts from, one writes every payment, debit and event.
     async fn charge(
         &self,
         uow: &mut UnitOfWork,
         requests: Vec<ChargeRequest>,
     ) -> Result<(), HandlerError> {
-        // Orders that already have a record: a duplicate, or a rollback that
-        // got here first (tombstone). Nothing to do for either.
+        // The gateway first: no money moves for a declined card.
+        let screened: Vec<Verdict> = requests.iter().map(|r| self.screen(r)).collect();
         let order_ids: Vec<Uuid> = requests.iter().map(|r| r.env.order_id).collect();
-        let existing = db::existing_payments(uow.conn(), &order_ids).await?;
+        let mut customers: Vec<&str> = requests
+            .iter()
+            .zip(&screened)
+            .filter(|(_, v)| v.is_ok())
+            .map(|(r, _)| r.order.customer_id.as_str())
+            .collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let mut state = db::charge_state(
+            uow.conn(),
+            &order_ids,
+            &customers,
+            self.default_balance_cents,
+        )
+        .await?;
+
+        // An order that already has a record is a duplicate, or late (a
+        // rollback got here first and left a tombstone): nothing to do.
         let mut seen = HashSet::new();
         let (mut duplicates, mut late) = (0, 0);
-        let fresh: Vec<ChargeRequest> = requests
-            .into_iter()
-            .filter(|r| match existing.get(&r.env.order_id) {
-                Some(status) if status == PaymentStatus::Cancelled.as_str() => {
-                    late += 1;
-                    false
-                }
-                Some(_) => {
-                    duplicates += 1;
-                    false
-                }
-                None => {
-                    seen.insert(r.env.order_id) || {
-                        duplicates += 1;
-                        false
-                    }
-                }
-            })
-            .collect();
+        let mut fresh = Vec::with_capacity(requests.len());
+        for (req, verdict) in requests.into_iter().zip(screened) {
+            match state.existing.get(&req.env.order_id) {
+                Some(status) if status == PaymentStatus::Cancelled.as_str() => late += 1,
+                Some(_) => duplicates += 1,
+                None if !seen.insert(req.env.order_id) => duplicates += 1,
+                None => fresh.push((req, verdict)),
+            }
+        }
         uow.on_commit(move || {
             inbox::count_duplicates(SERVICE, EventType::OrderCreated.routing_key(), duplicates);
             inbox::count_late(SERVICE, EventType::OrderCreated.routing_key(), late);
@@ -156,51 +165,44 @@ impl PaymentHandler {
             return Ok(());
         }
 
-        // The gateway first, then the ledger: accounts locked in one
-        // global order, balances checked in the batch's order.
-        let mut verdicts: Vec<Verdict> = fresh.iter().map(|r| self.screen(r)).collect();
-        let customers: Vec<&str> = {
-            let mut c: Vec<&str> = fresh
-                .iter()
-                .zip(&verdicts)
-                .filter(|(_, v)| v.is_ok())
-                .map(|(r, _)| r.order.customer_id.as_str())
-                .collect();
-            c.sort_unstable();
-            c.dedup();
-            c
-        };
-        let mut debits: HashMap<&str, i64> = HashMap::new();
-        if !customers.is_empty() {
-            db::open_missing_accounts(uow.conn(), &customers, self.default_balance_cents).await?;
-            let mut accounts = db::lock_accounts(uow.conn(), &customers).await?;
-            for (req, verdict) in fresh.iter().zip(verdicts.iter_mut()) {
-                if verdict.is_err() {
-                    continue;
-                }
-                let customer = req.order.customer_id.as_str();
-                *verdict = match accounts.get_mut(customer) {
-                    Some((_, true)) | None => {
-                        Err(domain::decline("account_frozen", "Account frozen"))
-                    }
-                    _ if req.order.amount_cents < 0 => {
-                        Err(domain::decline("invalid_amount", "Invalid amount"))
-                    }
-                    Some((balance, false)) if *balance < req.order.amount_cents => {
-                        Err(domain::insufficient_funds())
-                    }
-                    Some((balance, false)) => {
-                        *balance -= req.order.amount_cents;
-                        *debits.entry(customer).or_default() += req.order.amount_cents;
-                        Ok(())
-                    }
-                };
+        // The ledger, in the batch's order, against the locked balances.
+        for (req, verdict) in &mut fresh {
+            if verdict.is_err() {
+                continue;
             }
+            let amount = req.order.amount_cents;
+            *verdict = match state.accounts.get_mut(req.order.customer_id.as_str()) {
+                _ if amount < 0 => Err(domain::decline("invalid_amount", "Invalid amount")),
+                Some((_, true)) | None => Err(domain::decline("account_frozen", "Account frozen")),
+                Some((balance, false)) if *balance < amount => Err(domain::insufficient_funds()),
+                Some((balance, false)) => {
+                    *balance -= amount;
+                    Ok(())
+                }
+            };
         }
 
+        let events: Vec<OutboxMessage> = fresh
+            .iter()
+            .map(|(req, verdict)| {
+                let ctx = SagaContext::caused_by(&req.env, SERVICE);
+                match verdict {
+                    Ok(()) => ctx.event(
+                        EventType::PaymentCompleted,
+                        &PaymentCompleted {
+                            customer_id: req.order.customer_id.clone(),
+                            items: req.order.items.clone(),
+                            amount_cents: req.order.amount_cents,
+                            currency: req.order.currency.clone(),
+                            card_last4: req.order.payment.last4.clone(),
+                        },
+                    ),
+                    Err(failure) => ctx.event(EventType::PaymentFailed, failure),
+                }
+            })
+            .collect();
         let records: Vec<NewPayment<'_>> = fresh
             .iter()
-            .zip(&verdicts)
             .map(|(r, v)| NewPayment {
                 order_id: r.env.order_id,
                 customer_id: &r.order.customer_id,
@@ -217,55 +219,34 @@ impl PaymentHandler {
                 card_last4: Some(&r.order.payment.last4),
             })
             .collect();
-        let inserted: HashSet<Uuid> = db::insert_payments(uow.conn(), &records)
+        let rows = OutboxRows::new(fresh.iter().map(|(r, _)| r.env.order_id).zip(&events));
+        // An order that got no record met a tombstone written since we
+        // looked: it is late; its debit and event were left out with it (its
+        // amount still counted above, which can only make a later order of
+        // the same customer in this batch decline, never overdraw).
+        let inserted: HashSet<Uuid> = db::record_charges(uow.conn(), &records, rows)
             .await?
             .into_iter()
             .collect();
-        // An order not inserted got a tombstone from a concurrent rollback
-        // since we looked: it is late, and its debit must not happen (its
-        // amount still counted above, which can only make a later order of
-        // the same customer in this batch decline, never overdraw).
-        for (r, v) in fresh.iter().zip(&verdicts) {
-            if v.is_ok() && !inserted.contains(&r.env.order_id) {
-                let customer = r.order.customer_id.as_str();
-                if let Some(total) = debits.get_mut(customer) {
-                    *total -= r.order.amount_cents;
-                }
-            }
-        }
-        debits.retain(|_, total| *total != 0);
-        if !debits.is_empty() {
-            db::debit_accounts(uow.conn(), &debits).await?;
-        }
+        drop(records);
 
         let (mut charged, mut declined, mut raced) = (Vec::new(), 0, 0);
-        for (req, verdict) in fresh.into_iter().zip(verdicts) {
+        let mut published = Vec::with_capacity(inserted.len());
+        for ((req, verdict), event) in fresh.into_iter().zip(events) {
             if !inserted.contains(&req.env.order_id) {
                 raced += 1;
                 continue;
             }
-            let ctx = SagaContext::caused_by(&req.env, SERVICE);
             match verdict {
-                Ok(()) => {
-                    charged.push((req.env.order_id, req.order.amount_cents));
-                    uow.emit(ctx.event(
-                        EventType::PaymentCompleted,
-                        &PaymentCompleted {
-                            customer_id: req.order.customer_id,
-                            items: req.order.items,
-                            amount_cents: req.order.amount_cents,
-                            currency: req.order.currency,
-                            card_last4: req.order.payment.last4,
-                        },
-                    ));
-                }
+                Ok(()) => charged.push((req.env.order_id, req.order.amount_cents)),
                 Err(failure) => {
                     declined += 1;
                     info!(order_id = %req.env.order_id, code = %failure.code, "declined");
-                    uow.emit(ctx.event(EventType::PaymentFailed, &failure));
                 }
             }
+            published.push(event);
         }
+        uow.enqueued(published);
         uow.on_commit(move || {
             step_outcome(SERVICE, "charged", charged.len() as u64);
             step_outcome(SERVICE, "declined", declined);

@@ -49,7 +49,8 @@ pub struct OutboxMessage {
     /// AMQP `type`.
     pub message_type: String,
     pub correlation_id: Option<String>,
-    pub payload: serde_json::Value,
+    /// The body, as published (JSON).
+    pub body: Vec<u8>,
     /// Saga events are mandatory (an unroutable one is an error and is
     /// retried); replies to a client's queue are not (the client may be gone).
     pub mandatory: bool,
@@ -58,19 +59,14 @@ pub struct OutboxMessage {
 
 impl OutboxMessage {
     /// A direct reply to a client's `reply_to` queue, through the default exchange.
-    pub fn reply(
-        id: Uuid,
-        reply_to: &str,
-        correlation_id: &str,
-        payload: serde_json::Value,
-    ) -> Self {
+    pub fn reply(id: Uuid, reply_to: &str, correlation_id: &str, body: Vec<u8>) -> Self {
         Self {
             id,
             exchange: String::new(),
             routing_key: reply_to.to_owned(),
             message_type: "order.result".to_owned(),
             correlation_id: Some(correlation_id.to_owned()),
-            payload,
+            body,
             mandatory: false,
             traceparent: None,
         }
@@ -99,11 +95,101 @@ impl OutboxMessage {
         }
         props
     }
+}
 
-    /// The body as sent.
-    pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.payload).unwrap_or_default()
+/// Outbox rows as column arrays, for one set-based insert: on their own
+/// ([`enqueue`]) or inside a handler's own statement ([`insert_cte`]), where
+/// each row is tagged with the order it belongs to, so that the statement
+/// keeps only the events of the orders it actually changed.
+pub struct OutboxRows<'a> {
+    ids: Vec<Uuid>,
+    exchanges: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    types: Vec<&'a str>,
+    correlations: Vec<Option<&'a str>>,
+    traces: Vec<Option<&'a str>>,
+    mandatory: Vec<bool>,
+    bodies: Vec<&'a [u8]>,
+    orders: Vec<Uuid>,
+}
+
+impl<'a> OutboxRows<'a> {
+    /// The rows of `messages`, each tagged with its order.
+    pub fn new(messages: impl IntoIterator<Item = (Uuid, &'a OutboxMessage)>) -> Self {
+        let messages = messages.into_iter();
+        let n = messages.size_hint().0;
+        let mut rows = OutboxRows {
+            ids: Vec::with_capacity(n),
+            exchanges: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            correlations: Vec::with_capacity(n),
+            traces: Vec::with_capacity(n),
+            mandatory: Vec::with_capacity(n),
+            bodies: Vec::with_capacity(n),
+            orders: Vec::with_capacity(n),
+        };
+        for (order, m) in messages {
+            rows.ids.push(m.id);
+            rows.exchanges.push(m.exchange.as_str());
+            rows.keys.push(m.routing_key.as_str());
+            rows.types.push(m.message_type.as_str());
+            rows.correlations.push(m.correlation_id.as_deref());
+            rows.traces.push(m.traceparent.as_deref());
+            rows.mandatory.push(m.mandatory);
+            rows.bodies.push(m.body.as_slice());
+            rows.orders.push(order);
+        }
+        rows
     }
+
+    /// Binds the nine arrays as the query's next nine parameters (see
+    /// [`insert_cte`]).
+    pub fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.ids)
+            .bind(self.exchanges)
+            .bind(self.keys)
+            .bind(self.types)
+            .bind(self.correlations)
+            .bind(self.traces)
+            .bind(self.mandatory)
+            .bind(self.bodies)
+            .bind(self.orders)
+    }
+}
+
+/// The statement that inserts the rows bound by [`OutboxRows::bind`] at
+/// parameters `$first`…`$first+8` — with `keep` (a subquery, e.g. `select
+/// order_id from changed`), only those whose order is in it. Used as
+/// `events as (…)` in a handler's own statement, its events are written by
+/// the same round trip as its state.
+pub fn insert_cte(first: usize, keep: Option<&str>) -> String {
+    let p = |i: usize| format!("${}", first + i);
+    format!(
+        "insert into outbox (id, exchange, routing_key, message_type, correlation_id, traceparent, mandatory, body) \
+         select e.id, e.exchange, e.routing_key, e.message_type, e.correlation_id, e.traceparent, e.mandatory, e.body \
+         from unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::bool[], {}::bytea[], {}::uuid[]) \
+             as e(id, exchange, routing_key, message_type, correlation_id, traceparent, mandatory, body, order_id) \
+         {} \
+         on conflict (id) do nothing",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        keep.map_or_else(String::new, |k| format!("where e.order_id in ({k})"))
+    )
 }
 
 /// Inserts messages into the outbox (in the caller's transaction), with one
@@ -112,44 +198,11 @@ pub async fn enqueue(
     conn: &mut PgConnection,
     messages: &[OutboxMessage],
 ) -> Result<(), sqlx::Error> {
-    let mut ids = Vec::with_capacity(messages.len());
-    let mut exchanges = Vec::with_capacity(messages.len());
-    let mut keys = Vec::with_capacity(messages.len());
-    let mut types = Vec::with_capacity(messages.len());
-    let mut correlations = Vec::with_capacity(messages.len());
-    let mut traces = Vec::with_capacity(messages.len());
-    let mut mandatory = Vec::with_capacity(messages.len());
-    let mut payloads = Vec::with_capacity(messages.len());
-    for m in messages {
-        ids.push(m.id);
-        exchanges.push(m.exchange.as_str());
-        keys.push(m.routing_key.as_str());
-        types.push(m.message_type.as_str());
-        correlations.push(m.correlation_id.as_deref());
-        traces.push(m.traceparent.as_deref());
-        mandatory.push(m.mandatory);
-        payloads.push(&m.payload);
-    }
-    sqlx::query(
-        r#"
-        insert into outbox
-            (id, exchange, routing_key, message_type, correlation_id, traceparent, mandatory, payload)
-        select * from unnest(
-            $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[], $8::jsonb[]
-        )
-        on conflict (id) do nothing
-        "#,
-    )
-    .bind(ids)
-    .bind(exchanges)
-    .bind(keys)
-    .bind(types)
-    .bind(correlations)
-    .bind(traces)
-    .bind(mandatory)
-    .bind(payloads)
-    .execute(conn)
-    .await?;
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_cte(1, None));
+    let rows = OutboxRows::new(messages.iter().map(|m| (Uuid::nil(), m)));
+    rows.bind(sqlx::query(AssertSqlSafe(SQL.as_str())))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -292,7 +345,7 @@ struct PendingRow {
     correlation_id: Option<String>,
     traceparent: Option<String>,
     mandatory: bool,
-    payload: serde_json::Value,
+    body: Vec<u8>,
     created_at: DateTime<Utc>,
     attempts: i32,
 }
@@ -305,7 +358,7 @@ impl PendingRow {
             routing_key: self.routing_key.clone(),
             message_type: self.message_type.clone(),
             correlation_id: self.correlation_id.clone(),
-            payload: self.payload.clone(),
+            body: self.body.clone(),
             mandatory: self.mandatory,
             traceparent: self.traceparent.clone(),
         }
@@ -436,7 +489,8 @@ impl Sweeper {
         let rows: Vec<PendingRow> = sqlx::query_as(
             r#"
             select id, exchange, routing_key, message_type, correlation_id, traceparent,
-                   mandatory, payload, created_at, attempts
+                   mandatory, coalesce(body, convert_to(payload::text, 'UTF8')) as body,
+                   created_at, attempts
             from outbox
             where published_at is null
               and created_at <= now() - make_interval(secs => $2)
@@ -543,8 +597,7 @@ pub async fn send_all(
     messages: &[OutboxMessage],
     persistent: bool,
 ) -> Result<Vec<lapin::PublisherConfirm>, lapin::Error> {
-    let bodies: Vec<Vec<u8>> = messages.iter().map(OutboxMessage::body).collect();
-    let sends = messages.iter().zip(&bodies).map(|(m, body)| {
+    let sends = messages.iter().map(|m| {
         channel.basic_publish(
             m.exchange.as_str().into(),
             m.routing_key.as_str().into(),
@@ -552,7 +605,7 @@ pub async fn send_all(
                 mandatory: m.mandatory,
                 ..BasicPublishOptions::default()
             },
-            body,
+            &m.body,
             m.properties(service, persistent),
         )
     });

@@ -20,6 +20,8 @@ type Callback = Box<dyn FnOnce() + Send>;
 pub struct UnitOfWork {
     tx: Transaction<'static, Postgres>,
     outgoing: Vec<OutboxMessage>,
+    /// Events a handler wrote to the outbox in its own statement.
+    enqueued: Vec<OutboxMessage>,
     on_commit: Vec<Callback>,
 }
 
@@ -28,6 +30,7 @@ impl UnitOfWork {
         Ok(Self {
             tx: pool.begin().await?,
             outgoing: Vec::new(),
+            enqueued: Vec::new(),
             on_commit: Vec::new(),
         })
     }
@@ -40,6 +43,13 @@ impl UnitOfWork {
     /// Queues an event; it is inserted into the outbox at commit.
     pub fn emit(&mut self, message: OutboxMessage) {
         self.outgoing.push(message);
+    }
+
+    /// Events the handler already wrote to the outbox in one of its own
+    /// statements (see [`crate::messaging::outbox::insert_cte`]): published
+    /// after the commit like the others, not inserted again.
+    pub fn enqueued(&mut self, messages: impl IntoIterator<Item = OutboxMessage>) {
+        self.enqueued.extend(messages);
     }
 
     /// Runs `f` once the transaction has committed (never if it does not).
@@ -58,7 +68,9 @@ impl UnitOfWork {
         for f in self.on_commit {
             f();
         }
-        publisher.publish_committed(self.outgoing);
+        let mut events = self.outgoing;
+        events.extend(self.enqueued);
+        publisher.publish_committed(events);
         Ok(())
     }
 }
