@@ -42,8 +42,16 @@ pub struct InventoryHandler {
 }
 
 impl MessageHandler for InventoryHandler {
+    /// Releases and commits of held stock must happen whatever it takes: a
+    /// release undoes a reservation, a commit is the last step of a
+    /// confirmed (charged) order and cannot be undone.
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
-        common::messaging::consumer::compensation_on_rollback(routing_key, "stock release")
+        match EventType::from_routing_key(routing_key) {
+            Some(EventType::OrderConfirmed) => Some("stock commit"),
+            _ => {
+                common::messaging::consumer::compensation_on_rollback(routing_key, "stock release")
+            }
+        }
     }
 
     async fn handle_batch(
@@ -104,6 +112,11 @@ impl Work {
             confirm,
             abort,
         } = self;
+        if !confirm.is_empty() && common::failpoints::is_set("inventory::stock_commit") {
+            return Err(HandlerError::transient(
+                "failpoint inventory::stock_commit: committing held stock fails",
+            ));
+        }
 
         // What the batch starts from, in one statement.
         let mut ids: Vec<Uuid> = reserve

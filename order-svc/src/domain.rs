@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256};
 pub const MAX_ITEMS: usize = 100;
 pub const MAX_QUANTITY: i64 = 10_000;
 pub const MAX_ID_LEN: usize = 128;
+/// Longest idempotency key (HTTP `Idempotency-Key`, AMQP `message_id`).
+pub const MAX_KEY_LEN: usize = 200;
 
 /// The `error` of the failure dict for invalid input.
 pub const INVALID_ORDER: &str = "Invalid order";

@@ -98,6 +98,12 @@ impl OrderHandler {
                 "order.requested must carry an AMQP message_id (it is the order's idempotency key)",
             ));
         };
+        if message_id.len() > domain::MAX_KEY_LEN || message_id.chars().any(char::is_control) {
+            return Err(HandlerError::permanent(format!(
+                "the message_id of order.requested must be 1 to {} printable characters",
+                domain::MAX_KEY_LEN
+            )));
+        }
         let reply = msg
             .reply_to
             .as_ref()

@@ -34,9 +34,6 @@ struct HttpState {
     placer: Placer,
 }
 
-/// Longest accepted `Idempotency-Key`.
-const MAX_KEY_LEN: usize = 200;
-
 pub fn routes(saga: Arc<OrderSaga>, placer: Placer) -> Router {
     Router::new()
         .route("/orders", post(place_order).get(find_order))
@@ -59,12 +56,17 @@ async fn place_order(
 ) -> Response {
     let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
         None => None,
-        Some(Ok(k)) if !k.trim().is_empty() && k.len() <= MAX_KEY_LEN => Some(k.trim().to_owned()),
+        Some(Ok(k)) if !k.trim().is_empty() && k.len() <= domain::MAX_KEY_LEN => {
+            Some(k.trim().to_owned())
+        }
         Some(_) => {
             return failure(
                 StatusCode::BAD_REQUEST,
                 domain::INVALID_ORDER,
-                format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+                format!(
+                    "Idempotency-Key must be 1 to {} visible ASCII characters",
+                    domain::MAX_KEY_LEN
+                ),
             );
         }
     };

@@ -61,7 +61,7 @@ pub async fn run(saga: Arc<OrderSaga>, broker: Broker, cancel: CancellationToken
             Ok(set) => set,
             Err(error) => {
                 warn!(%error, "replica queue unavailable; retrying");
-                broker.report_broken();
+                broker.report_broken(&conn);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,

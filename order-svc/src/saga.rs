@@ -735,9 +735,11 @@ fn vanished(key: &str) -> PlaceError {
     )))
 }
 
-/// The cause of an order's `order.created`: the client's key, or the order.
-fn created_cause(key: Option<&str>, order_id: Uuid) -> String {
-    key.map_or_else(|| format!("http:{order_id}"), str::to_owned)
+/// The cause of an order's `order.created`: the client's key, or — without
+/// one — the order itself, spelled with a control character no key can
+/// contain (keys are printable), so the two never collide.
+pub fn created_cause(key: Option<&str>, order_id: Uuid) -> String {
+    key.map_or_else(|| format!("\u{1f}order\u{1f}{order_id}"), str::to_owned)
 }
 
 /// The context of the events a decision emits.
@@ -864,4 +866,21 @@ pub fn rejection_reply(
         &reply.correlation_id,
         &invalid.result(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_a_key_spelled_like_an_order_never_shares_its_event_ids() {
+        let id = Uuid::now_v7();
+        for key in [format!("http:{id}"), format!("order:{id}"), id.to_string()] {
+            assert_ne!(
+                created_cause(Some(&key), id),
+                created_cause(None, id),
+                "{key}"
+            );
+        }
+    }
 }

@@ -89,6 +89,7 @@ pub struct Options {
     pub start: [bool; 4],
     pub pool_size: u32,
     pub retry_max_attempts: u32,
+    pub handler_timeout_ms: u64,
 }
 
 impl Default for Options {
@@ -99,6 +100,7 @@ impl Default for Options {
             start: [true; 4],
             pool_size: 4,
             retry_max_attempts: 8,
+            handler_timeout_ms: 30_000,
         }
     }
 }
@@ -128,6 +130,11 @@ impl Options {
 
     pub fn retry_max_attempts(mut self, n: u32) -> Self {
         self.retry_max_attempts = n;
+        self
+    }
+
+    pub fn handler_timeout_ms(mut self, ms: u64) -> Self {
+        self.handler_timeout_ms = ms;
         self
     }
 
@@ -253,6 +260,7 @@ impl TestSystem {
         c.http_addr = Some("127.0.0.1:0".into());
         c.db_pool_size = self.options.pool_size;
         c.retry_max_attempts = self.options.retry_max_attempts;
+        c.handler_timeout_ms = self.options.handler_timeout_ms;
         c.fault_delay_ms = self.options.fault_delay[svc.index()]
             .as_deref()
             .map(|d| d.parse().expect("valid fault delay"));

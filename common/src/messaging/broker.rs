@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
@@ -117,9 +117,14 @@ impl Broker {
             .unwrap_or_else(|_| Err(timeout_error("opening a confirm channel")))
     }
 
-    /// Tells the supervisor the current connection looks dead.
-    pub fn report_broken(&self) {
-        self.inner.broken.notify_one();
+    /// Tells the supervisor that `conn` looks dead. A report about a
+    /// connection that is no longer the current one (a component that saw
+    /// the old connection fail late) changes nothing.
+    pub fn report_broken(&self, conn: &Connection) {
+        let current = self.inner.current.borrow();
+        if current.as_ref().is_some_and(|c| std::ptr::eq(&**c, conn)) {
+            self.inner.broken.notify_one();
+        }
     }
 
     /// Keeps a connection up until `cancel` fires. Run it in its own task.
@@ -143,6 +148,9 @@ impl Broker {
             metrics::gauge!(metric::BROKER_CONNECTED).set(1.0);
             let conn = Arc::new(conn);
             let mut events = conn.events_listener();
+            // A report stored while there was no current connection was
+            // about an old one.
+            let _ = self.inner.broken.notified().now_or_never();
             self.inner.current.send_replace(Some(conn.clone()));
 
             // Wait until the connection fails, a component reports it, or we stop.

@@ -44,17 +44,13 @@ use crate::messaging::events::EventType;
 use crate::messaging::fault::FaultDelay;
 use crate::messaging::publisher::Publisher;
 use crate::messaging::retry;
-use crate::messaging::topology::ServiceIdentity;
+use crate::messaging::topology::{DELIVERY_LIMIT, ServiceIdentity};
 use crate::messaging::unit_of_work::UnitOfWork;
 use crate::metric_definitions as metric;
 use crate::store::pool as db;
 
 /// Messages larger than this are parked unread.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-/// A batch (or a single message) whose handler runs longer than this is
-/// abandoned, rolled back, and its messages retried.
-pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A handler's failure, classified for the consumer.
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +108,12 @@ pub trait MessageHandler: Send + Sync + 'static {
         batch: &[Incoming],
     ) -> impl Future<Output = Result<Vec<MessageResult>, HandlerError>> + Send;
 
-    /// The compensation a message with this routing key performs, if it is
-    /// one (e.g. `"refund"`). A compensation whose retries are exhausted is
-    /// escalated (see [`crate::messaging::escalation`]), never parked.
+    /// The step a message with this routing key performs, if it is one that
+    /// must happen whatever it takes: a compensation (e.g. `"refund"`) or a
+    /// terminal step that cannot be undone (e.g. `"stock commit"`). Such a
+    /// message is escalated (see [`crate::messaging::escalation`]) when it
+    /// cannot be applied — retries exhausted, too old to tell, a process
+    /// that crashes on it — never parked.
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
         let _ = routing_key;
         None
@@ -143,6 +142,9 @@ pub struct ConsumerSettings {
     /// Messages older than this are refused (parked): the service may no
     /// longer remember whether they were applied. See [`crate::store::retention`].
     pub replay_window: Duration,
+    /// A batch (or a single message) whose handler runs longer than this is
+    /// abandoned, rolled back, and its messages retried.
+    pub handler_timeout: Duration,
 }
 
 /// Consumes a service's queue until cancelled.
@@ -194,7 +196,7 @@ impl<H: MessageHandler> Consumer<H> {
                 Ok(()) => return,
                 Err(error) => {
                     warn!(service = self.service.name, %error, "consumer lost its channel; restarting");
-                    self.broker.report_broken();
+                    self.broker.report_broken(&conn);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -353,7 +355,9 @@ impl<H: MessageHandler> Consumer<H> {
             .collect()
     }
 
-    /// Messages refused before any handler sees them.
+    /// Messages refused before any handler sees them: parked, or escalated
+    /// if they carry a step that must happen (see
+    /// [`MessageHandler::compensation`]).
     fn screen(&self, msg: &Incoming) -> Option<Verdict> {
         if msg.body.len() > MAX_BODY_BYTES {
             return Some(Verdict::Park {
@@ -364,26 +368,50 @@ impl<H: MessageHandler> Consumer<H> {
                 label: "too_large",
             });
         }
-        if msg.escalation_id.is_none()
-            && let Some(age) = message_age(&msg.body)
+        let refusal = if msg.escalation_id.is_some() {
+            None
+        } else if let Some(age) = message_age(&msg.body)
             && age > self.settings.replay_window
         {
-            return Some(Verdict::Park {
-                reason: format!(
+            Some((
+                format!(
                     "message is {}s old, older than the {}s retention window: the service may \
                      no longer know whether it was applied, so it is refused",
                     age.as_secs(),
                     self.settings.replay_window.as_secs()
                 ),
-                label: "too_old",
-            });
-        }
-        None
+                "too_old",
+            ))
+        } else if msg.delivery_count >= DELIVERY_LIMIT {
+            // The broker's last delivery before it dead-letters the message
+            // itself: whatever handles it keeps killing the process.
+            Some((
+                format!(
+                    "delivered {} times without being settled: its handler keeps crashing the process",
+                    msg.delivery_count + 1
+                ),
+                "crash_loop",
+            ))
+        } else {
+            None
+        };
+        let (reason, label) = refusal?;
+        Some(match self.handler.compensation(&msg.routing_key) {
+            Some(step) => Verdict::Escalate {
+                step,
+                error: reason,
+            },
+            None => Verdict::Park { reason, label },
+        })
     }
 
     /// Runs the handler on `batch` in one transaction and commits it.
     async fn run_batch(&self, batch: &[Incoming]) -> Result<Vec<MessageResult>, HandlerError> {
         let work = async {
+            if crate::failpoints::is_set("consumer::hang") {
+                // A handler stuck on, say, a half-open database socket.
+                std::future::pending::<()>().await;
+            }
             let mut uow = UnitOfWork::begin(&self.pool).await?;
             let results = self.handler.handle_batch(&mut uow, batch).await?;
             if results.len() != batch.len() {
@@ -396,12 +424,13 @@ impl<H: MessageHandler> Consumer<H> {
             uow.commit(&self.publisher).await?;
             Ok(results)
         };
-        match tokio::time::timeout(HANDLER_TIMEOUT, AssertUnwindSafe(work).catch_unwind()).await {
+        let timeout = self.settings.handler_timeout;
+        match tokio::time::timeout(timeout, AssertUnwindSafe(work).catch_unwind()).await {
             Ok(Ok(results)) => results,
             Ok(Err(_)) => Err(HandlerError::transient("handler panicked")),
             Err(_) => Err(HandlerError::transient(format!(
-                "handler did not finish within {}s",
-                HANDLER_TIMEOUT.as_secs()
+                "handler did not finish within {} ms",
+                timeout.as_millis()
             ))),
         }
     }

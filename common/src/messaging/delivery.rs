@@ -23,6 +23,9 @@ pub const H_PARKED_AT: &str = "x-parked-at";
 pub const H_ESCALATION_ID: &str = "x-escalation-id";
 /// W3C trace context.
 pub const H_TRACEPARENT: &str = "traceparent";
+/// How many times a quorum queue delivered the message before (set by the
+/// broker on redelivery).
+pub const H_DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// A delivery, as handlers see it.
 #[derive(Debug, Clone)]
@@ -41,6 +44,9 @@ pub struct Incoming {
     pub max_attempts: u32,
     /// Set when an operator retries an escalated compensation.
     pub escalation_id: Option<uuid::Uuid>,
+    /// Earlier deliveries of this very message (the broker's count; 0 on a
+    /// first delivery).
+    pub delivery_count: i64,
 }
 
 impl Incoming {
@@ -67,6 +73,10 @@ impl Incoming {
                 .saturating_add(1),
             max_attempts,
             escalation_id: header_str(H_ESCALATION_ID).and_then(|s| s.parse().ok()),
+            delivery_count: headers
+                .and_then(|h| h.inner().get(H_DELIVERY_COUNT))
+                .and_then(amqp_int)
+                .unwrap_or(0),
         }
     }
 

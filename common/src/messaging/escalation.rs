@@ -57,7 +57,11 @@ pub async fn record(
         insert into escalations (id, message_id, order_id, step, routing_key, body, attempts, last_error, status)
         values ($1, $2, $3, $4, $5, $6, $7, $8, 'open')
         on conflict (message_id) do update
-            set attempts = escalations.attempts + excluded.attempts,
+            -- After an operator's retry the attempts add up; the same
+            -- attempt recorded twice (its ack was lost) counts once.
+            set attempts = case when escalations.status = 'retrying'
+                                then escalations.attempts + excluded.attempts
+                                else greatest(escalations.attempts, excluded.attempts) end,
                 last_error = excluded.last_error,
                 status = 'open',
                 updated_at = now()

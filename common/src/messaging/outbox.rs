@@ -469,7 +469,7 @@ impl Sweeper {
                 Ok(channel) => channel,
                 Err(error) => {
                     warn!(service = self.service, %error, "outbox sweeper could not open a channel");
-                    self.broker.report_broken();
+                    self.broker.report_broken(&conn);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -497,7 +497,7 @@ impl Sweeper {
                     }
                     Err(error @ (SweepError::Broker(_) | SweepError::ConfirmTimeout(_))) => {
                         warn!(service = self.service, %error, "outbox sweeper lost the broker");
-                        self.broker.report_broken();
+                        self.broker.report_broken(&conn);
                         if flushing {
                             break 'connection;
                         }

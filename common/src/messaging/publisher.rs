@@ -258,7 +258,7 @@ impl PublisherTask {
             Ok(ch) => Some(ch),
             Err(error) => {
                 warn!(service = self.service, %error, "publisher could not open a channel");
-                self.broker.report_broken();
+                self.broker.report_broken(&conn);
                 None
             }
         }

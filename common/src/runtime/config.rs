@@ -10,6 +10,7 @@
 //! | `BATCH_SIZE` | 128 | deliveries handled in one transaction at most |
 //! | `QUEUE_TYPE` | `quorum` | kind of the work, delay and parking queues: `quorum` or `classic` |
 //! | `RETRY_MAX_ATTEMPTS` | 8 | attempts before a failing message is parked |
+//! | `HANDLER_TIMEOUT_MS` | 30000 | a batch still being handled after this is abandoned and retried |
 //! | `FAULT_DELAY_MS` | unset | delay before each batch: `N` or `MIN-MAX` |
 //! | `OUTBOX_BATCH_SIZE` | 256 | rows per sweeper pass |
 //! | `OUTBOX_POLL_MS` | 1000 | how often the sweeper looks for rows the fast path left |
@@ -56,6 +57,10 @@ pub struct CommonConfig {
     /// Attempts (first delivery + retries) before a failing message is parked.
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 8)]
     pub retry_max_attempts: u32,
+    /// A batch still being handled after this is abandoned (rolled back)
+    /// and its messages retried, in ms.
+    #[arg(long, env = "HANDLER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub handler_timeout_ms: u64,
     /// Artificial delay before handling each batch: `N` or `MIN-MAX` ms.
     #[arg(long, env = "FAULT_DELAY_MS")]
     pub fault_delay_ms: Option<FaultDelay>,
@@ -93,6 +98,7 @@ impl CommonConfig {
             batch_size: 128,
             queue_type: QueueType::Quorum,
             retry_max_attempts: 8,
+            handler_timeout_ms: 30_000,
             fault_delay_ms: None,
             outbox_batch_size: 256,
             outbox_poll_ms: 1000,
@@ -138,6 +144,7 @@ impl fmt::Debug for CommonConfig {
             .field("batch_size", &self.batch_size)
             .field("queue_type", &self.queue_type)
             .field("retry_max_attempts", &self.retry_max_attempts)
+            .field("handler_timeout_ms", &self.handler_timeout_ms)
             .field(
                 "fault_delay_ms",
                 &self.fault_delay_ms.map(|d| d.to_string()),

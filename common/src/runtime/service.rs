@@ -8,9 +8,11 @@
 //!
 //! Shutdown (on the token passed to `run`) happens in phases, so nothing in
 //! flight is lost:
-//! 1. stop intake: the HTTP server stops accepting and drains, the consumer
-//!    finishes the batch in hand (commit, ack), intake tasks (timeout
-//!    watcher) stop;
+//! 1. stop intake: the HTTP server stops accepting and drains — while the
+//!    consumer and the intake tasks still run, so a request waiting for a
+//!    saga's decision (order-svc) gets it even from a lone replica; then the
+//!    consumer finishes the batch in hand (commit, ack) and the intake tasks
+//!    (timeout watcher) stop;
 //! 2. support tasks that intake relied on (order-svc's placement batcher)
 //!    finish what is queued;
 //! 3. flush: the publisher sends what was committed and waits for its
@@ -123,6 +125,7 @@ impl ServiceRuntime {
     ) -> anyhow::Result<()> {
         let name = self.identity.name;
         let grace = self.config.shutdown_grace();
+        let http_stop = CancellationToken::new();
         let intake = CancellationToken::new();
         let support = CancellationToken::new();
         let flush = CancellationToken::new();
@@ -177,6 +180,7 @@ impl ServiceRuntime {
                 max_attempts: self.config.retry_max_attempts,
                 fault_delay: self.config.fault_delay_ms,
                 replay_window: self.config.retention(),
+                handler_timeout: Duration::from_millis(self.config.handler_timeout_ms),
             },
             Arc::new(handler),
         );
@@ -202,7 +206,7 @@ impl ServiceRuntime {
                 TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)),
             );
         let server = axum::serve(self.listener, router)
-            .with_graceful_shutdown(intake.clone().cancelled_owned());
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
         let mut http_task = tokio::spawn(async move { server.await });
         info!(service = name, "started");
 
@@ -212,16 +216,19 @@ impl ServiceRuntime {
         };
 
         info!(service = name, "stopping intake");
+        http_stop.cancel();
+        if http_failure.is_none() && tokio::time::timeout(grace, &mut http_task).await.is_err() {
+            warn!(
+                service = name,
+                "HTTP requests did not drain within the grace period"
+            );
+        }
         intake.cancel();
         intake_tasks.close();
-        let drained = tokio::time::timeout(grace, async {
-            intake_tasks.wait().await;
-            if http_failure.is_none() {
-                let _ = (&mut http_task).await;
-            }
-        })
-        .await;
-        if drained.is_err() {
+        if tokio::time::timeout(grace, intake_tasks.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 service = name,
                 "intake did not drain within the grace period"

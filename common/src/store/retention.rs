@@ -4,6 +4,9 @@
 //! The window must outlast every way a message can come back (see
 //! [`crate::messaging::retry::check_window`], checked at start-up); a message
 //! older than the window is refused by the consumer rather than applied twice.
+//! Inbox ids are kept [`MARGIN`] longer than that: a producer whose clock runs
+//! ahead makes its messages look younger than they are, and a message must
+//! never be both accepted and forgotten.
 //!
 //! One replica per service cleans at a time (a transaction-level advisory
 //! lock), in batches of [`BATCH`] rows found through an index, so the hot
@@ -16,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metric_definitions as metric;
+
+/// How much longer than the refusal window inbox ids are kept.
+pub const MARGIN: Duration = Duration::from_secs(3600);
 
 /// Rows deleted per statement.
 pub const BATCH: i64 = 1000;
@@ -72,7 +78,7 @@ pub async fn clean_once(
             return Ok(None);
         }
         let o = delete_batch(&mut tx, DELETE_OLD_OUTBOX, secs).await?;
-        let i = delete_batch(&mut tx, DELETE_OLD_INBOX, secs).await?;
+        let i = delete_batch(&mut tx, DELETE_OLD_INBOX, secs + MARGIN.as_secs_f64()).await?;
         tx.commit().await?;
         outbox += o;
         inbox += i;

@@ -54,14 +54,16 @@ async fn a_replay_older_than_the_retention_window_is_parked_not_applied() {
     let order_id = Uuid::now_v7();
     let event_id = Uuid::now_v7();
     let old = Utc::now() - chrono::Duration::days(8);
+    // A forward step; a compensation this old is escalated instead (see
+    // tests/regression).
     let env = json!({
-        "event_id": event_id, "event_type": "order.cancelled", "version": 1,
+        "event_id": event_id, "event_type": "order.created", "version": 1,
         "order_id": order_id, "causation_id": null, "occurred_at": old,
-        "deadline_at": old, "producer": "test", "data": {"customer_id": "c", "reason": "r"},
+        "deadline_at": old, "producer": "test", "data": {"customer_id": "c"},
     });
     sys.publish(
         &conn,
-        "order.cancelled",
+        "order.created",
         env.to_string().as_bytes(),
         BasicProperties::default().with_message_id(event_id.to_string().into()),
     )

@@ -1,0 +1,359 @@
+//! Regressions: each defect found by reading the code, reproduced at the
+//! exact instant it happens (failpoints, `common::failpoints`, configured
+//! in this process) and proved fixed. Run them as a group with
+//! `cargo test -p saga-tests --test regression`.
+//!
+//! Failpoints are process-wide, so the tests of this binary run one at a
+//! time (each holds [`SERIAL`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::messaging::broker::Broker;
+use common::messaging::delivery::Incoming;
+use common::messaging::topology::QueueType;
+use lapin::BasicProperties;
+use lapin::options::BasicGetOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use saga_tests::{Sandbox, Svc, TestSystem, eventually, metric_sum, order_dict};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// A failpoint turned on for as long as the value lives.
+struct Failpoint(&'static str);
+
+impl Failpoint {
+    fn on(name: &'static str, actions: &str) -> Failpoint {
+        fail::cfg(name, actions).expect("failpoint actions");
+        Failpoint(name)
+    }
+}
+
+impl Drop for Failpoint {
+    fn drop(&mut self) {
+        fail::remove(self.0);
+    }
+}
+
+async fn stock_the_shop(sys: &TestSystem) {
+    sys.set_price("productA", 1500).await;
+    sys.set_stock("productA", 10).await;
+}
+
+async fn escalations(sys: &TestSystem, svc: Svc) -> Vec<Value> {
+    sys.get(svc, "/admin/escalations")
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+async fn parked_count(conn: &lapin::Connection, queue: &str) -> usize {
+    let ch = conn.create_channel().await.unwrap();
+    let mut n = 0;
+    while ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .is_some()
+    {
+        n += 1;
+    }
+    n
+}
+
+/// An envelope of `event_type` for a new order, `age` old.
+fn envelope(event_type: &str, age: chrono::Duration, data: Value) -> (Uuid, Vec<u8>) {
+    let event_id = Uuid::now_v7();
+    let at = Utc::now() - age;
+    let env = json!({
+        "event_id": event_id, "event_type": event_type, "version": 1,
+        "order_id": Uuid::now_v7(), "causation_id": "test", "occurred_at": at,
+        "deadline_at": at + chrono::Duration::seconds(60), "producer": "test", "data": data,
+    });
+    (event_id, serde_json::to_vec(&env).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_stock_commit_that_keeps_failing_is_escalated_not_parked() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::builder().retry_max_attempts(2).spawn().await;
+    stock_the_shop(&sys).await;
+    let failing = Failpoint::on("inventory::stock_commit", "return");
+
+    let (_, result) = sys
+        .post_order(&order_dict("commit", &[("productA", 2)]))
+        .await;
+    assert_eq!(result["status"], "success");
+    let id = result["order_id"].as_str().unwrap().to_owned();
+    let escalation = eventually(
+        Duration::from_secs(15),
+        "the stock commit to be escalated",
+        || async {
+            escalations(&sys, Svc::Inventory)
+                .await
+                .into_iter()
+                .find(|e| e["step"] == "stock commit")
+        },
+    )
+    .await;
+    assert_eq!(escalation["routing_key"], "order.confirmed");
+    assert_eq!(escalation["status"], "open");
+    let conn = sys.amqp().await;
+    assert_eq!(parked_count(&conn, "inventory-svc.parking").await, 0);
+    assert_eq!(sys.stock("productA").await, (8, 2), "still held, not lost");
+
+    // The cause is fixed; an operator retries it.
+    drop(failing);
+    let r = sys
+        .http
+        .post(format!(
+            "{}/admin/escalations/{}/retry",
+            sys.url(Svc::Inventory),
+            escalation["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    sys.wait_for_stock("productA", (8, 0)).await;
+    assert_eq!(sys.reservation(&id).await.unwrap()["status"], "committed");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_handler_that_hangs_is_abandoned_and_its_batch_retried() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::builder().handler_timeout_ms(300).spawn().await;
+    stock_the_shop(&sys).await;
+    let retries = |m: &str| metric_sum(m, "messages_handled_total", &[("outcome", "retry")]);
+    let before = retries(&sys.metrics(Svc::Payment).await);
+    // The first batch any consumer takes hangs, as on a half-open socket.
+    let _hang = Failpoint::on("consumer::hang", "1*return");
+
+    let (_, result) = sys
+        .post_order(&order_dict("hang", &[("productA", 1)]))
+        .await;
+
+    assert_eq!(result["status"], "success");
+    assert!(retries(&sys.metrics(Svc::Payment).await) > before);
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_compensation_too_old_to_apply_is_escalated_not_parked() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::spawn().await;
+    let conn = sys.amqp().await;
+    let (event_id, body) = envelope(
+        "order.cancelled",
+        chrono::Duration::days(8),
+        json!({"customer_id": "c", "reason": "r"}),
+    );
+    sys.publish(
+        &conn,
+        "order.cancelled",
+        &body,
+        BasicProperties::default().with_message_id(event_id.to_string().into()),
+    )
+    .await;
+
+    let escalation = eventually(Duration::from_secs(10), "an escalation", || async {
+        escalations(&sys, Svc::Payment).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(escalation["step"], "refund");
+    assert!(
+        escalation["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("older than the 604800s retention window"),
+        "{escalation}"
+    );
+    assert_eq!(parked_count(&conn, "payment-svc.parking").await, 0);
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_message_its_process_keeps_crashing_on_is_escalated_or_parked_before_the_broker_parks_it()
+ {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::spawn().await;
+    let conn = sys.amqp().await;
+    // The broker's count of earlier deliveries, as it sets it on the last
+    // delivery before dead-lettering the message itself.
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(10));
+    let props = |id: Uuid| {
+        BasicProperties::default()
+            .with_message_id(id.to_string().into())
+            .with_headers(headers.clone())
+    };
+    let (refund, body) = envelope(
+        "order.failed",
+        chrono::Duration::zero(),
+        json!({"customer_id": "c", "amount_cents": 1, "result": {"status": "failure", "error": "e", "reason": "r"}}),
+    );
+    sys.publish(&conn, "order.failed", &body, props(refund))
+        .await;
+    let (forward, body) = envelope("order.created", chrono::Duration::zero(), json!({}));
+    sys.publish(&conn, "order.created", &body, props(forward))
+        .await;
+
+    let escalation = eventually(Duration::from_secs(10), "an escalation", || async {
+        escalations(&sys, Svc::Payment).await.into_iter().next()
+    })
+    .await;
+    assert!(
+        escalation["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("keeps crashing the process"),
+        "{escalation}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the forward event parked",
+        || async { (parked_count(&conn, "payment-svc.parking").await == 1).then_some(()) },
+    )
+    .await;
+    assert!(
+        sys.payment(escalation["order_id"].as_str().unwrap())
+            .await
+            .is_none()
+    );
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_inbox_ids_outlive_the_refusal_window_by_a_margin() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::spawn().await;
+    let pool = sqlx::PgPool::connect(&sys.database_url(Svc::Payment))
+        .await
+        .unwrap();
+    let window = Duration::from_secs(7 * 24 * 3600);
+    sqlx::raw_sql(
+        r#"
+        insert into inbox (message_id, message_type, received_at)
+        values (gen_random_uuid(), 'x', now() - interval '7 days 30 minutes'),
+               (gen_random_uuid(), 'x', now() - interval '7 days 2 hours');
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let deleted = common::store::retention::clean_once(&pool, window)
+        .await
+        .unwrap();
+
+    // Refused from 7 days on, remembered until 7 days and an hour.
+    assert_eq!(deleted, Some((0, 1)));
+    pool.close().await;
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_escalation_recorded_twice_counts_its_attempts_once() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::spawn().await;
+    let pool = sqlx::PgPool::connect(&sys.database_url(Svc::Payment))
+        .await
+        .unwrap();
+    let (event_id, body) = envelope("order.failed", chrono::Duration::zero(), json!({}));
+    let msg = Incoming {
+        routing_key: "order.failed".into(),
+        message_id: Some(event_id.to_string()),
+        correlation_id: None,
+        reply_to: None,
+        message_type: None,
+        traceparent: None,
+        body,
+        attempt: 8,
+        max_attempts: 8,
+        escalation_id: None,
+        delivery_count: 0,
+    };
+    // The last attempt, recorded, and recorded again: its ack was lost and
+    // the broker delivered it once more.
+    for _ in 0..2 {
+        common::messaging::escalation::record(&pool, "payment-svc", "refund", &msg, "frozen")
+            .await
+            .unwrap();
+    }
+    let attempts: i32 = sqlx::query_scalar("select attempts from escalations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 8);
+    pool.close().await;
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_graceful_stop_of_a_lone_order_svc_lets_in_flight_sagas_finish() {
+    let _serial = SERIAL.lock().await;
+    let mut sys = TestSystem::builder()
+        .fault_delay(Svc::Notification, "800")
+        .spawn()
+        .await;
+    stock_the_shop(&sys).await;
+    let order = order_dict("deploy", &[("productA", 1)]);
+    let (http, url) = (sys.http.clone(), sys.url(Svc::Order).to_owned());
+    let request = tokio::spawn(async move {
+        let r = http
+            .post(format!("{url}/orders"))
+            .header("Idempotency-Key", "in-flight")
+            .json(&order)
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()
+    });
+    // In flight: placed, not decided.
+    eventually(Duration::from_secs(5), "the order to be placed", || async {
+        let o = sys
+            .get(Svc::Order, "/orders?idempotency_key=in-flight")
+            .await?;
+        (o["status"] == "PENDING").then_some(())
+    })
+    .await;
+
+    sys.stop(Svc::Order).await;
+
+    let result = request.await.unwrap();
+    assert_eq!(result["status"], "success", "{result}");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_late_report_about_an_old_connection_does_not_tear_down_the_new_one() {
+    let _serial = SERIAL.lock().await;
+    let sandbox = Sandbox::new().await;
+    let broker = Broker::new(sandbox.amqp_url.clone(), "regression", QueueType::Quorum);
+    let cancel = CancellationToken::new();
+    tokio::spawn(broker.clone().supervise(cancel.clone()));
+    let first = broker.connection(&cancel).await.unwrap();
+
+    broker.report_broken(&first);
+    let second = eventually(Duration::from_secs(15), "a new connection", || async {
+        broker.current().filter(|c| !Arc::ptr_eq(c, &first))
+    })
+    .await;
+    // A component that saw the first connection fail reports it late.
+    broker.report_broken(&first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let current = broker.current().expect("still connected");
+    assert!(
+        Arc::ptr_eq(&current, &second),
+        "the new connection was torn down"
+    );
+    cancel.cancel();
+    sandbox.close().await;
+}
