@@ -17,7 +17,7 @@
 //! | `OUTBOX_SWEEP_AFTER_MS` | 1000 | a row not confirmed this long after its commit is swept |
 //! | `SHUTDOWN_GRACE_MS` | 10000 | time allowed to drain on SIGTERM |
 //! | `RETENTION_SECS` | 604800 | keep published outbox rows and inbox ids this long (7 days) |
-//! | `CLEANUP_INTERVAL_SECS` | 60 | how often the retention cleaner runs |
+//! | `CLEANUP_INTERVAL_SECS` | 15 | how often the retention cleaner runs (and vacuums, if the server's autovacuum is off) |
 
 use std::fmt;
 use std::time::Duration;
@@ -81,8 +81,9 @@ pub struct CommonConfig {
     /// messages are refused. Must exceed the retry horizon plus an hour.
     #[arg(long, env = "RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub retention_secs: u64,
-    /// How often the retention cleaner runs, in seconds.
-    #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 60)]
+    /// How often the retention cleaner runs (and, on a server whose
+    /// autovacuum is off, vacuums the service's database), in seconds.
+    #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 15)]
     pub cleanup_interval_secs: u64,
 }
 
@@ -105,7 +106,7 @@ impl CommonConfig {
             outbox_sweep_after_ms: 1000,
             shutdown_grace_ms: 10_000,
             retention_secs: 7 * 24 * 3600,
-            cleanup_interval_secs: 60,
+            cleanup_interval_secs: 15,
         }
     }
 

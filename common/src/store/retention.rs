@@ -11,6 +11,13 @@
 //! One replica per service cleans at a time (a transaction-level advisory
 //! lock), in batches of [`BATCH`] rows found through an index, so the hot
 //! path never meets a table-locking mass `DELETE`.
+//!
+//! Every service updates rows on its hot path (decisions, reservations,
+//! stock, balances), which leaves dead row versions behind. PostgreSQL's
+//! autovacuum removes them and keeps the planner's statistics fresh; on a
+//! server where it is turned off, the cleaning replica does it itself
+//! (`VACUUM (ANALYZE, SKIP_LOCKED)` of its database) after each pass, so a
+//! long run does not slow down as its tables bloat.
 
 use std::time::Duration;
 
@@ -98,6 +105,7 @@ pub async fn run_cleaner(
     interval: Duration,
     cancel: CancellationToken,
 ) {
+    let mut maintenance = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -105,6 +113,9 @@ pub async fn run_cleaner(
         }
         match clean_once(&pool, retention).await {
             Ok(Some((outbox, inbox))) => {
+                if *maintenance.get_or_insert(autovacuum_is_off(&pool).await) {
+                    vacuum(service, &pool).await;
+                }
                 metrics::counter!(metric::RETENTION_DELETED, "service" => service, "table" => "outbox")
                     .increment(outbox);
                 metrics::counter!(metric::RETENTION_DELETED, "service" => service, "table" => "inbox")
@@ -116,5 +127,45 @@ pub async fn run_cleaner(
             Ok(None) => debug!(service, "retention: another replica is cleaning"),
             Err(error) => warn!(service, %error, "retention: cleaning failed; will retry"),
         }
+    }
+}
+
+/// True if the server runs no autovacuum (then the services vacuum their
+/// own databases).
+async fn autovacuum_is_off(pool: &PgPool) -> bool {
+    let setting: Result<String, _> = sqlx::query_scalar("select current_setting('autovacuum')")
+        .fetch_one(pool)
+        .await;
+    let off = setting.is_ok_and(|s| s == "off");
+    if off {
+        info!("autovacuum is off on this server: each service vacuums its own database");
+    }
+    off
+}
+
+/// Dead row versions worth a vacuum.
+const VACUUM_THRESHOLD: i64 = 1000;
+
+async fn vacuum(service: &'static str, pool: &PgPool) {
+    // Idle, there is nothing to remove: one statistics read, no vacuum.
+    let dead: Option<i64> =
+        sqlx::query_scalar("select sum(n_dead_tup)::bigint from pg_stat_user_tables")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(None);
+    if dead.unwrap_or(0) < VACUUM_THRESHOLD {
+        return;
+    }
+    let started = std::time::Instant::now();
+    match sqlx::raw_sql("vacuum (analyze, skip_locked)")
+        .execute(pool)
+        .await
+    {
+        Ok(_) => debug!(
+            service,
+            ms = started.elapsed().as_millis() as u64,
+            "vacuumed"
+        ),
+        Err(error) => warn!(service, %error, "vacuum failed; will retry"),
     }
 }
