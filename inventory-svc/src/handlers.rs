@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 
 use chrono::Utc;
-use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
+use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{
@@ -59,11 +59,22 @@ impl MessageHandler for InventoryHandler {
         uow: &mut UnitOfWork,
         batch: &[Incoming],
     ) -> Result<Vec<MessageResult>, HandlerError> {
-        let mut results: Vec<MessageResult> = Vec::with_capacity(batch.len());
-        let mut work = Work::default();
-        for (i, msg) in batch.iter().enumerate() {
-            results.push(work.add(i, msg));
-        }
+        let StepBatch {
+            mut results,
+            forward,
+            rollbacks,
+            others,
+        } = StepBatch::<PaymentCompleted>::sort(
+            SERVICE,
+            batch,
+            EventType::PaymentCompleted,
+            &[EventType::OrderConfirmed],
+        );
+        let work = Work {
+            reserve: forward,
+            confirm: others,
+            abort: rollbacks,
+        };
         if !work.is_empty() {
             work.apply(uow, &mut results).await?;
         }
@@ -72,7 +83,6 @@ impl MessageHandler for InventoryHandler {
 }
 
 /// The batch's messages, sorted by what they ask for.
-#[derive(Default)]
 struct Work {
     reserve: Vec<(usize, Envelope, PaymentCompleted)>,
     confirm: Vec<(usize, Envelope)>,
@@ -80,24 +90,6 @@ struct Work {
 }
 
 impl Work {
-    fn add(&mut self, i: usize, msg: &Incoming) -> MessageResult {
-        let env = Envelope::decode(&msg.body)?;
-        match env.event_type {
-            EventType::PaymentCompleted => {
-                let paid = env.data_as()?;
-                self.reserve.push((i, env, paid));
-            }
-            EventType::OrderConfirmed => self.confirm.push((i, env)),
-            t if t.is_abort() => self.abort.push((i, env)),
-            other => {
-                return Err(HandlerError::permanent(format!(
-                    "{SERVICE} does not handle {other}"
-                )));
-            }
-        }
-        Ok(())
-    }
-
     fn is_empty(&self) -> bool {
         self.reserve.is_empty() && self.confirm.is_empty() && self.abort.is_empty()
     }

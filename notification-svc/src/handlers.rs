@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::Utc;
-use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
+use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{EventType, InventoryReserved, NotificationSent, StepFailed};
@@ -54,31 +54,14 @@ impl MessageHandler for NotificationHandler {
         uow: &mut UnitOfWork,
         batch: &[Incoming],
     ) -> Result<Vec<MessageResult>, HandlerError> {
-        let mut results: Vec<MessageResult> = Vec::with_capacity(batch.len());
-        let mut confirmations = Vec::new();
-        let mut aborts = Vec::new();
-        for (i, msg) in batch.iter().enumerate() {
-            let decoded = Envelope::decode(&msg.body).map_err(HandlerError::from);
-            results.push(match decoded {
-                Err(e) => Err(e),
-                Ok(env) => match env.event_type {
-                    EventType::InventoryReserved => match env.data_as::<InventoryReserved>() {
-                        Ok(reserved) => {
-                            confirmations.push((env, reserved));
-                            Ok(())
-                        }
-                        Err(e) => Err(e.into()),
-                    },
-                    t if t.is_abort() => {
-                        aborts.push((i, env));
-                        Ok(())
-                    }
-                    other => Err(HandlerError::permanent(format!(
-                        "{SERVICE} does not handle {other}"
-                    ))),
-                },
-            });
-        }
+        let StepBatch {
+            mut results,
+            forward,
+            rollbacks: aborts,
+            ..
+        } = StepBatch::<InventoryReserved>::sort(SERVICE, batch, EventType::InventoryReserved, &[]);
+        let confirmations: Vec<(Envelope, InventoryReserved)> =
+            forward.into_iter().map(|(_, env, r)| (env, r)).collect();
         if !confirmations.is_empty() {
             self.confirm(uow, confirmations).await?;
         }

@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 
 use chrono::{Datelike as _, Utc};
-use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
+use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{
@@ -56,31 +56,16 @@ impl MessageHandler for PaymentHandler {
         uow: &mut UnitOfWork,
         batch: &[Incoming],
     ) -> Result<Vec<MessageResult>, HandlerError> {
-        let mut results: Vec<MessageResult> = Vec::with_capacity(batch.len());
-        let mut charges = Vec::new();
-        let mut aborts = Vec::new();
-        for (i, msg) in batch.iter().enumerate() {
-            let decoded = Envelope::decode(&msg.body).map_err(HandlerError::from);
-            results.push(match decoded {
-                Err(e) => Err(e),
-                Ok(env) => match env.event_type {
-                    EventType::OrderCreated => match env.data_as::<OrderCreated>() {
-                        Ok(order) => {
-                            charges.push(ChargeRequest { env, order });
-                            Ok(())
-                        }
-                        Err(e) => Err(e.into()),
-                    },
-                    t if t.is_abort() => {
-                        aborts.push((i, env));
-                        Ok(())
-                    }
-                    other => Err(HandlerError::permanent(format!(
-                        "{SERVICE} does not handle {other}"
-                    ))),
-                },
-            });
-        }
+        let StepBatch {
+            mut results,
+            forward,
+            rollbacks: aborts,
+            ..
+        } = StepBatch::<OrderCreated>::sort(SERVICE, batch, EventType::OrderCreated, &[]);
+        let charges: Vec<ChargeRequest> = forward
+            .into_iter()
+            .map(|(_, env, order)| ChargeRequest { env, order })
+            .collect();
         if !charges.is_empty() {
             self.charge(uow, charges).await?;
         }

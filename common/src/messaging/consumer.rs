@@ -39,6 +39,7 @@ use crate::messaging::delivery::{
     H_LAST_ERROR, H_ORIGINAL_EXCHANGE, H_ORIGINAL_ROUTING_KEY, H_PARKED_AT, H_PARKED_BY,
     H_PARKED_REASON, H_RETRY_ATTEMPT, Incoming,
 };
+use crate::messaging::envelope::Envelope;
 use crate::messaging::escalation;
 use crate::messaging::events::EventType;
 use crate::messaging::fault::FaultDelay;
@@ -117,6 +118,61 @@ pub trait MessageHandler: Send + Sync + 'static {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
         let _ = routing_key;
         None
+    }
+}
+
+/// A step service's batch, sorted by what each message asks for.
+pub struct StepBatch<T> {
+    /// One result per message: a message that is malformed, or of a type
+    /// this service does not take, already has its error here.
+    pub results: Vec<MessageResult>,
+    /// The forward requests, with their data decoded: (index, envelope, data).
+    pub forward: Vec<(usize, Envelope, T)>,
+    /// The rollbacks (`order.failed`, `order.cancelled`).
+    pub rollbacks: Vec<(usize, Envelope)>,
+    /// Messages of the other types the service takes.
+    pub others: Vec<(usize, Envelope)>,
+}
+
+impl<T: serde::de::DeserializeOwned> StepBatch<T> {
+    /// Sorts `batch` for `service`, whose forward request is `forward`, and
+    /// which also takes `others`.
+    pub fn sort(
+        service: &str,
+        batch: &[Incoming],
+        forward: EventType,
+        others: &[EventType],
+    ) -> StepBatch<T> {
+        let mut sorted = StepBatch {
+            results: Vec::with_capacity(batch.len()),
+            forward: Vec::new(),
+            rollbacks: Vec::new(),
+            others: Vec::new(),
+        };
+        for (i, msg) in batch.iter().enumerate() {
+            let result = Envelope::decode(&msg.body)
+                .map_err(HandlerError::from)
+                .and_then(|env| match env.event_type {
+                    t if t == forward => {
+                        let data = env.data_as::<T>()?;
+                        sorted.forward.push((i, env, data));
+                        Ok(())
+                    }
+                    t if t.is_abort() => {
+                        sorted.rollbacks.push((i, env));
+                        Ok(())
+                    }
+                    t if others.contains(&t) => {
+                        sorted.others.push((i, env));
+                        Ok(())
+                    }
+                    other => Err(HandlerError::permanent(format!(
+                        "{service} does not handle {other}"
+                    ))),
+                });
+            sorted.results.push(result);
+        }
+        sorted
     }
 }
 
