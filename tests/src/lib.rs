@@ -802,7 +802,15 @@ impl Tap {
             .await
             .ok()??
             .ok()?;
-        d.acker.ack(BasicAckOptions::default()).await.ok()?;
+        // Bounded: an ack on a channel a broker restart killed can wait
+        // forever (lapin), and a tap's ack matters to no one.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            d.acker.ack(BasicAckOptions::default()),
+        )
+        .await
+        .ok()?
+        .ok()?;
         Some(d)
     }
 

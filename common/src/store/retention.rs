@@ -113,7 +113,10 @@ pub async fn run_cleaner(
         }
         match clean_once(&pool, retention).await {
             Ok(Some((outbox, inbox))) => {
-                if *maintenance.get_or_insert(autovacuum_is_off(&pool).await) {
+                if maintenance.is_none() {
+                    maintenance = Some(autovacuum_is_off(&pool).await);
+                }
+                if maintenance == Some(true) {
                     vacuum(service, &pool).await;
                 }
                 metrics::counter!(metric::RETENTION_DELETED, "service" => service, "table" => "outbox")

@@ -127,8 +127,12 @@ async fn the_system_converges_through_crashes_restarts_duplicates_and_poison() {
         counts.clone(),
     )));
     faults::run(&mut sys, run_for, &counts).await;
+    // Bounded, so that a stuck client is a failure, not a hung test.
     for t in tasks {
-        t.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(180), t)
+            .await
+            .expect("a load task did not finish within 3 minutes of the end of the load")
+            .unwrap();
     }
     // Late copies still in flight land during settling.
     let placed = placed.lock().await.clone();
