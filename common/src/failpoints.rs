@@ -8,6 +8,12 @@
 //! |---|---|
 //! | `outbox::after_commit` | a transaction has committed, its events are in the outbox, nothing is published yet |
 //! | `consumer::before_ack` | a batch is committed and its events confirmed by the broker, the deliveries not yet acked |
+//! | `consumer::hang` | a batch's handler starts (it then never finishes) |
+//! | `inventory::stock_commit` | a batch with `order.confirmed` starts (it then fails) |
+//! | `order::before_reply_target` | an order placed earlier gets a new reply target (paused while set) |
+//! | `escalation::publish` | an operator's retry publishes the escalated message (it then fails) |
+//!
+//! The last four are configured by in-process tests (`fail::cfg`).
 
 /// Reads `FAILPOINTS`; keep the returned value alive while the process runs.
 #[cfg(feature = "failpoints")]
@@ -47,5 +53,13 @@ pub fn crash(name: &str) -> ! {
 pub fn crash_if_set(name: &str) {
     if is_set(name) {
         crash(name);
+    }
+}
+
+/// Waits here for as long as the failpoint `name` is on (checked every few
+/// milliseconds), to let a test act at exactly this instant.
+pub async fn pause_while_set(name: &str) {
+    while is_set(name) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

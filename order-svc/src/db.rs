@@ -307,6 +307,20 @@ pub async fn fail_orders(
     .await
 }
 
+/// The orders `order_ids`, locked until the transaction ends (in one
+/// global order).
+pub async fn lock_orders(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {ORDER_COLUMNS} from orders where order_id = any($1) order by order_id for update"
+    )))
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await
+}
+
 /// The orders among `order_ids` still PENDING, locked until the
 /// transaction ends.
 pub async fn lock_pending(

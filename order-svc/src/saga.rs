@@ -375,8 +375,17 @@ impl OrderSaga {
         request: &PlaceRequest,
         row: &OrderRow,
     ) -> Result<Placement, PlaceError> {
-        let result = row.result();
+        let mut result = row.result();
         if let Some(reply) = &request.reply {
+            common::failpoints::pause_while_set("order::before_reply_target").await;
+            // Under the order's lock, read afresh: a decision made since the
+            // row was read has answered its targets already (this one gets
+            // a late reply), and one made after our commit will see it.
+            let locked = db::lock_orders(uow.conn(), &[row.order_id])
+                .await?
+                .pop()
+                .ok_or_else(|| vanished(row.idempotency_key.as_deref().unwrap_or_default()))?;
+            result = locked.result();
             let already = row.reply_to.as_deref() == Some(reply.reply_to.as_str())
                 && row.reply_correlation_id.as_deref() == Some(reply.correlation_id.as_str());
             if !already

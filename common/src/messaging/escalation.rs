@@ -131,11 +131,22 @@ pub async fn begin_retry(pool: &PgPool, id: Uuid) -> Result<Option<EscalationRow
     sqlx::query_as(
         r#"
         update escalations set status = 'retrying', updated_at = now()
-        where id = $1
+        where id = $1 and status <> 'resolved'
         returning *
         "#,
     )
     .bind(id)
     .fetch_optional(pool)
     .await
+}
+
+/// Puts an escalation whose retry could not be started back to `open`.
+pub async fn reopen(pool: &PgPool, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update escalations set status = 'open', updated_at = now() where id = $1 and status = 'retrying'",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

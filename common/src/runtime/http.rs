@@ -167,6 +167,11 @@ async fn retry_escalation(
         .with_delivery_mode(2)
         .with_headers(headers);
     let publish = async {
+        if crate::failpoints::is_set("escalation::publish") {
+            return Err(crate::messaging::broker::timeout_error(
+                "failpoint escalation::publish",
+            ));
+        }
         let channel = Broker::confirm_channel(&conn).await?;
         let confirm = channel
             .basic_publish(
@@ -186,7 +191,11 @@ async fn retry_escalation(
     };
     match publish.await {
         Ok(Confirmation::Ack(None)) => {}
-        Ok(_) | Err(_) => return Err(ApiError::Unavailable),
+        Ok(_) | Err(_) => {
+            // Not retried after all: back in the open list.
+            escalation::reopen(&s.pool, id).await?;
+            return Err(ApiError::Unavailable);
+        }
     }
     Ok((
         StatusCode::ACCEPTED,

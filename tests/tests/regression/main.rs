@@ -357,3 +357,109 @@ async fn regression_a_late_report_about_an_old_connection_does_not_tear_down_the
     cancel.cancel();
     sandbox.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_retry_that_cannot_be_published_leaves_the_escalation_open() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::spawn().await;
+    let conn = sys.amqp().await;
+    // An escalation at once: a compensation too old to apply.
+    let (event_id, body) = envelope(
+        "order.cancelled",
+        chrono::Duration::days(8),
+        json!({"customer_id": "c", "reason": "r"}),
+    );
+    sys.publish(
+        &conn,
+        "order.cancelled",
+        &body,
+        BasicProperties::default().with_message_id(event_id.to_string().into()),
+    )
+    .await;
+    let escalation = eventually(Duration::from_secs(10), "an escalation", || async {
+        escalations(&sys, Svc::Payment).await.into_iter().next()
+    })
+    .await;
+    let id = escalation["id"].as_str().unwrap().to_owned();
+    let _broken = Failpoint::on("escalation::publish", "return");
+
+    let r = sys
+        .http
+        .post(format!(
+            "{}/admin/escalations/{id}/retry",
+            sys.url(Svc::Payment)
+        ))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(r.status(), 503);
+    let open = sys
+        .get(Svc::Payment, "/admin/escalations?status=open")
+        .await
+        .unwrap();
+    assert!(
+        open.as_array().unwrap().iter().any(|e| e["id"] == id),
+        "still listed as open: {open}"
+    );
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_new_reply_target_added_while_the_saga_is_decided_gets_the_result() {
+    let _serial = SERIAL.lock().await;
+    // The saga times out (notification is slower than the deadline): the
+    // watcher decides it, independently of the consumer.
+    let sys = TestSystem::builder()
+        .deadline_ms(1500)
+        .fault_delay(Svc::Notification, "4000")
+        .spawn()
+        .await;
+    stock_the_shop(&sys).await;
+    let conn = sys.amqp().await;
+    let (first, mut first_replies) = saga_tests::Tap::reply_queue(&conn).await;
+    let (second, mut second_replies) = saga_tests::Tap::reply_queue(&conn).await;
+    let body = serde_json::to_vec(&order_dict("late-target", &[("productA", 1)])).unwrap();
+    let request = |reply_to: &str| {
+        BasicProperties::default()
+            .with_message_id("same-order".into())
+            .with_reply_to(reply_to.into())
+    };
+    sys.publish(&conn, "order.requested", &body, request(&first))
+        .await;
+    eventually(Duration::from_secs(5), "the order to be placed", || async {
+        sys.get(Svc::Order, "/orders?idempotency_key=same-order")
+            .await
+            .map(|_| ())
+    })
+    .await;
+
+    // The re-sent request has read the order, still PENDING, and is about to
+    // add its reply target when the saga is decided.
+    let paused = Failpoint::on("order::before_reply_target", "return");
+    sys.publish(&conn, "order.requested", &body, request(&second))
+        .await;
+    eventually(
+        Duration::from_secs(10),
+        "the saga to be decided",
+        || async {
+            let o = sys
+                .get(Svc::Order, "/orders?idempotency_key=same-order")
+                .await?;
+            (o["status"] == "FAILED").then_some(())
+        },
+    )
+    .await;
+    drop(paused);
+
+    let first = first_replies
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the first client's reply");
+    let second = second_replies
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the second client's reply, sent late");
+    assert_eq!(first.data, second.data, "the same result dict");
+    sys.shutdown().await;
+}
