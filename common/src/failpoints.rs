@@ -12,8 +12,9 @@
 //! | `inventory::stock_commit` | a batch with `order.confirmed` starts (it then fails) |
 //! | `order::before_reply_target` | an order placed earlier gets a new reply target (paused while set) |
 //! | `escalation::publish` | an operator's retry publishes the escalated message (it then fails) |
+//! | `notification::after_send` | a batch's confirmation emails went out, nothing of it is recorded yet (it then fails) |
 //!
-//! The last four are configured by in-process tests (`fail::cfg`).
+//! The last five are configured by in-process tests (`fail::cfg`).
 
 /// Reads `FAILPOINTS`; keep the returned value alive while the process runs.
 #[cfg(feature = "failpoints")]

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use common::messaging::outbox::{OutboxRows, insert_cte};
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::domain::{Email, NotificationStatus};
@@ -22,19 +22,27 @@ pub async fn get_customer_email(
         .await
 }
 
+/// An order's notification record, as a batch of confirmations sees it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub status: String,
+    pub recipient: Option<String>,
+}
+
 /// What a batch of confirmations starts from, in one round trip: the
-/// notification status of each order that has a record, and the addresses
-/// on file of `customer_ids`.
+/// notification record of each order that has one, and the addresses on
+/// file of `customer_ids`.
 pub async fn confirmation_state(
     conn: &mut PgConnection,
     order_ids: &[Uuid],
     customer_ids: &[&str],
-) -> Result<(HashMap<Uuid, String>, HashMap<String, String>), sqlx::Error> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
+) -> Result<(HashMap<Uuid, Recorded>, HashMap<String, String>), sqlx::Error> {
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
         r#"
-        select 'notification', order_id::text, status from notifications where order_id = any($1)
+        select 'notification', order_id::text, status, recipient
+        from notifications where order_id = any($1)
         union all
-        select 'customer', customer_id, email from customers where customer_id = any($2)
+        select 'customer', customer_id, email, null from customers where customer_id = any($2)
         "#,
     )
     .bind(order_ids)
@@ -42,10 +50,16 @@ pub async fn confirmation_state(
     .fetch_all(conn)
     .await?;
     let (mut existing, mut emails) = (HashMap::new(), HashMap::new());
-    for (kind, key, value) in rows {
+    for (kind, key, value, recipient) in rows {
         if kind == "notification" {
             if let Ok(id) = key.parse() {
-                existing.insert(id, value);
+                existing.insert(
+                    id,
+                    Recorded {
+                        status: value,
+                        recipient,
+                    },
+                );
             }
         } else {
             emails.insert(key, value);
@@ -54,12 +68,46 @@ pub async fn confirmation_state(
     Ok((existing, emails))
 }
 
-/// Records a batch's sent emails, marks the notifications whose email the
-/// relay refused, and writes the batch's events — one statement.
+/// Commits `records` (all `sending`) on a connection of their own, before
+/// any email goes out; returns the orders that got one. Waits at most a
+/// second for a concurrent transaction writing the same order (the batch
+/// is then retried) rather than risk waiting on a batch that waits on ours.
+pub async fn claim_sending(
+    pool: &PgPool,
+    records: &[NewNotification<'_>],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("set local lock_timeout = '1s'")
+        .execute(&mut *tx)
+        .await?;
+    let claimed = insert_notifications(&mut tx, records).await?;
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+/// Locks the records of `order_ids` that are still `sending` (a rollback
+/// that got there first has retracted them); returns their orders.
+pub async fn lock_sending(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select order_id from notifications where order_id = any($1) and status = 'sending' \
+         order by order_id for update",
+    )
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// Records a batch's sent emails, marks `sent` the notifications claimed as
+/// `sending` whose email went out (`delivered`) and `bounced` those whose
+/// email the relay refused, and writes the batch's events — one statement.
 pub async fn record_confirmations(
     conn: &mut PgConnection,
     emails: &[&Email],
     transport: &str,
+    delivered: &[Uuid],
     refused: &[Uuid],
     events: OutboxRows<'_>,
 ) -> Result<(), sqlx::Error> {
@@ -73,14 +121,18 @@ pub async fn record_confirmations(
                     as t(i, o, k, r, s, b)
                 on conflict do nothing
             ),
+            delivered as (
+                update notifications set status = 'sent', updated_at = now()
+                where order_id = any($8) and status = 'sending'
+            ),
             refused as (
                 update notifications set status = 'bounced', updated_at = now()
-                where order_id = any($8)
+                where order_id = any($9)
             ),
             events as ({})
             select 1
             "#,
-            insert_cte(9, None)
+            insert_cte(10, None)
         )
     });
     let mut ids = Vec::with_capacity(emails.len());
@@ -105,6 +157,7 @@ pub async fn record_confirmations(
         .bind(subjects)
         .bind(bodies)
         .bind(transport)
+        .bind(delivered)
         .bind(refused);
     events.bind(query).execute(conn).await?;
     Ok(())

@@ -142,6 +142,10 @@ fn short(order_id: Uuid) -> String {
 /// A notification's status (the `notifications.status` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotificationStatus {
+    /// The confirmation is being handed to an external relay: it may have
+    /// gone out (a crash between the relay's answer and the record leaves
+    /// it here).
+    Sending,
     /// The confirmation went out.
     Sent,
     /// The confirmation bounced.
@@ -157,6 +161,7 @@ pub enum NotificationStatus {
 impl NotificationStatus {
     pub fn as_str(self) -> &'static str {
         match self {
+            NotificationStatus::Sending => "sending",
             NotificationStatus::Sent => "sent",
             NotificationStatus::Bounced => "bounced",
             NotificationStatus::Expired => "expired",
@@ -167,6 +172,7 @@ impl NotificationStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         [
+            NotificationStatus::Sending,
             NotificationStatus::Sent,
             NotificationStatus::Bounced,
             NotificationStatus::Expired,
@@ -179,9 +185,10 @@ impl NotificationStatus {
 }
 
 impl StepState for NotificationStatus {
-    /// A sent confirmation is "undone" by a cancellation email.
+    /// A sent confirmation is "undone" by a cancellation email, and so is
+    /// one that may have been sent.
     fn needs_undo(self) -> bool {
-        self == NotificationStatus::Sent
+        matches!(self, NotificationStatus::Sent | NotificationStatus::Sending)
     }
 }
 
@@ -236,6 +243,11 @@ mod tests {
         assert_eq!(
             compensation_for(Some(NotificationStatus::Sent)),
             Compensation::Undo
+        );
+        assert_eq!(
+            compensation_for(Some(NotificationStatus::Sending)),
+            Compensation::Undo,
+            "a confirmation that may have gone out is followed by a cancellation"
         );
         assert_eq!(
             compensation_for(Some(NotificationStatus::Bounced)),

@@ -9,10 +9,12 @@
 //!   cancellation; if nothing went out yet, tombstone so a late
 //!   `inventory.reserved` sends nothing.
 //!
-//! Sending happens inside the batch's transaction, before the commit: with
-//! the default transport the email *is* the row, so it is exactly-once; with
-//! SMTP a crash between the send and the commit re-sends it on redelivery
-//! (at-least-once, as email always is).
+//! With the default transport the email *is* the row, written in the
+//! batch's transaction: exactly-once. With SMTP the email leaves the process,
+//! so its record is committed as `sending` before the send and marked `sent`
+//! with the batch: a crash in between re-sends it on redelivery
+//! (at-least-once, as email always is), and a rollback that finds `sending`
+//! sends the cancellation, since the confirmation may have gone out.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -78,11 +80,32 @@ struct Planned {
     reserved: InventoryReserved,
     recipient: String,
     precheck: Result<(), StepFailed>,
-    status: NotificationStatus,
+    /// The status to record; `None` for a confirmation resumed from a
+    /// `sending` record, which already has one.
+    status: Option<NotificationStatus>,
+}
+
+impl Planned {
+    /// Its notification record, with `status`.
+    fn record(&self, status: NotificationStatus) -> NewNotification<'_> {
+        NewNotification {
+            order_id: self.env.order_id,
+            customer_id: &self.reserved.customer_id,
+            recipient: Some(&self.recipient),
+            status,
+            reason: self.precheck.as_ref().err().map(|f| f.reason.as_str()),
+        }
+    }
 }
 
 impl NotificationHandler {
     /// Sends the confirmation of every new order of the batch.
+    ///
+    /// With an external transport (SMTP) each email is first claimed as
+    /// `sending` in a transaction of its own, committed before the send, and
+    /// marked `sent` with the batch: a crash in between leaves `sending`,
+    /// which a redelivery resumes (sends again) and a rollback treats as
+    /// sent (a cancellation follows).
     async fn confirm(
         &self,
         uow: &mut UnitOfWork,
@@ -95,83 +118,109 @@ impl NotificationHandler {
             .collect();
         customers.sort_unstable();
         customers.dedup();
-        let (existing, on_file) =
+        let (mut existing, on_file) =
             db::confirmation_state(uow.conn(), &order_ids, &customers).await?;
         drop(customers);
+        let external = self.transport.is_external();
         let mut seen = HashSet::new();
         let (mut duplicates, mut late) = (0u64, 0u64);
-        let fresh: Vec<(Envelope, InventoryReserved)> = requests
-            .into_iter()
-            .filter(|(env, _)| match existing.get(&env.order_id) {
-                Some(s) if s == NotificationStatus::Cancelled.as_str() => {
+        let now = Utc::now();
+        let mut planned: Vec<Planned> = Vec::new();
+        for (env, reserved) in requests {
+            let resumed = match existing.get_mut(&env.order_id) {
+                Some(r) if r.status == NotificationStatus::Cancelled.as_str() => {
                     late += 1;
-                    false
+                    continue;
+                }
+                Some(r) if r.status == NotificationStatus::Sending.as_str() => {
+                    Some(r.recipient.take())
                 }
                 Some(_) => {
                     duplicates += 1;
-                    false
+                    continue;
                 }
-                None if !seen.insert(env.order_id) => {
-                    duplicates += 1;
-                    false
-                }
-                None => true,
-            })
-            .collect();
-        let now = Utc::now();
-        let planned: Vec<Planned> = fresh
-            .into_iter()
-            .map(|(env, reserved)| {
-                let recipient = on_file
+                None => None,
+            };
+            if !seen.insert(env.order_id) {
+                duplicates += 1;
+                continue;
+            }
+            let is_resumed = resumed.is_some();
+            let recipient = resumed.flatten().unwrap_or_else(|| {
+                on_file
                     .get(&reserved.customer_id)
                     .cloned()
                     .unwrap_or_else(|| {
                         domain::default_address(&reserved.customer_id, &self.default_email_domain)
-                    });
-                let expired = now >= env.deadline_at;
-                let precheck = if expired {
-                    Err(StepFailed {
-                        code: "deadline_exceeded".into(),
-                        reason: "Saga deadline passed before the confirmation email".into(),
                     })
-                } else {
-                    domain::check_deliverable(&recipient)
-                };
-                let status = match &precheck {
-                    Ok(()) => NotificationStatus::Sent,
-                    Err(_) if expired => NotificationStatus::Expired,
-                    Err(_) => NotificationStatus::Bounced,
-                };
-                Planned {
-                    env,
-                    reserved,
-                    recipient,
-                    precheck,
-                    status,
-                }
-            })
-            .collect();
+            });
+            let expired = now >= env.deadline_at;
+            let precheck = if expired {
+                Err(StepFailed {
+                    code: "deadline_exceeded".into(),
+                    reason: "Saga deadline passed before the confirmation email".into(),
+                })
+            } else {
+                domain::check_deliverable(&recipient)
+            };
+            // A resumed `sending` record stays as it is if the email is not
+            // sent again: it may have gone out, so a rollback retracts it.
+            let status = match (&precheck, is_resumed) {
+                (_, true) => None,
+                (Ok(()), false) if external => Some(NotificationStatus::Sending),
+                (Ok(()), false) => Some(NotificationStatus::Sent),
+                (Err(_), false) if expired => Some(NotificationStatus::Expired),
+                (Err(_), false) => Some(NotificationStatus::Bounced),
+            };
+            planned.push(Planned {
+                env,
+                reserved,
+                recipient,
+                precheck,
+                status,
+            });
+        }
+        drop(existing);
 
-        // Claim the orders' records first: it serialises us against a
-        // concurrent rollback, which then sees the email we send.
+        let mut claimed: HashSet<Uuid> = HashSet::new();
+        if external {
+            // Claimed and committed before anything else of the batch, then
+            // locked: a concurrent rollback waits for our record of the send.
+            let sending: Vec<NewNotification<'_>> = planned
+                .iter()
+                .filter_map(|p| match p.status {
+                    Some(s @ NotificationStatus::Sending) => Some(p.record(s)),
+                    _ => None,
+                })
+                .collect();
+            let mut to_lock = if sending.is_empty() {
+                Vec::new()
+            } else {
+                db::claim_sending(&self.pool, &sending).await?
+            };
+            drop(sending);
+            to_lock.extend(
+                planned
+                    .iter()
+                    .filter(|p| p.status.is_none())
+                    .map(|p| p.env.order_id),
+            );
+            if !to_lock.is_empty() {
+                claimed.extend(db::lock_sending(uow.conn(), &to_lock).await?);
+            }
+        }
+        // Claim the other records in the batch's transaction: it serialises
+        // us against a concurrent rollback, which then sees the email.
         let records: Vec<NewNotification<'_>> = planned
             .iter()
-            .map(|p| NewNotification {
-                order_id: p.env.order_id,
-                customer_id: &p.reserved.customer_id,
-                recipient: Some(&p.recipient),
-                status: p.status,
-                reason: p.precheck.as_ref().err().map(|f| f.reason.as_str()),
+            .filter_map(|p| match p.status {
+                Some(NotificationStatus::Sending) | None => None,
+                Some(s) => Some(p.record(s)),
             })
             .collect();
-        let claimed: HashSet<Uuid> = if records.is_empty() {
-            HashSet::new()
-        } else {
-            db::insert_notifications(uow.conn(), &records)
-                .await?
-                .into_iter()
-                .collect()
-        };
+        if !records.is_empty() {
+            claimed.extend(db::insert_notifications(uow.conn(), &records).await?);
+        }
         drop(records);
 
         let mut sent_emails: Vec<Email> = Vec::new();
@@ -225,14 +274,31 @@ impl NotificationHandler {
                 }
             }
         }
+        if !sent_emails.is_empty() && common::failpoints::is_set("notification::after_send") {
+            return Err(HandlerError::transient(
+                "failpoint notification::after_send: the batch fails after its emails went out",
+            ));
+        }
         let bounced = (events.len() - sent_emails.len()) as u64;
         if !events.is_empty() {
             // The emails sent, the ones the relay refused after all, and the
             // events: one statement.
             let refs: Vec<&Email> = sent_emails.iter().collect();
+            let delivered: Vec<Uuid> = if external {
+                sent_emails.iter().map(|e| e.order_id).collect()
+            } else {
+                Vec::new()
+            };
             let rows = OutboxRows::new(events.iter().map(|e| (Uuid::nil(), e)));
-            db::record_confirmations(uow.conn(), &refs, self.transport.name(), &refused, rows)
-                .await?;
+            db::record_confirmations(
+                uow.conn(),
+                &refs,
+                self.transport.name(),
+                &delivered,
+                &refused,
+                rows,
+            )
+            .await?;
             uow.enqueued(events);
         }
         let sent = sent_emails.len() as u64;

@@ -24,6 +24,12 @@ pub enum SendError {
 pub trait EmailTransport: Send + Sync + 'static {
     /// A short name recorded with each email (`log`, `smtp`).
     fn name(&self) -> &'static str;
+    /// True if an email leaves this process when sent (so a crash after
+    /// the send cannot take it back): the handler then records that it is
+    /// sending, durably, before it sends.
+    fn is_external(&self) -> bool {
+        false
+    }
     fn send<'a>(&'a self, email: &'a Email) -> BoxFuture<'a, Result<(), SendError>>;
 }
 
@@ -76,13 +82,20 @@ impl EmailTransport for SmtpTransport {
         "smtp"
     }
 
+    fn is_external(&self) -> bool {
+        true
+    }
+
     fn send<'a>(&'a self, email: &'a Email) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
             let to: Mailbox = email
                 .recipient
                 .parse()
                 .map_err(|e| SendError::Rejected(format!("bad recipient address: {e}")))?;
+            // One Message-ID per (order, kind): a copy re-sent after a crash
+            // is recognisably the same email to the recipient's client.
             let message = Message::builder()
+                .message_id(Some(format!("<{}@{}>", email.id, self.from.email.domain())))
                 .from(self.from.clone())
                 .to(to)
                 .subject(email.subject.clone())

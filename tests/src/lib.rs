@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod invariants;
 pub mod process;
+pub mod smtp;
 
 use std::future::Future;
 use std::sync::Once;
@@ -90,6 +91,8 @@ pub struct Options {
     pub pool_size: u32,
     pub retry_max_attempts: u32,
     pub handler_timeout_ms: u64,
+    /// notification-svc's `SMTP_URL` (unset: the log transport).
+    pub smtp_url: Option<String>,
 }
 
 impl Default for Options {
@@ -101,6 +104,7 @@ impl Default for Options {
             pool_size: 4,
             retry_max_attempts: 8,
             handler_timeout_ms: 30_000,
+            smtp_url: None,
         }
     }
 }
@@ -135,6 +139,12 @@ impl Options {
 
     pub fn handler_timeout_ms(mut self, ms: u64) -> Self {
         self.handler_timeout_ms = ms;
+        self
+    }
+
+    /// notification-svc hands its emails to this SMTP relay.
+    pub fn smtp_url(mut self, url: &str) -> Self {
+        self.smtp_url = Some(url.to_owned());
         self
     }
 
@@ -287,7 +297,9 @@ impl TestSystem {
                 launch::<inventory_svc::App>(inventory_svc::Config::new(common)).await
             }
             Svc::Notification => {
-                launch::<notification_svc::App>(notification_svc::Config::new(common)).await
+                let mut c = notification_svc::Config::new(common);
+                c.smtp_url = self.options.smtp_url.clone();
+                launch::<notification_svc::App>(c).await
             }
         };
         self.running[svc.index()] = Some(running);

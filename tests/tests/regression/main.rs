@@ -463,3 +463,71 @@ async fn regression_a_new_reply_target_added_while_the_saga_is_decided_gets_the_
     assert_eq!(first.data, second.data, "the same result dict");
     sys.shutdown().await;
 }
+
+/// Issue 7, item 2: the relay took the confirmation, then the batch failed
+/// (a crash, a failed commit) and kept failing until the saga timed out.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_confirmation_the_relay_took_but_was_never_recorded_is_followed_by_a_cancellation()
+ {
+    let _serial = SERIAL.lock().await;
+    let smtp = saga_tests::smtp::SmtpSink::start().await;
+    let sys = TestSystem::builder()
+        .deadline_ms(2000)
+        .smtp_url(&smtp.url)
+        .spawn()
+        .await;
+    stock_the_shop(&sys).await;
+    let failing = Failpoint::on("notification::after_send", "return");
+
+    let (_, result) = sys
+        .post_order(&order_dict("mailed", &[("productA", 1)]))
+        .await;
+    assert_eq!(result["status"], "failure", "{result}");
+    let subjects = eventually(
+        Duration::from_secs(20),
+        "a cancellation email after the confirmation",
+        || async {
+            let subjects: Vec<String> = smtp
+                .received()
+                .iter()
+                .map(|e| e.subject().to_owned())
+                .collect();
+            subjects
+                .iter()
+                .any(|s| s.contains("was cancelled"))
+                .then_some(subjects)
+        },
+    )
+    .await;
+    drop(failing);
+    assert!(
+        subjects[0].contains("is confirmed"),
+        "the confirmation went out first: {subjects:?}"
+    );
+    assert!(
+        subjects.last().unwrap().contains("was cancelled"),
+        "{subjects:?}"
+    );
+
+    let mut pg = sys.pg(Svc::Notification).await;
+    let (order_id, status): (Uuid, String) =
+        sqlx::query_as("select order_id, status from notifications where customer_id = 'mailed'")
+            .fetch_one(&mut pg)
+            .await
+            .unwrap();
+    assert_eq!(status, "retracted");
+    let kinds: Vec<String> =
+        sqlx::query_scalar("select kind from emails where order_id = $1 order by kind")
+            .bind(order_id)
+            .fetch_all(&mut pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        kinds,
+        ["cancellation"],
+        "the confirmation was never recorded"
+    );
+    assert_eq!(sys.order(&order_id.to_string()).await["status"], "FAILED");
+    sys.wait_for_stock("productA", (10, 0)).await;
+    sys.shutdown().await;
+}

@@ -129,3 +129,47 @@ async fn an_order_published_with_reply_to_gets_its_result_dict_back() {
     );
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_smtp_relay_the_confirmation_is_handed_to_it_once_and_recorded_sent() {
+    let smtp = saga_tests::smtp::SmtpSink::start().await;
+    let sys = TestSystem::builder().smtp_url(&smtp.url).spawn().await;
+    stock_the_shop(&sys).await;
+    sys.put(
+        Svc::Notification,
+        "/customers/mail-1",
+        json!({"email": "jane@shop.example"}),
+    )
+    .await;
+
+    let (_, result) = sys
+        .post_order(&order_dict("mail-1", &[("productA", 1)]))
+        .await;
+    assert_eq!(result["status"], "success", "{result}");
+    let id = result["order_id"].as_str().unwrap().to_owned();
+
+    let received = smtp.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].recipients, ["<jane@shop.example>"]);
+    assert!(
+        received[0].subject().contains("is confirmed"),
+        "{received:?}"
+    );
+    let mut pg = sys.pg(Svc::Notification).await;
+    let status: String =
+        sqlx::query_scalar("select status from notifications where order_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&mut pg)
+            .await
+            .unwrap();
+    assert_eq!(status, "sent");
+    let transport: String = sqlx::query_scalar(
+        "select transport from emails where order_id = $1::uuid and kind = 'confirmation'",
+    )
+    .bind(&id)
+    .fetch_one(&mut pg)
+    .await
+    .unwrap();
+    assert_eq!(transport, "smtp");
+    sys.shutdown().await;
+}
