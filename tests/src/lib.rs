@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod invariants;
 pub mod process;
+pub mod publisher;
 pub mod smtp;
 
 use std::future::Future;

@@ -28,6 +28,14 @@ use crate::metric_definitions as metric;
 /// abandoned (and the connection recycled).
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// First delay between reconnection attempts.
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
+/// Longest delay between reconnection attempts (jitter adds up to as much
+/// again). Short, because every second between the broker's return and our
+/// next attempt is a second of every saga's 5 s deadline; an attempt against
+/// a broker that is down costs a refused socket.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+
 /// A live connection, shared by the service's components.
 pub type SharedConnection = Arc<Connection>;
 
@@ -129,12 +137,12 @@ impl Broker {
 
     /// Keeps a connection up until `cancel` fires. Run it in its own task.
     pub async fn supervise(self, cancel: CancellationToken) {
-        let mut backoff = reconnect_backoff(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = reconnect_backoff(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY);
         while !cancel.is_cancelled() {
             let conn = match self.connect().await {
                 Ok(conn) => conn,
                 Err(error) => {
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
                     warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
                     metrics::counter!(metric::BROKER_CONNECT_FAILURES).increment(1);
                     tokio::select! {
@@ -143,7 +151,7 @@ impl Broker {
                     }
                 }
             };
-            backoff = reconnect_backoff(Duration::from_millis(100), Duration::from_secs(5));
+            backoff = reconnect_backoff(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY);
             info!(name = %self.inner.connection_name, "broker connected, topology declared");
             metrics::gauge!(metric::BROKER_CONNECTED).set(1.0);
             let conn = Arc::new(conn);

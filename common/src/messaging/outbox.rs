@@ -461,6 +461,7 @@ impl Sweeper {
     /// every row left (if the broker is reachable) and returns.
     pub async fn run(self, cancel: CancellationToken) {
         let mut db_backoff = reconnect_backoff(Duration::from_millis(50), Duration::from_secs(2));
+        let mut swept_once = false;
         'connection: loop {
             let Some(conn) = self.broker.connection(&cancel).await else {
                 break;
@@ -477,7 +478,14 @@ impl Sweeper {
             loop {
                 let flushing = cancel.is_cancelled();
                 // At shutdown every row left is due: the fast path is done.
-                let after = if flushing {
+                // At start-up too: the rows already there are, but for the
+                // few this process has just committed, those of the process
+                // it replaces, which died before publishing them; waiting
+                // `sweep_after` would spend that much of their sagas'
+                // deadlines. (Rows still in a fast path, ours or a live
+                // replica's, are then published twice; consumers drop the
+                // copy.)
+                let after = if flushing || !swept_once {
                     Duration::ZERO
                 } else {
                     self.settings.sweep_after
@@ -489,6 +497,7 @@ impl Sweeper {
                         continue;
                     }
                     Ok(_) => {
+                        swept_once = true;
                         db_backoff =
                             reconnect_backoff(Duration::from_millis(50), Duration::from_secs(2));
                         if flushing {

@@ -13,7 +13,7 @@
 //! | `HANDLER_TIMEOUT_MS` | 30000 | a batch still being handled after this is abandoned and retried |
 //! | `FAULT_DELAY_MS` | unset | delay before each batch: `N` or `MIN-MAX` |
 //! | `OUTBOX_BATCH_SIZE` | 256 | rows per sweeper pass |
-//! | `OUTBOX_POLL_MS` | 1000 | how often the sweeper looks for rows the fast path left |
+//! | `OUTBOX_POLL_MS` | 500 | how often the sweeper looks for rows the fast path left |
 //! | `OUTBOX_SWEEP_AFTER_MS` | 1000 | a row not confirmed this long after its commit is swept |
 //! | `SHUTDOWN_GRACE_MS` | 10000 | time allowed to drain on SIGTERM |
 //! | `RETENTION_SECS` | 604800 | keep published outbox rows and inbox ids this long (7 days) |
@@ -68,7 +68,7 @@ pub struct CommonConfig {
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 256)]
     pub outbox_batch_size: i64,
     /// How often the outbox sweeper looks for rows the fast path left, in ms.
-    #[arg(long, env = "OUTBOX_POLL_MS", default_value_t = 1000)]
+    #[arg(long, env = "OUTBOX_POLL_MS", default_value_t = 500)]
     pub outbox_poll_ms: u64,
     /// An outbox row not confirmed this long after its commit is published
     /// by the sweeper, in ms.
@@ -102,7 +102,7 @@ impl CommonConfig {
             handler_timeout_ms: 30_000,
             fault_delay_ms: None,
             outbox_batch_size: 256,
-            outbox_poll_ms: 1000,
+            outbox_poll_ms: 500,
             outbox_sweep_after_ms: 1000,
             shutdown_grace_ms: 10_000,
             retention_secs: 7 * 24 * 3600,

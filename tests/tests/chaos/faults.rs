@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use saga_tests::process::ProcessSystem;
 use saga_tests::{Svc, Tap};
@@ -15,7 +16,7 @@ use tokio::process::Command;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::publisher::Publisher;
+use saga_tests::publisher::Publisher;
 
 /// What the faults did, for the report.
 #[derive(Debug, Default)]
@@ -31,6 +32,31 @@ pub struct FaultCounts {
     pub broker_restart: Mutex<String>,
     pub database_restart: Mutex<String>,
     pub unclean_exits: Mutex<Vec<String>>,
+    /// Every fault, in order, for the recovery report.
+    pub log: Mutex<Vec<Fault>>,
+}
+
+/// One fault: what, when, how long it lasted (the process down, the
+/// server restarting) and how long the services then took to be ready.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub what: String,
+    pub at: DateTime<Utc>,
+    pub outage: Duration,
+    pub recovery: Duration,
+}
+
+impl FaultCounts {
+    /// Records a fault that began at `at` (`started`) and ended at `ended`;
+    /// everything it hit is ready now.
+    async fn record(&self, what: String, at: DateTime<Utc>, started: Instant, ended: Instant) {
+        self.log.lock().await.push(Fault {
+            what,
+            at,
+            outage: ended - started,
+            recovery: ended.elapsed(),
+        });
+    }
 }
 
 /// Kills a random replica every 1–2.5 s (restarting it 0.3–1.5 s later),
@@ -45,14 +71,23 @@ pub async fn run(sys: &mut ProcessSystem, run_for: Duration, counts: &FaultCount
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(rand::random_range(1000..2500))).await;
         let elapsed = started.elapsed();
+        let (at, fault_started) = (Utc::now(), Instant::now());
         if !broker_done && elapsed > run_for / 3 {
             broker_done = true;
-            *counts.broker_restart.lock().await = restart_broker(sys).await;
+            let how = restart_broker(sys).await;
+            let ended = Instant::now();
+            wait_all_healthy(sys).await;
+            counts.record(how.clone(), at, fault_started, ended).await;
+            *counts.broker_restart.lock().await = how;
             continue;
         }
         if !database_done && elapsed > run_for * 2 / 3 {
             database_done = true;
-            *counts.database_restart.lock().await = restart_database(sys).await;
+            let how = restart_database(sys).await;
+            let ended = Instant::now();
+            wait_all_healthy(sys).await;
+            counts.record(how.clone(), at, fault_started, ended).await;
+            *counts.database_restart.lock().await = how;
             continue;
         }
         // Prefer a service not killed yet.
@@ -67,17 +102,31 @@ pub async fn run(sys: &mut ProcessSystem, run_for: Duration, counts: &FaultCount
         killed.insert(sys.replicas[i].svc);
         sys.kill(i).await;
         counts.kills.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(rand::random_range(300..1500))).await;
+        let down = Duration::from_millis(rand::random_range(300..1500));
+        tokio::time::sleep(down).await;
+        let ended = Instant::now();
         sys.start(i).await;
+        sys.wait_healthy(i).await;
+        let what = format!(
+            "SIGKILL {}, restarted {} ms later",
+            sys.replicas[i].name(),
+            down.as_millis()
+        );
+        counts.record(what, at, fault_started, ended).await;
     }
     // Every service crashes at least once.
     for svc in Svc::ALL {
         if !killed.contains(&svc)
             && let Some(i) = sys.replicas.iter().position(|r| r.svc == svc)
         {
+            let (at, fault_started) = (Utc::now(), Instant::now());
             sys.kill(i).await;
             counts.kills.fetch_add(1, Ordering::Relaxed);
+            let ended = Instant::now();
             sys.start(i).await;
+            sys.wait_healthy(i).await;
+            let what = format!("SIGKILL {}, restarted at once", sys.replicas[i].name());
+            counts.record(what, at, fault_started, ended).await;
         }
     }
     // A graceful restart of each service, once it is up (a SIGTERM before
@@ -85,6 +134,7 @@ pub async fn run(sys: &mut ProcessSystem, run_for: Duration, counts: &FaultCount
     for svc in Svc::ALL {
         if let Some(i) = sys.replicas.iter().position(|r| r.svc == svc) {
             sys.wait_healthy(i).await;
+            let (at, fault_started) = (Utc::now(), Instant::now());
             if let Err(how) = sys.terminate(i).await {
                 counts
                     .unclean_exits
@@ -93,8 +143,18 @@ pub async fn run(sys: &mut ProcessSystem, run_for: Duration, counts: &FaultCount
                     .push(format!("{} on SIGTERM: {how}", sys.replicas[i].name()));
             }
             counts.graceful_restarts.fetch_add(1, Ordering::Relaxed);
+            let ended = Instant::now();
             sys.start(i).await;
+            sys.wait_healthy(i).await;
+            let what = format!("SIGTERM {}, restarted at once", sys.replicas[i].name());
+            counts.record(what, at, fault_started, ended).await;
         }
+    }
+}
+
+async fn wait_all_healthy(sys: &ProcessSystem) {
+    for i in 0..sys.replicas.len() {
+        sys.wait_healthy(i).await;
     }
 }
 

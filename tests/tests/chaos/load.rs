@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::publisher::Publisher;
+use saga_tests::publisher::Publisher;
 
 /// (item, price in cents, initial stock). `rare` runs out during the run.
 pub const ITEMS: [(&str, i64, i32); 3] = [

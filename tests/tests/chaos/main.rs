@@ -12,7 +12,6 @@
 
 mod faults;
 mod load;
-mod publisher;
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -20,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use saga_tests::Svc;
 use saga_tests::invariants;
 use saga_tests::process::ProcessSystem;
@@ -29,11 +29,57 @@ use tokio::time::Instant;
 
 use crate::faults::FaultCounts;
 use crate::load::ITEMS;
-use crate::publisher::Publisher;
+use saga_tests::publisher::Publisher;
 
 /// Unbuffered and uncaptured: the report shows even when the test passes.
 fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Each fault, how long until what it hit was ready again, and the sagas
+/// that timed out in its wake (those whose deadline fell after it and
+/// before the next fault).
+async fn report_recovery(sys: &ProcessSystem, counts: &FaultCounts) {
+    let mut pg = sys.pg(Svc::Order).await;
+    let (created, deadlines): (i64, Vec<DateTime<Utc>>) = sqlx::query_as(
+        "select (select count(*) from orders), \
+                coalesce((select array_agg(deadline_at order by deadline_at) from orders \
+                          where error = 'Order timed out'), '{}')",
+    )
+    .fetch_one(&mut pg)
+    .await
+    .expect("orders");
+    let faults = counts.log.lock().await.clone();
+    report(&format!(
+        "chaos: {} of {created} sagas timed out ({:.1} %)",
+        deadlines.len(),
+        100.0 * deadlines.len() as f64 / created.max(1) as f64
+    ));
+    let before_any = deadlines
+        .iter()
+        .filter(|d| faults.first().is_none_or(|f| **d < f.at))
+        .count();
+    if before_any > 0 {
+        report(&format!("chaos:   {before_any} before the first fault"));
+    }
+    for (n, fault) in faults.iter().enumerate() {
+        let next = faults.get(n + 1).map(|f| f.at);
+        let left: Vec<i64> = deadlines
+            .iter()
+            .filter(|d| **d >= fault.at && next.is_none_or(|next| **d < next))
+            .map(|d| (*d - fault.at).num_milliseconds())
+            .collect();
+        report(&format!(
+            "chaos:   {}: lasted {} ms, ready {} ms later; {} sagas timed out, with {} ms left at the fault",
+            fault.what,
+            fault.outage.as_millis(),
+            fault.recovery.as_millis(),
+            left.len(),
+            left.iter()
+                .max()
+                .map_or("-".into(), |m| format!("up to {m}")),
+        ));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -157,6 +203,7 @@ async fn the_system_converges_through_crashes_restarts_duplicates_and_poison() {
         parked: poison_copies,
     };
     let (tally, violations) = invariants::check(&sys, &placed, &expected).await;
+    report_recovery(&sys, &counts).await;
     let unclean = sys.stop_all().await;
 
     report(&format!(

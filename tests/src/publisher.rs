@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use crate::EXCHANGE;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use saga_tests::EXCHANGE;
 use tokio::time::Instant;
 
 pub struct Publisher {
