@@ -49,7 +49,9 @@ start() {
   local entry svc port i
   for entry in "${SERVICES[@]}"; do
     svc=${entry%%:*}; port=${entry##*:}
-    HTTP_ADDR="127.0.0.1:$port" nohup "target/$PROFILE/$svc" >"$RUN_DIR/logs/$svc.log" 2>&1 &
+    # DEV_MODE=1: the built-in development card keys and default balances;
+    # no API tokens: the HTTP API is open to this machine only (127.0.0.1).
+    DEV_MODE=1 HTTP_ADDR="127.0.0.1:$port" nohup "target/$PROFILE/$svc" >"$RUN_DIR/logs/$svc.log" 2>&1 &
     echo $! >"$RUN_DIR/$svc.pid"
   done
   for entry in "${SERVICES[@]}"; do

@@ -103,9 +103,14 @@ impl Service for App {
     async fn build(config: Config) -> anyhow::Result<Self> {
         let sealer = CardSealer::new(config.card_seal_public_key.as_deref())?;
         if sealer.is_dev_key() {
-            warn!(
-                "CARD_SEAL_PUBLIC_KEY is not set: cards are sealed with the public development key"
-            );
+            if !config.common.dev_mode {
+                anyhow::bail!(
+                    "CARD_SEAL_PUBLIC_KEY is unset or is the public development key: set \
+                     payment-svc's public key (see README, production notes), or DEV_MODE=1 on a \
+                     development machine"
+                );
+            }
+            warn!("development mode: cards are sealed with the public development key");
         }
         let runtime = ServiceRuntime::build(ORDER_SVC, config.common, &MIGRATOR).await?;
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
@@ -143,7 +148,8 @@ impl Service for App {
         let replica: BackgroundTask = {
             let saga = saga.clone();
             let broker = self.runtime.broker.clone();
-            Box::new(move |stop| Box::pin(replica::run(saga, broker, stop)))
+            let trust = self.runtime.trust.clone();
+            Box::new(move |stop| Box::pin(replica::run(saga, broker, trust, stop)))
         };
         let placer: BackgroundTask = {
             let saga = saga.clone();

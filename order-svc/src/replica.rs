@@ -18,6 +18,7 @@ use std::time::Duration;
 use common::messaging::broker::{Broker, SETUP_TIMEOUT, timeout_error};
 use common::messaging::events::EventType;
 use common::messaging::topology::{ORDER_SVC, declare_replica_queue};
+use common::messaging::trust::ProducerTrust;
 use common::saga::order::SagaResult;
 use futures_util::StreamExt as _;
 use lapin::options::BasicConsumeOptions;
@@ -32,7 +33,12 @@ use crate::saga::{DECISION_NOTICE, OrderSaga};
 const PROGRESS_TTL: Duration = Duration::from_secs(120);
 
 /// Consumes this replica's queue until `cancel` fires; survives broker loss.
-pub async fn run(saga: Arc<OrderSaga>, broker: Broker, cancel: CancellationToken) {
+pub async fn run(
+    saga: Arc<OrderSaga>,
+    broker: Broker,
+    trust: ProducerTrust,
+    cancel: CancellationToken,
+) {
     let mut prune = tokio::time::interval(Duration::from_secs(10));
     loop {
         let Some(conn) = broker.connection(&cancel).await else {
@@ -77,7 +83,7 @@ pub async fn run(saga: Arc<OrderSaga>, broker: Broker, cancel: CancellationToken
                 }
                 _ = prune.tick() => saga.progress.prune(PROGRESS_TTL),
                 next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => handle(&saga, &delivery),
+                    Some(Ok(delivery)) => handle(&saga, &trust, &delivery),
                     Some(Err(error)) => {
                         warn!(%error, "replica queue consumer failed; restarting");
                         break;
@@ -89,8 +95,9 @@ pub async fn run(saga: Arc<OrderSaga>, broker: Broker, cancel: CancellationToken
     }
 }
 
-fn handle(saga: &OrderSaga, delivery: &lapin::message::Delivery) {
+fn handle(saga: &OrderSaga, trust: &ProducerTrust, delivery: &lapin::message::Delivery) {
     let props = &delivery.properties;
+    let sender = props.user_id().as_ref().map(|u| u.as_str());
     let Some(order_id) = props
         .correlation_id()
         .as_ref()
@@ -100,11 +107,18 @@ fn handle(saga: &OrderSaga, delivery: &lapin::message::Delivery) {
     };
     let kind = props.kind().as_ref().map(|k| k.as_str());
     if kind == Some(DECISION_NOTICE) {
+        // Only another order-svc replica may answer a waiting request.
+        if sender != Some(trust.user_of(ORDER_SVC.name)) {
+            warn!(order_id = %order_id, "decision notice from a user other than order-svc's ignored");
+            return;
+        }
         match serde_json::from_slice::<SagaResult>(&delivery.data) {
             Ok(result) => saga.waiters.resolve(order_id, &result),
             Err(error) => debug!(%error, "unreadable decision notice"),
         }
-    } else if let Some(step) = EventType::from_routing_key(delivery.routing_key.as_str()) {
+    } else if let Some(step) = EventType::from_routing_key(delivery.routing_key.as_str())
+        && trust.check(step, sender).is_ok()
+    {
         saga.progress.record(order_id, step);
     }
 }

@@ -13,7 +13,7 @@ use common::messaging::outbox::{OutboxMessage, OutboxRows};
 use common::messaging::publisher::Publisher;
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions as metric;
-use common::saga::card::CardSealer;
+use common::saga::card::{CardBinding, CardSealer};
 use common::saga::order::SagaResult;
 use sqlx::PgPool;
 use sqlx::types::Json;
@@ -362,7 +362,13 @@ impl OrderSaga {
                 items: lines.clone(),
                 amount_cents: *amount_cents,
                 currency: CURRENCY.to_owned(),
-                payment: self.sealer.seal(&request.order.card),
+                payment: self.sealer.seal(
+                    &request.order.card,
+                    CardBinding {
+                        order_id,
+                        amount_cents: *amount_cents,
+                    },
+                ),
             },
         )
     }

@@ -10,6 +10,15 @@ use common::messaging::events::StepFailed;
 use common::saga::card::{CardDetails, parse_expiry};
 use common::saga::compensation::StepState;
 
+/// The most an account may hold, in cents (10^15: ten trillion in currency
+/// units). Far below `i64::MAX`, so no sum of refunds and credits can ever
+/// overflow the balance column.
+pub const MAX_BALANCE_CENTS: i64 = 1_000_000_000_000_000;
+
+/// A new customer's balance in development mode (10,000.00); in
+/// production, accounts are funded explicitly (`PUT /accounts/{id}`).
+pub const DEV_DEFAULT_BALANCE_CENTS: i64 = 1_000_000;
+
 /// A test card that always declines, with its code and reason.
 pub const DECLINING_TEST_CARDS: [(&str, &str, &str); 7] = [
     ("4000000000000002", "card_declined", "Card declined"),

@@ -23,10 +23,10 @@ use common::messaging::inbox;
 use common::messaging::outbox::{OutboxMessage, OutboxRows};
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions::step_outcome;
-use common::saga::card::CardOpener;
+use common::saga::card::{CardBinding, CardError, CardOpener};
 use common::saga::compensation::{Compensation, compensation_for};
 use sqlx::PgPool;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::SERVICE;
@@ -88,10 +88,27 @@ impl PaymentHandler {
                 "Saga deadline passed before the payment",
             ));
         }
-        match self.opener.open(&req.order.payment) {
+        if req.order.amount_cents <= 0 {
+            return Err(domain::decline(
+                "invalid_amount",
+                "The amount to charge must be positive",
+            ));
+        }
+        let binding = CardBinding {
+            order_id: req.env.order_id,
+            amount_cents: req.order.amount_cents,
+        };
+        match self.opener.open(&req.order.payment, binding) {
             Ok(card) => {
                 let today = Utc::now();
                 domain::screen_card(&card, (today.year(), today.month()))
+            }
+            Err(CardError::WrongOrder) => {
+                warn!(order_id = %req.env.order_id, "sealed card bound to another order or amount refused");
+                Err(domain::decline(
+                    "card_not_for_this_order",
+                    "Card data was sealed for another order",
+                ))
             }
             Err(e) => {
                 error!(error = %e, "cannot open the sealed card: check CARD_SEAL_SECRET_KEY");

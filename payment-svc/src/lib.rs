@@ -49,9 +49,12 @@ pub struct Config {
     /// key pair (never use it in production).
     #[arg(long, env = "CARD_SEAL_SECRET_KEY", hide_env_values = true)]
     pub card_seal_secret_key: Option<String>,
-    /// Balance of a customer the ledger has not seen, in cents.
-    #[arg(long, env = "DEFAULT_BALANCE_CENTS", default_value_t = 1_000_000)]
-    pub default_balance_cents: i64,
+    /// Balance of a customer the ledger has not seen, in cents [default:
+    /// 1000000 (10,000.00) in development mode (`DEV_MODE=1`), 0 otherwise:
+    /// in production, accounts are funded explicitly, or every new customer
+    /// id would be free money].
+    #[arg(long, env = "DEFAULT_BALANCE_CENTS")]
+    pub default_balance_cents: Option<i64>,
 }
 
 impl Config {
@@ -59,7 +62,7 @@ impl Config {
         Self {
             common,
             card_seal_secret_key: None,
-            default_balance_cents: 1_000_000,
+            default_balance_cents: None,
         }
     }
 }
@@ -75,13 +78,30 @@ impl Service for App {
     async fn build(config: Config) -> anyhow::Result<Self> {
         let opener = CardOpener::new(config.card_seal_secret_key.as_deref())?;
         if opener.is_dev_key() {
-            warn!("CARD_SEAL_SECRET_KEY is not set: using the public development key");
+            if !config.common.dev_mode {
+                anyhow::bail!(
+                    "CARD_SEAL_SECRET_KEY is unset or is the public development key: set a key of \
+                     your own (see README, production notes), or DEV_MODE=1 on a development machine"
+                );
+            }
+            warn!("development mode: cards are opened with the public development key");
         }
+        let default_balance_cents = match config.default_balance_cents {
+            Some(cents) if !(0..=domain::MAX_BALANCE_CENTS).contains(&cents) => {
+                anyhow::bail!(
+                    "DEFAULT_BALANCE_CENTS must be between 0 and {}",
+                    domain::MAX_BALANCE_CENTS
+                )
+            }
+            Some(cents) => cents,
+            None if config.common.dev_mode => domain::DEV_DEFAULT_BALANCE_CENTS,
+            None => 0,
+        };
         let runtime = ServiceRuntime::build(PAYMENT_SVC, config.common, &MIGRATOR).await?;
         let handler = PaymentHandler {
             pool: runtime.pool.clone(),
             opener,
-            default_balance_cents: config.default_balance_cents,
+            default_balance_cents,
         };
         Ok(Self { runtime, handler })
     }

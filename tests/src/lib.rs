@@ -24,6 +24,7 @@ use std::sync::Once;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::messaging::topology::{self, ServiceIdentity};
+use common::messaging::trust::amqp_user;
 use common::runtime::config::CommonConfig;
 use common::runtime::service::Service;
 use futures_util::StreamExt as _;
@@ -94,6 +95,26 @@ pub struct Options {
     pub handler_timeout_ms: u64,
     /// notification-svc's `SMTP_URL` (unset: the log transport).
     pub smtp_url: Option<String>,
+    /// `API_TOKEN` and `ADMIN_TOKEN` (unset: the HTTP API is open). The
+    /// harness's own requests carry the admin token.
+    pub tokens: Option<Tokens>,
+}
+
+/// The HTTP API's bearer tokens.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub api: String,
+    pub admin: String,
+}
+
+impl Tokens {
+    /// Two fresh random tokens.
+    pub fn random() -> Tokens {
+        Tokens {
+            api: format!("api-{}", Uuid::new_v4().simple()),
+            admin: format!("admin-{}", Uuid::new_v4().simple()),
+        }
+    }
 }
 
 impl Default for Options {
@@ -106,6 +127,7 @@ impl Default for Options {
             retry_max_attempts: 8,
             handler_timeout_ms: 30_000,
             smtp_url: None,
+            tokens: None,
         }
     }
 }
@@ -140,6 +162,12 @@ impl Options {
 
     pub fn handler_timeout_ms(mut self, ms: u64) -> Self {
         self.handler_timeout_ms = ms;
+        self
+    }
+
+    /// The services require these bearer tokens.
+    pub fn tokens(mut self, tokens: Tokens) -> Self {
+        self.tokens = Some(tokens);
         self
     }
 
@@ -191,6 +219,39 @@ impl Sandbox {
     /// The URL of a service's own database.
     pub fn database_url(&self, svc: Svc) -> String {
         format!("{}/{}_{}", pg_base(), self.prefix, svc.identity().database)
+    }
+
+    /// A broker user of its own (`<prefix>_<name>`), with full permissions
+    /// on this sandbox's vhost — not one of the services' users; returns
+    /// its AMQP URL. Removed with the sandbox.
+    pub async fn broker_user(&self, name: &str) -> (String, String) {
+        let user = format!("{}_{name}", self.prefix);
+        let password = Uuid::new_v4().simple().to_string();
+        let base = mgmt_base();
+        let r = mgmt(self.http.put(format!("{base}/api/users/{user}")))
+            .json(&json!({"password": password, "tags": ""}))
+            .send()
+            .await
+            .expect("create broker user");
+        assert!(
+            r.status().is_success(),
+            "creating user {user}: {}",
+            r.status()
+        );
+        let r = mgmt(
+            self.http
+                .put(format!("{base}/api/permissions/{}/{user}", self.prefix)),
+        )
+        .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .send()
+        .await
+        .expect("set user permissions");
+        assert!(r.status().is_success(), "user permissions: {}", r.status());
+        let host = amqp_base()
+            .split_once('@')
+            .map_or_else(|| "127.0.0.1:5672".to_owned(), |(_, h)| h.to_owned());
+        let url = format!("amqp://{user}:{password}@{host}/{}", self.prefix);
+        (user, url)
     }
 
     /// Removes the vhost and the databases now.
@@ -247,8 +308,22 @@ impl TestSystem {
 
     pub async fn spawn_with(options: Options) -> TestSystem {
         let sandbox = Sandbox::new().await;
+        let http = match &options.tokens {
+            None => sandbox.http.clone(),
+            Some(tokens) => {
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Bearer {}", tokens.admin).parse().unwrap(),
+                );
+                reqwest::Client::builder()
+                    .default_headers(headers)
+                    .build()
+                    .unwrap()
+            }
+        };
         let mut system = TestSystem {
-            http: sandbox.http.clone(),
+            http,
             sandbox,
             options,
             running: Default::default(),
@@ -276,6 +351,13 @@ impl TestSystem {
             .as_deref()
             .map(|d| d.parse().expect("valid fault delay"));
         c.shutdown_grace_ms = 5000;
+        c.dev_mode = true;
+        c.api_token = self.options.tokens.as_ref().map(|t| t.api.parse().unwrap());
+        c.admin_token = self
+            .options
+            .tokens
+            .as_ref()
+            .map(|t| t.admin.parse().unwrap());
         c
     }
 
@@ -546,7 +628,10 @@ impl Sandbox {
             .expect("connect to this test's vhost")
     }
 
-    /// Publishes to `saga.events` (persistent, JSON) and waits for the confirm.
+    /// Publishes to `saga.events` (persistent, JSON) and waits for the
+    /// confirm. `conn` must be [`Self::amqp`]'s: the message is stamped with
+    /// the services' shared broker user (unless `props` names one), so the
+    /// services take it as one of their own events.
     pub async fn publish(
         &self,
         conn: &Connection,
@@ -556,9 +641,12 @@ impl Sandbox {
     ) {
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(Default::default()).await.unwrap();
-        let props = props
+        let mut props = props
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
+        if props.user_id().is_none() {
+            props = props.with_user_id(amqp_user(&self.amqp_url).into());
+        }
         let confirm = ch
             .basic_publish(
                 EXCHANGE.into(),
@@ -852,6 +940,49 @@ impl Tap {
 
 // ----- vhosts and databases -----
 
+// ----- parking queues -----
+
+/// The messages parked in `queue` now, taken off it: (message id, reason).
+pub async fn parked(conn: &Connection, queue: &str) -> Vec<(String, String)> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let reason = common::messaging::delivery::header(&headers, "x-parked-reason")
+            .unwrap_or_else(|| "(no reason)".to_owned());
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        out.push((id, reason));
+    }
+    let _ = ch.close(200, "done".into()).await;
+    out
+}
+
+/// Collects `n` parked messages from `queue` (waiting up to 10 s), and
+/// asserts there are exactly `n`.
+pub async fn drain_parked(conn: &Connection, queue: &str, n: usize) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    while all.len() < n && tokio::time::Instant::now() < deadline {
+        all.extend(parked(conn, queue).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(all.len(), n, "parked in {queue}: {all:?}");
+    all
+}
+
 /// Percent-encodes a path segment.
 fn urlencode(s: &str) -> String {
     s.bytes()
@@ -898,6 +1029,21 @@ async fn cleanup(prefix: &str) {
     let _ = mgmt(http.delete(format!("{}/api/vhosts/{prefix}", mgmt_base())))
         .send()
         .await;
+    // Users made by `broker_user`.
+    if let Ok(r) = mgmt(http.get(format!("{}/api/users", mgmt_base())))
+        .send()
+        .await
+        && let Ok(users) = r.json::<Vec<Value>>().await
+    {
+        let own = format!("{prefix}_");
+        for user in users.iter().filter_map(|u| u["name"].as_str()) {
+            if user.starts_with(&own) {
+                let _ = mgmt(http.delete(format!("{}/api/users/{user}", mgmt_base())))
+                    .send()
+                    .await;
+            }
+        }
+    }
     if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
         for svc in Svc::ALL {
             let db = format!("{prefix}_{}", svc.identity().database);
@@ -931,12 +1077,14 @@ async fn sweep_stale_resources() {
             };
             let mut prefixes = std::collections::BTreeSet::new();
             let http = reqwest::Client::new();
-            if let Ok(r) = mgmt(http.get(format!("{}/api/vhosts", mgmt_base())))
-                .send()
-                .await
-                && let Ok(vhosts) = r.json::<Vec<Value>>().await
-            {
-                prefixes.extend(vhosts.iter().filter_map(|v| stale(v["name"].as_str()?)));
+            for listing in ["vhosts", "users"] {
+                if let Ok(r) = mgmt(http.get(format!("{}/api/{listing}", mgmt_base())))
+                    .send()
+                    .await
+                    && let Ok(names) = r.json::<Vec<Value>>().await
+                {
+                    prefixes.extend(names.iter().filter_map(|v| stale(v["name"].as_str()?)));
+                }
             }
             if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
                 let names: Vec<String> = sqlx::query_scalar(

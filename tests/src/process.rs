@@ -167,6 +167,7 @@ impl ProcessSystem {
             .env("AMQP_URL", &self.sandbox.amqp_url)
             .env("DATABASE_URL", db)
             .env("HTTP_ADDR", format!("127.0.0.1:{}", r.port))
+            .env("DEV_MODE", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn,common=info".into()),

@@ -47,6 +47,9 @@ pub struct Broker {
 
 struct Inner {
     url: String,
+    /// The user the connection logs in as: every publish is stamped with it
+    /// as the AMQP `user_id`, which the broker validates.
+    user: String,
     connection_name: String,
     queue_type: QueueType,
     current: watch::Sender<Option<SharedConnection>>,
@@ -63,15 +66,22 @@ impl Broker {
         queue_type: QueueType,
     ) -> Self {
         let (current, _) = watch::channel(None);
+        let url = url.into();
         Self {
             inner: Arc::new(Inner {
-                url: url.into(),
+                user: crate::messaging::trust::amqp_user(&url),
+                url,
                 connection_name: connection_name.into(),
                 queue_type,
                 current,
                 broken: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// The broker user this process publishes as (the AMQP `user_id`).
+    pub fn user(&self) -> &str {
+        &self.inner.user
     }
 
     /// True while a connection with a declared topology is up.

@@ -37,7 +37,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::messaging::broker::{Broker, SETUP_TIMEOUT, timeout_error};
 use crate::messaging::delivery::{
     H_LAST_ERROR, H_ORIGINAL_EXCHANGE, H_ORIGINAL_ROUTING_KEY, H_PARKED_AT, H_PARKED_BY,
-    H_PARKED_REASON, H_RETRY_ATTEMPT, Incoming,
+    H_PARKED_REASON, H_PARKED_SENDER, H_RETRY_ATTEMPT, Incoming,
 };
 use crate::messaging::envelope::Envelope;
 use crate::messaging::escalation;
@@ -46,6 +46,7 @@ use crate::messaging::fault::FaultDelay;
 use crate::messaging::publisher::Publisher;
 use crate::messaging::retry;
 use crate::messaging::topology::{DELIVERY_LIMIT, ServiceIdentity};
+use crate::messaging::trust::{ProducerTrust, Untrusted};
 use crate::messaging::unit_of_work::UnitOfWork;
 use crate::metric_definitions as metric;
 use crate::store::pool as db;
@@ -201,6 +202,8 @@ pub struct ConsumerSettings {
     /// A batch (or a single message) whose handler runs longer than this is
     /// abandoned, rolled back, and its messages retried.
     pub handler_timeout: Duration,
+    /// Which broker user may publish which event.
+    pub trust: ProducerTrust,
 }
 
 /// Consumes a service's queue until cancelled.
@@ -424,9 +427,15 @@ impl<H: MessageHandler> Consumer<H> {
                 label: "too_large",
             });
         }
+        let head = MessageHead::read(&msg.body);
+        if let Some((reason, label)) = self.untrusted(msg, &head) {
+            // Never escalated, even if it claims to be a compensation: it
+            // was not sent by the service that owns it.
+            return Some(Verdict::Park { reason, label });
+        }
         let refusal = if msg.escalation_id.is_some() {
             None
-        } else if let Some(age) = message_age(&msg.body)
+        } else if let Some(age) = head.age()
             && age > self.settings.replay_window
         {
             Some((
@@ -459,6 +468,39 @@ impl<H: MessageHandler> Consumer<H> {
             },
             None => Verdict::Park { reason, label },
         })
+    }
+
+    /// Why a message must not be applied although it is well-formed: it was
+    /// not published by the service that owns its event type, it carries
+    /// control headers that only this service may set, or its routing key
+    /// is not the event type it contains. See [`crate::messaging::trust`].
+    fn untrusted(&self, msg: &Incoming, head: &MessageHead) -> Option<(String, &'static str)> {
+        let trust = &self.settings.trust;
+        let sender = msg.sender.as_deref();
+        if !msg.control_headers.is_empty() && !trust.is_own(sender) {
+            let error = Untrusted::ForgedHeaders {
+                headers: msg.control_headers.join(", "),
+                sender: msg.sender.clone(),
+            };
+            return Some((error.to_string(), "forged"));
+        }
+        let event = EventType::from_routing_key(&msg.routing_key)?;
+        if let Err(error) = trust.check(event, sender) {
+            return Some((error.to_string(), "unauthenticated"));
+        }
+        match head.event_type.as_deref() {
+            Some(inside) if event != EventType::OrderRequested && inside != event.routing_key() => {
+                Some((
+                    format!(
+                        "routing key {} does not match the envelope's event_type {:?}",
+                        event.routing_key(),
+                        inside
+                    ),
+                    "mismatch",
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// Runs the handler on `batch` in one transaction and commits it.
@@ -626,6 +668,7 @@ impl<H: MessageHandler> Consumer<H> {
             .properties
             .clone()
             .with_headers(headers)
+            .with_user_id(self.settings.trust.own_user().into())
             .with_expiration(delay.as_millis().to_string().into());
         republish(
             republisher,
@@ -651,7 +694,17 @@ impl<H: MessageHandler> Consumer<H> {
             H_PARKED_AT.into(),
             long_str(&chrono::Utc::now().to_rfc3339()),
         );
-        let props = delivery.properties.clone().with_headers(headers);
+        headers.insert(
+            H_PARKED_SENDER.into(),
+            long_str(msg.sender.as_deref().unwrap_or("")),
+        );
+        // Re-published as this service (the broker only accepts our own
+        // user id); who sent it first is in x-parked-sender.
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_user_id(self.settings.trust.own_user().into());
         republish(republisher, &self.service.parking_queue(), &msg.body, props).await
     }
 }
@@ -685,14 +738,26 @@ async fn republish(
     }
 }
 
-/// How old an envelope is (by its `occurred_at`); `None` for other bodies.
-fn message_age(body: &[u8]) -> Option<Duration> {
-    #[derive(serde::Deserialize)]
-    struct OccurredAt {
-        occurred_at: chrono::DateTime<chrono::Utc>,
+/// What the consumer reads of a body before any handler does: the
+/// envelope's type and age (both absent for bodies that are not envelopes,
+/// which the handler then refuses).
+#[derive(Default, serde::Deserialize)]
+struct MessageHead {
+    #[serde(default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl MessageHead {
+    fn read(body: &[u8]) -> Self {
+        serde_json::from_slice(body).unwrap_or_default()
     }
-    let at = serde_json::from_slice::<OccurredAt>(body).ok()?.occurred_at;
-    (chrono::Utc::now() - at).to_std().ok()
+
+    /// How old the envelope is (by its `occurred_at`).
+    fn age(&self) -> Option<Duration> {
+        (chrono::Utc::now() - self.occurred_at?).to_std().ok()
+    }
 }
 
 /// The delivery's headers, plus the original routing key if not yet recorded.

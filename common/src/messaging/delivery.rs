@@ -17,6 +17,9 @@ pub const H_LAST_ERROR: &str = "x-last-error";
 pub const H_PARKED_REASON: &str = "x-parked-reason";
 /// Header naming the service that parked a message.
 pub const H_PARKED_BY: &str = "x-parked-by";
+/// Header with the broker user that published a parked message (empty: it
+/// set no user id).
+pub const H_PARKED_SENDER: &str = "x-parked-sender";
 /// Header with when a message was parked (RFC 3339).
 pub const H_PARKED_AT: &str = "x-parked-at";
 /// Header carrying the escalation an operator is retrying.
@@ -47,7 +50,22 @@ pub struct Incoming {
     /// Earlier deliveries of this very message (the broker's count; 0 on a
     /// first delivery).
     pub delivery_count: i64,
+    /// The publisher's broker user (the AMQP `user_id`, which the broker
+    /// validated), if it set one.
+    pub sender: Option<String>,
+    /// The consumer's own control headers the message carries (retry
+    /// attempt, original routing key, escalation id): honoured only if this
+    /// service's user sent it (see [`crate::messaging::trust`]).
+    pub control_headers: Vec<&'static str>,
 }
+
+/// The headers only the consuming service itself may set.
+pub const CONTROL_HEADERS: [&str; 4] = [
+    H_RETRY_ATTEMPT,
+    H_ORIGINAL_ROUTING_KEY,
+    H_ORIGINAL_EXCHANGE,
+    H_ESCALATION_ID,
+];
 
 impl Incoming {
     /// Takes the message out of a delivery (its body is moved, not copied).
@@ -77,6 +95,13 @@ impl Incoming {
                 .and_then(|h| h.inner().get(H_DELIVERY_COUNT))
                 .and_then(amqp_int)
                 .unwrap_or(0),
+            sender: p.user_id().as_ref().map(|u| u.to_string()),
+            control_headers: headers.map_or_else(Vec::new, |h| {
+                CONTROL_HEADERS
+                    .into_iter()
+                    .filter(|k| h.inner().contains_key(*k))
+                    .collect()
+            }),
         }
     }
 

@@ -25,6 +25,10 @@
 //! - [`inbox`]: dedup where a message has no natural key, and the counters
 //!   of duplicates and late events;
 //! - [`escalation`]: compensations that kept failing, for an operator.
+//!
+//! Trust:
+//! - [`trust`]: which broker user may publish which event; everything else
+//!   is parked unread.
 
 pub mod broker;
 pub mod consumer;
@@ -38,4 +42,5 @@ pub mod outbox;
 pub mod publisher;
 pub mod retry;
 pub mod topology;
+pub mod trust;
 pub mod unit_of_work;

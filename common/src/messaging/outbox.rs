@@ -74,13 +74,14 @@ impl OutboxMessage {
 
     /// The message's AMQP properties; `persistent` for everything the
     /// outbox holds, transient for hints that need no durability.
-    pub fn properties(&self, app_id: &str, persistent: bool) -> BasicProperties {
+    pub fn properties(&self, sender: Sender<'_>, persistent: bool) -> BasicProperties {
         let mut props = BasicProperties::default()
             .with_message_id(self.id.to_string().into())
             .with_type(self.message_type.as_str().into())
             .with_content_type("application/json".into())
             .with_delivery_mode(if persistent { 2 } else { 1 })
-            .with_app_id(app_id.into())
+            .with_app_id(sender.service.into())
+            .with_user_id(sender.user.into())
             .with_timestamp(Utc::now().timestamp().max(0) as u64);
         if let Some(c) = &self.correlation_id {
             props = props.with_correlation_id(c.as_str().into());
@@ -95,6 +96,15 @@ impl OutboxMessage {
         }
         props
     }
+}
+
+/// Who publishes: the service (AMQP `app_id`, informational) and its broker
+/// user (AMQP `user_id`, validated by the broker: see
+/// [`crate::messaging::trust`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Sender<'a> {
+    pub service: &'a str,
+    pub user: &'a str,
 }
 
 /// Outbox rows as column arrays, for one set-based insert: on their own
@@ -566,7 +576,14 @@ impl Sweeper {
         let messages: Vec<OutboxMessage> = rows.iter().map(PendingRow::message).collect();
         let outcomes = tokio::time::timeout(
             CONFIRM_TIMEOUT,
-            publish_confirmed(channel, self.service, &messages),
+            publish_confirmed(
+                channel,
+                Sender {
+                    service: self.service,
+                    user: self.broker.user(),
+                },
+                &messages,
+            ),
         )
         .await
         .map_err(|_| SweepError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
@@ -632,10 +649,10 @@ impl Sweeper {
 /// confirms); per message, `Ok` or why the broker did not take it.
 pub async fn publish_confirmed(
     channel: &Channel,
-    service: &str,
+    sender: Sender<'_>,
     messages: &[OutboxMessage],
 ) -> Result<Vec<Result<(), String>>, lapin::Error> {
-    let confirms = send_all(channel, service, messages, true).await?;
+    let confirms = send_all(channel, sender, messages, true).await?;
     let mut outcomes = Vec::with_capacity(messages.len());
     for (message, confirm) in messages.iter().zip(confirms) {
         outcomes.push(confirmation_outcome(message, confirm.await?));
@@ -647,7 +664,7 @@ pub async fn publish_confirmed(
 /// are started together, so lapin writes them out in one go.
 pub async fn send_all(
     channel: &Channel,
-    service: &str,
+    sender: Sender<'_>,
     messages: &[OutboxMessage],
     persistent: bool,
 ) -> Result<Vec<lapin::PublisherConfirm>, lapin::Error> {
@@ -660,7 +677,7 @@ pub async fn send_all(
                 ..BasicPublishOptions::default()
             },
             &m.body,
-            m.properties(service, persistent),
+            m.properties(sender, persistent),
         )
     });
     futures_util::future::join_all(sends)

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::messaging::broker::Broker;
 use crate::messaging::outbox::{
-    Confirmed, OutboxMessage, confirmation_outcome, record_lag, send_all,
+    Confirmed, OutboxMessage, Sender, confirmation_outcome, record_lag, send_all,
 };
 use crate::metric_definitions as metric;
 
@@ -237,7 +237,11 @@ impl PublisherTask {
                 *channel = self.open_channel().await;
             }
             let ch = channel.as_ref()?;
-            match send_all(ch, self.service, messages, persistent).await {
+            let sender = Sender {
+                service: self.service,
+                user: self.broker.user(),
+            };
+            match send_all(ch, sender, messages, persistent).await {
                 Ok(pending) => return Some(pending),
                 Err(error) => {
                     debug!(service = self.service, %error, "publisher channel failed; opening another");

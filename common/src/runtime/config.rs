@@ -18,12 +18,18 @@
 //! | `SHUTDOWN_GRACE_MS` | 10000 | time allowed to drain on SIGTERM |
 //! | `RETENTION_SECS` | 604800 | keep published outbox rows and inbox ids this long (7 days) |
 //! | `CLEANUP_INTERVAL_SECS` | 15 | how often the retention cleaner runs (and vacuums, if the server's autovacuum is off) |
+//! | `API_TOKEN` | unset | bearer token for placing and reading orders and sagas (see `runtime::auth`) |
+//! | `ADMIN_TOKEN` | unset | bearer token for set-up, reads of accounts/stock/customers, `/admin/…`; with neither token the HTTP API is open (development only) |
+//! | `DEV_MODE` | unset | `1`: development mode — the built-in card keys are accepted; without it a service refuses to start on them |
+//! | `PRODUCER_USERS` | unset | broker user per service, `order-svc=orders,payment-svc=payments,…`; unnamed services: this service's own `AMQP_URL` user (see `messaging::trust`) |
 
 use std::fmt;
 use std::time::Duration;
 
 use crate::messaging::fault::FaultDelay;
 use crate::messaging::topology::{QueueType, ServiceIdentity};
+use crate::messaging::trust::{ProducerTrust, amqp_user};
+use crate::runtime::auth::{HttpAuth, Secret};
 
 /// The local broker's default vhost `/`.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -85,6 +91,21 @@ pub struct CommonConfig {
     /// autovacuum is off, vacuums the service's database), in seconds.
     #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 15)]
     pub cleanup_interval_secs: u64,
+    /// The broker user each service publishes as, `service=user,…`; a
+    /// service not named is trusted as this service's own broker user.
+    /// Events from any other user are parked.
+    #[arg(long, env = "PRODUCER_USERS")]
+    pub producer_users: Option<String>,
+    /// Bearer token for placing and reading orders and sagas.
+    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<Secret>,
+    /// Bearer token for everything else but `/health` and `/metrics`.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+    /// Development mode: the public development card keys are accepted.
+    #[arg(long, env = "DEV_MODE", action = clap::ArgAction::Set, default_value_t = false,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub dev_mode: bool,
 }
 
 impl CommonConfig {
@@ -107,6 +128,10 @@ impl CommonConfig {
             shutdown_grace_ms: 10_000,
             retention_secs: 7 * 24 * 3600,
             cleanup_interval_secs: 15,
+            producer_users: None,
+            api_token: None,
+            admin_token: None,
+            dev_mode: false,
         }
     }
 
@@ -128,6 +153,16 @@ impl CommonConfig {
 
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_secs)
+    }
+
+    /// The HTTP API's tokens (`API_TOKEN`, `ADMIN_TOKEN`).
+    pub fn http_auth(&self) -> Result<HttpAuth, String> {
+        HttpAuth::new(self.api_token.as_ref(), self.admin_token.as_ref())
+    }
+
+    /// Who may publish which events (`AMQP_URL`'s user, `PRODUCER_USERS`).
+    pub fn producer_trust(&self) -> Result<ProducerTrust, String> {
+        ProducerTrust::new(amqp_user(&self.amqp_url), self.producer_users.as_deref())
     }
 }
 
@@ -156,6 +191,10 @@ impl fmt::Debug for CommonConfig {
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("retention_secs", &self.retention_secs)
             .field("cleanup_interval_secs", &self.cleanup_interval_secs)
+            .field("producer_users", &self.producer_users)
+            .field("api_token", &self.api_token)
+            .field("admin_token", &self.admin_token)
+            .field("dev_mode", &self.dev_mode)
             .finish()
     }
 }

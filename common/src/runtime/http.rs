@@ -87,28 +87,29 @@ pub fn json_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::BadRequest(format!("expected {expected}: {e}")))
 }
 
+/// What the operational endpoints need.
 #[derive(Clone)]
-struct OpsState {
-    service: ServiceIdentity,
-    broker: Broker,
-    pool: PgPool,
+pub struct OpsState {
+    pub service: ServiceIdentity,
+    pub broker: Broker,
+    pub pool: PgPool,
+    /// Reported by `/health`: whether the API needs tokens.
+    pub auth_enabled: bool,
+    /// Reported by `/health`: development mode (`DEV_MODE`).
+    pub dev_mode: bool,
 }
 
 /// `/health` (readiness: broker connected and database reachable),
 /// `/metrics` (Prometheus text), and the escalation admin endpoints:
 /// `GET /admin/escalations[?status=open|retrying|resolved]` and
 /// `POST /admin/escalations/{id}/retry`.
-pub fn ops_routes(service: ServiceIdentity, broker: Broker, pool: PgPool) -> Router {
+pub fn ops_routes(state: OpsState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/admin/escalations", get(list_escalations))
         .route("/admin/escalations/{id}/retry", post(retry_escalation))
-        .with_state(OpsState {
-            service,
-            broker,
-            pool,
-        })
+        .with_state(state)
 }
 
 #[derive(Deserialize)]
@@ -165,6 +166,7 @@ async fn retry_escalation(
         .with_type(row.routing_key.as_str().into())
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
+        .with_user_id(s.broker.user().into())
         .with_headers(headers);
     let publish = async {
         if crate::failpoints::is_set("escalation::publish") {
@@ -223,6 +225,8 @@ async fn health(State(s): State<OpsState>) -> Response {
         "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
         "broker": up(broker),
         "database": up(database),
+        "auth": if s.auth_enabled { "enabled" } else { "disabled" },
+        "mode": if s.dev_mode { "development" } else { "production" },
     });
     (status, Json(body)).into_response()
 }

@@ -43,8 +43,10 @@ use crate::messaging::outbox::{Confirmed, Janitor, OutboxSettings, Sweeper};
 use crate::messaging::publisher::{Publisher, PublisherTask};
 use crate::messaging::retry;
 use crate::messaging::topology::ServiceIdentity;
+use crate::messaging::trust::ProducerTrust;
+use crate::runtime::auth::HttpAuth;
 use crate::runtime::config::{CommonConfig, redact_url};
-use crate::runtime::{http, telemetry};
+use crate::runtime::{auth, http, telemetry};
 use crate::store::{pool as db, retention};
 
 /// A task that runs until its token is cancelled.
@@ -68,6 +70,9 @@ pub struct ServiceRuntime {
     pub broker: Broker,
     /// The outbox's fast path: hand it what a commit wrote.
     pub publisher: Publisher,
+    /// Which broker user may publish which event.
+    pub trust: ProducerTrust,
+    auth: HttpAuth,
     publisher_task: PublisherTask,
     confirmed: Confirmed,
     listener: TcpListener,
@@ -81,6 +86,15 @@ impl ServiceRuntime {
         migrations: &Migrator,
     ) -> anyhow::Result<Self> {
         retry::check_window(config.retention(), config.retry_max_attempts)?;
+        let trust = config.producer_trust().map_err(anyhow::Error::msg)?;
+        let auth = config.http_auth().map_err(anyhow::Error::msg)?;
+        if !auth.enabled() {
+            warn!(
+                "API_TOKEN and ADMIN_TOKEN are not set: the HTTP API is OPEN to anyone who can \
+                 reach {}; set both tokens anywhere but on a development machine",
+                config.http_addr(&identity)
+            );
+        }
         let database_url = config.database_url(&identity);
         let pool = db::connect_and_migrate(&database_url, config.db_pool_size, migrations)
             .await
@@ -102,6 +116,8 @@ impl ServiceRuntime {
             pool,
             broker,
             publisher,
+            trust,
+            auth,
             publisher_task,
             confirmed,
             listener,
@@ -181,6 +197,7 @@ impl ServiceRuntime {
                 fault_delay: self.config.fault_delay_ms,
                 replay_window: self.config.retention(),
                 handler_timeout: Duration::from_millis(self.config.handler_timeout_ms),
+                trust: self.trust.clone(),
             },
             Arc::new(handler),
         );
@@ -190,10 +207,16 @@ impl ServiceRuntime {
         }
 
         let router = routes
-            .merge(http::ops_routes(
-                self.identity,
-                self.broker.clone(),
-                self.pool.clone(),
+            .merge(http::ops_routes(http::OpsState {
+                service: self.identity,
+                broker: self.broker.clone(),
+                pool: self.pool.clone(),
+                auth_enabled: self.auth.enabled(),
+                dev_mode: self.config.dev_mode,
+            }))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(self.auth),
+                auth::require_token,
             ))
             .layer(axum::middleware::from_fn_with_state(
                 name,

@@ -7,6 +7,11 @@
 //! clear fields of a [`SealedCard`] (`brand`, `last4`) are the ones PCI DSS
 //! allows to be shown.
 //!
+//! The box is bound to its order: what is sealed is the card *with* the
+//! order id and amount ([`CardBinding`]), and payment-svc opens it only for
+//! that order and that amount, so a sealed card copied out of one
+//! `order.created` into another is refused.
+//!
 //! [`CardDetails`] never prints its number or CVV: its `Debug` is redacted so a
 //! stray `?card` in a log line cannot leak it.
 
@@ -68,6 +73,22 @@ pub struct SealedCard {
     pub last4: String,
 }
 
+/// The order a sealed card may be used for: sealed with the card, checked
+/// when it is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardBinding {
+    pub order_id: uuid::Uuid,
+    pub amount_cents: i64,
+}
+
+/// What a sealed box holds.
+#[derive(Serialize, Deserialize)]
+struct BoundCard {
+    card: CardDetails,
+    #[serde(flatten)]
+    binding: CardBinding,
+}
+
 /// Why a card could not be sealed or opened.
 #[derive(Debug, thiserror::Error)]
 pub enum CardError {
@@ -77,6 +98,8 @@ pub enum CardError {
     UnknownKey(String),
     #[error("sealed card cannot be opened (corrupt, or sealed for another key)")]
     CannotOpen,
+    #[error("sealed card was sealed for another order or amount")]
+    WrongOrder,
 }
 
 /// Seals cards for payment-svc (held by order-svc).
@@ -94,10 +117,18 @@ impl CardSealer {
                 key_id: DEV_KEY_ID.to_owned(),
                 public: dev_secret_key().public_key(),
             }),
-            Some(b64) => Ok(Self {
-                key_id: key_id_of(b64),
-                public: PublicKey::from_slice(&decode_key(b64)?).map_err(|_| CardError::BadKey)?,
-            }),
+            Some(b64) => {
+                let public =
+                    PublicKey::from_slice(&decode_key(b64)?).map_err(|_| CardError::BadKey)?;
+                // The development pair set explicitly is still the
+                // development pair.
+                let key_id = if public == dev_secret_key().public_key() {
+                    DEV_KEY_ID.to_owned()
+                } else {
+                    key_id_of(b64)
+                };
+                Ok(Self { key_id, public })
+            }
         }
     }
 
@@ -105,8 +136,13 @@ impl CardSealer {
         self.key_id == DEV_KEY_ID
     }
 
-    pub fn seal(&self, card: &CardDetails) -> SealedCard {
-        let plain = serde_json::to_vec(card).expect("CardDetails serializes");
+    /// Seals `card` for use by the order `binding` names only.
+    pub fn seal(&self, card: &CardDetails, binding: CardBinding) -> SealedCard {
+        let bound = BoundCard {
+            card: card.clone(),
+            binding,
+        };
+        let plain = serde_json::to_vec(&bound).expect("a bound card serializes");
         let sealed = self
             .public
             .seal(&mut OsRng, &plain)
@@ -139,10 +175,12 @@ impl CardOpener {
                 let secret =
                     SecretKey::from_slice(&decode_key(b64)?).map_err(|_| CardError::BadKey)?;
                 let public_b64 = B64.encode(secret.public_key().as_bytes());
-                Ok(Self {
-                    key_id: key_id_of(&public_b64),
-                    secret,
-                })
+                let key_id = if secret.public_key() == dev_secret_key().public_key() {
+                    DEV_KEY_ID.to_owned()
+                } else {
+                    key_id_of(&public_b64)
+                };
+                Ok(Self { key_id, secret })
             }
         }
     }
@@ -156,7 +194,9 @@ impl CardOpener {
         B64.encode(self.secret.public_key().as_bytes())
     }
 
-    pub fn open(&self, card: &SealedCard) -> Result<CardDetails, CardError> {
+    /// Opens a sealed card for the order `binding` names: refused if it was
+    /// sealed for another order or amount.
+    pub fn open(&self, card: &SealedCard, binding: CardBinding) -> Result<CardDetails, CardError> {
         if card.key_id != self.key_id {
             return Err(CardError::UnknownKey(card.key_id.clone()));
         }
@@ -167,7 +207,11 @@ impl CardOpener {
             .secret
             .unseal(&bytes)
             .map_err(|_| CardError::CannotOpen)?;
-        serde_json::from_slice(&plain).map_err(|_| CardError::CannotOpen)
+        let bound: BoundCard = serde_json::from_slice(&plain).map_err(|_| CardError::CannotOpen)?;
+        if bound.binding != binding {
+            return Err(CardError::WrongOrder);
+        }
+        Ok(bound.card)
     }
 }
 
@@ -246,6 +290,11 @@ pub fn luhn_valid(digits: &str) -> bool {
 mod tests {
     use super::*;
 
+    const ORDER: CardBinding = CardBinding {
+        order_id: uuid::Uuid::from_u128(7),
+        amount_cents: 2000,
+    };
+
     fn card() -> CardDetails {
         CardDetails {
             card_number: "4242424242424242".into(),
@@ -256,12 +305,12 @@ mod tests {
 
     #[test]
     fn a_card_sealed_with_the_dev_key_opens_with_the_dev_key() {
-        let sealed = CardSealer::new(None).unwrap().seal(&card());
+        let sealed = CardSealer::new(None).unwrap().seal(&card(), ORDER);
         assert_eq!(sealed.last4, "4242");
         assert_eq!(sealed.brand, "visa");
         assert!(!sealed.sealed.contains("4242424242424242"));
         assert_eq!(
-            CardOpener::new(None).unwrap().open(&sealed).unwrap(),
+            CardOpener::new(None).unwrap().open(&sealed, ORDER).unwrap(),
             card()
         );
     }
@@ -269,14 +318,34 @@ mod tests {
     #[test]
     fn a_configured_key_pair_round_trips_and_rejects_other_keys() {
         let (secret, public) = generate_key_pair();
-        let sealed = CardSealer::new(Some(&public)).unwrap().seal(&card());
+        let sealed = CardSealer::new(Some(&public)).unwrap().seal(&card(), ORDER);
         let opener = CardOpener::new(Some(&secret)).unwrap();
         assert_eq!(opener.public_key_b64(), public);
-        assert_eq!(opener.open(&sealed).unwrap(), card());
+        assert_eq!(opener.open(&sealed, ORDER).unwrap(), card());
         assert!(matches!(
-            CardOpener::new(None).unwrap().open(&sealed),
+            CardOpener::new(None).unwrap().open(&sealed, ORDER),
             Err(CardError::UnknownKey(_))
         ));
+    }
+
+    #[test]
+    fn a_sealed_card_opens_only_for_its_own_order_and_amount() {
+        let sealed = CardSealer::new(None).unwrap().seal(&card(), ORDER);
+        let opener = CardOpener::new(None).unwrap();
+        let other_order = CardBinding {
+            order_id: uuid::Uuid::from_u128(8),
+            ..ORDER
+        };
+        let other_amount = CardBinding {
+            amount_cents: 1,
+            ..ORDER
+        };
+        for binding in [other_order, other_amount] {
+            assert!(matches!(
+                opener.open(&sealed, binding),
+                Err(CardError::WrongOrder)
+            ));
+        }
     }
 
     #[test]
@@ -286,8 +355,19 @@ mod tests {
         let public = "6DvO4ZGjAOhbgcnBYKRSsaSbZaD3KQcjqzUAAnfp5Vs=";
         let opener = CardOpener::new(Some(secret)).unwrap();
         assert_eq!(opener.public_key_b64(), public);
-        let sealed = CardSealer::new(Some(public)).unwrap().seal(&card());
-        assert_eq!(opener.open(&sealed).unwrap(), card());
+        let sealed = CardSealer::new(Some(public)).unwrap().seal(&card(), ORDER);
+        assert_eq!(opener.open(&sealed, ORDER).unwrap(), card());
+    }
+
+    #[test]
+    fn the_development_pair_set_explicitly_is_still_the_development_pair() {
+        let dev_secret = B64.encode(dev_secret_key().to_bytes());
+        let dev_public = B64.encode(dev_secret_key().public_key().as_bytes());
+        assert!(CardSealer::new(Some(&dev_public)).unwrap().is_dev_key());
+        assert!(CardOpener::new(Some(&dev_secret)).unwrap().is_dev_key());
+        let (secret, public) = generate_key_pair();
+        assert!(!CardSealer::new(Some(&public)).unwrap().is_dev_key());
+        assert!(!CardOpener::new(Some(&secret)).unwrap().is_dev_key());
     }
 
     #[test]

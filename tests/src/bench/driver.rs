@@ -71,7 +71,7 @@ impl Client {
     pub async fn new(entry: Entry, target: &Target) -> anyhow::Result<Client> {
         Ok(match entry {
             Entry::Http => Client::Http {
-                http: reqwest::Client::builder()
+                http: super::target::http_client()
                     .pool_max_idle_per_host(1024)
                     .build()?,
                 urls: Arc::new(target.order_urls.clone()),

@@ -112,7 +112,9 @@ pub struct Bench {
 impl Bench {
     pub fn new(target: Target, client: Client, seed: u64, plot: Option<PathBuf>) -> Bench {
         Bench {
-            http: reqwest::Client::new(),
+            http: target::http_client()
+                .build()
+                .expect("an HTTP client with default settings builds"),
             target,
             client,
             seed,

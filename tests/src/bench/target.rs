@@ -12,6 +12,7 @@
 //! | `NOTIFICATION_SVC_URL` | `http://127.0.0.1:8083` |
 //! | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` |
 //! | `RABBITMQ_MGMT_URL` | `http://127.0.0.1:15672` (user and password from `AMQP_URL`) |
+//! | `ADMIN_TOKEN` | unset; when the system requires tokens, sent with every request |
 //! | `BENCH_PG_URL` | `postgres://postgres@127.0.0.1:5432/postgres` |
 //! | `BENCH_DATABASES` | `orders,payments,inventory,notifications` |
 
@@ -80,6 +81,21 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An HTTP client for the system's APIs: with `ADMIN_TOKEN` set, every
+/// request carries it (the benchmark sets up the shop and reads every
+/// service, which needs the admin token).
+pub fn http_client() -> reqwest::ClientBuilder {
+    let mut builder = reqwest::Client::builder();
+    if let Ok(token) = std::env::var("ADMIN_TOKEN")
+        && let Ok(value) = format!("Bearer {}", token.trim()).parse()
+    {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        builder = builder.default_headers(headers);
+    }
+    builder
 }
 
 impl Target {

@@ -278,6 +278,8 @@ async fn regression_an_escalation_recorded_twice_counts_its_attempts_once() {
         max_attempts: 8,
         escalation_id: None,
         delivery_count: 0,
+        sender: Some("guest".into()),
+        control_headers: Vec::new(),
     };
     // The last attempt, recorded, and recorded again: its ack was lost and
     // the broker delivered it once more.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use common::saga::card::{CardDetails, CardSealer};
+use common::saga::card::{CardBinding, CardDetails, CardSealer};
 use lapin::BasicProperties;
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
@@ -64,12 +64,17 @@ async fn a_poison_message_in_a_batch_is_parked_and_the_rest_of_the_batch_is_appl
     // Requests wait in payment-svc's queue, so they arrive as one batch.
     sys.stop(Svc::Payment).await;
     let conn = sys.amqp().await;
-    let sealed = CardSealer::new(None).unwrap().seal(&CardDetails {
-        card_number: "4242424242424242".into(),
-        expiry_date: "12/30".into(),
-        cvv: "123".into(),
-    });
-    let created = |customer: &str| {
+    let created = |customer: &str, order_id: Uuid| {
+        let card = CardDetails {
+            card_number: "4242424242424242".into(),
+            expiry_date: "12/30".into(),
+            cvv: "123".into(),
+        };
+        let binding = CardBinding {
+            order_id,
+            amount_cents: 1500,
+        };
+        let sealed = CardSealer::new(None).unwrap().seal(&card, binding);
         json!({
             "customer_id": customer, "amount_cents": 1500, "currency": "USD", "payment": sealed,
             "items": [{"item_id": "no-such-item", "quantity": 1, "unit_price_cents": 1500}],
@@ -78,13 +83,22 @@ async fn a_poison_message_in_a_batch_is_parked_and_the_rest_of_the_batch_is_appl
     let mut good = Vec::new();
     for n in 0..5 {
         let order_id = Uuid::now_v7();
-        let (id, body) = envelope("order.created", order_id, created(&format!("batch-{n}")));
+        let (id, body) = envelope(
+            "order.created",
+            order_id,
+            created(&format!("batch-{n}"), order_id),
+        );
         publish(&sys, &conn, "order.created", id, &body).await;
         good.push(order_id);
     }
     // Poison the database rejects (a NUL byte in a text column): it fails
     // the batch's statements, so the batch is retried one message at a time.
-    let (db_poison, body) = envelope("order.created", Uuid::now_v7(), created("nul\u{0}byte"));
+    let poison_id = Uuid::now_v7();
+    let (db_poison, body) = envelope(
+        "order.created",
+        poison_id,
+        created("nul\u{0}byte", poison_id),
+    );
     publish(&sys, &conn, "order.created", db_poison, &body).await;
     // Poison that does not even decode: parked on its own, at once.
     let undecodable = Uuid::now_v7();

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use common::saga::card::{CardDetails, CardSealer};
+use common::saga::card::{CardBinding, CardDetails, CardSealer};
 use lapin::BasicProperties;
 use saga_tests::{Svc, TestSystem, eventually};
 use serde_json::{Value, json};
@@ -106,7 +106,11 @@ async fn a_cancellation_that_overtakes_the_forward_events_leaves_nothing_applied
         expiry_date: "12/30".into(),
         cvv: "123".into(),
     };
-    let sealed = CardSealer::new(None).unwrap().seal(&card);
+    let binding = CardBinding {
+        order_id,
+        amount_cents: 3000,
+    };
+    let sealed = CardSealer::new(None).unwrap().seal(&card, binding);
     publish_event(&sys, &conn, "order.created", order_id, json!({
         "customer_id": "late", "items": items, "amount_cents": 3000, "currency": "USD", "payment": sealed,
     }))

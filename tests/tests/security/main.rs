@@ -1,0 +1,7 @@
+//! The trust boundaries, tested as an attacker would probe them: events
+//! from a broker user that does not own them, forged control headers,
+//! tokens on the HTTP API, bad input, card data at rest. See
+//! docs/security.md for the threat model these tests prove.
+
+mod events;
+mod http;
