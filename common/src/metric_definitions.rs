@@ -45,6 +45,11 @@ pub const ORDERS_REJECTED: &str = "orders_rejected_total";
 pub const COMPENSATIONS_ESCALATED: &str = "compensations_escalated_total";
 /// Old outbox rows and inbox ids deleted by the cleaner, by `service` and `table`.
 pub const RETENTION_DELETED: &str = "retention_deleted_rows_total";
+/// HTTP requests refused at once because too many were in flight.
+pub const HTTP_REQUESTS_SHED: &str = "http_requests_shed_total";
+/// Messages refused by a full parking or retry queue (`reject-publish`), by
+/// `service` and `queue` (`parking`, `retry`): never dropped silently.
+pub const QUEUE_OVERFLOWS: &str = "queue_overflows_total";
 /// Business outcomes of a service's step, by `service` and `outcome`
 /// (e.g. `charged`, `declined`, `refunded`, `reserved`, `released`, `sent`, `bounced`).
 pub const STEP_OUTCOMES: &str = "saga_step_outcomes_total";

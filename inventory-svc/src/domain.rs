@@ -14,6 +14,10 @@ use common::messaging::events::StepFailed;
 use common::saga::compensation::StepState;
 use common::saga::order::OrderLine;
 
+/// The most units of one item the stock may hold (available plus held):
+/// far below the `integer` column's limit, so no release can overflow it.
+pub const MAX_STOCK: i32 = 1_000_000_000;
+
 /// An item's stock, as locked for a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StockLevel {

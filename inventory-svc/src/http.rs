@@ -12,12 +12,13 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use common::runtime::http::{ApiError, json_body, parse_uuid};
+use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 
 use crate::db;
+use crate::domain::MAX_STOCK;
 
 pub fn routes(pool: PgPool) -> Router {
     Router::new()
@@ -27,6 +28,7 @@ pub fn routes(pool: PgPool) -> Router {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ItemBody {
     available: i32,
     frozen: Option<bool>,
@@ -37,9 +39,12 @@ async fn put_item(
     Path(item_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let item_id = parse_id(&item_id, "item_id")?;
     let ItemBody { available, frozen } = json_body(&body, r#"{"available": N, "frozen": bool?}"#)?;
-    if available < 0 {
-        return Err(ApiError::BadRequest("available must be >= 0".into()));
+    if !(0..=MAX_STOCK).contains(&available) {
+        return Err(ApiError::BadRequest(format!(
+            "available must be from 0 to {MAX_STOCK}"
+        )));
     }
     let mut conn = pool.acquire().await?;
     Ok(Json(db::put_item(&mut conn, &item_id, available, frozen).await?).into_response())
@@ -49,6 +54,7 @@ async fn get_item(
     State(pool): State<PgPool>,
     Path(item_id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let item_id = parse_id(&item_id, "item_id")?;
     let mut conn = pool.acquire().await?;
     let item = db::get_item(&mut conn, &item_id)
         .await?

@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use common::runtime::http::{ApiError, json_body, parse_uuid};
+use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
@@ -40,6 +40,7 @@ pub fn routes(pool: PgPool, default_email_domain: &str) -> Router {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Address {
     email: String,
 }
@@ -49,6 +50,7 @@ async fn put_customer(
     Path(customer_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let customer_id = parse_id(&customer_id, "customer_id")?;
     let Address { email } = json_body(&body, r#"{"email": "..."}"#)?;
     let email = email.trim().to_owned();
     if !domain::valid_address(&email) {
@@ -68,6 +70,7 @@ async fn get_customer(
     State(s): State<HttpState>,
     Path(customer_id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let customer_id = parse_id(&customer_id, "customer_id")?;
     let mut conn = s.pool.acquire().await?;
     let (email, is_default) = match db::get_customer_email(&mut conn, &customer_id).await? {
         Some(email) => (email, false),

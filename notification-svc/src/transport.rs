@@ -5,7 +5,7 @@
 use futures_util::future::BoxFuture;
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::domain::Email;
 
@@ -43,8 +43,10 @@ impl EmailTransport for LogTransport {
 
     fn send<'a>(&'a self, email: &'a Email) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
-            info!(order_id = %email.order_id, kind = email.kind.as_str(), to = %email.recipient,
+            // The address is personal data: at debug level only.
+            info!(order_id = %email.order_id, kind = email.kind.as_str(),
                   subject = %email.subject, "email sent (log transport)");
+            debug!(order_id = %email.order_id, to = ?email.recipient, "email recipient");
             Ok(())
         })
     }

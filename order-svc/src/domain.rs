@@ -5,14 +5,18 @@ use std::collections::{HashMap, HashSet};
 
 use common::messaging::events::{EventType, StepFailed};
 use common::saga::card::{CardDetails, luhn_valid, parse_expiry};
-use common::saga::order::{OrderLine, SagaResult};
+use common::saga::order::{OrderLine, SagaResult, check_id};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// Limits that keep one order bounded.
 pub const MAX_ITEMS: usize = 100;
 pub const MAX_QUANTITY: i64 = 10_000;
-pub const MAX_ID_LEN: usize = 128;
+pub use common::saga::order::MAX_ID_LEN;
+/// The highest price of one unit, in cents (10,000,000.00): with at most
+/// [`MAX_ITEMS`] lines of [`MAX_QUANTITY`] units, an order's amount stays
+/// below 10^16, far from `i64`'s limit, whatever the catalog says.
+pub const MAX_PRICE_CENTS: i64 = 1_000_000_000;
 /// Longest idempotency key (HTTP `Idempotency-Key`, AMQP `message_id`).
 pub const MAX_KEY_LEN: usize = 200;
 
@@ -55,6 +59,7 @@ pub fn validate_order(v: &Value) -> Result<ValidOrder, InvalidOrder> {
     let obj = v
         .as_object()
         .ok_or_else(|| invalid("the order must be a JSON object"))?;
+    only_fields(obj, &["customer_id", "items", "payment_info"], "")?;
 
     let customer_id = required_id(obj.get("customer_id"), "customer_id")?;
 
@@ -78,6 +83,7 @@ pub fn validate_order(v: &Value) -> Result<ValidOrder, InvalidOrder> {
         let item = item
             .as_object()
             .ok_or_else(|| invalid(format!("items[{i}] must be an object")))?;
+        only_fields(item, &["item_id", "quantity"], &format!("items[{i}]."))?;
         let item_id = required_id(item.get("item_id"), &format!("items[{i}].item_id"))?;
         let quantity = item
             .get("quantity")
@@ -105,6 +111,11 @@ pub fn validate_order(v: &Value) -> Result<ValidOrder, InvalidOrder> {
         .ok_or_else(|| invalid("payment_info is required"))?
         .as_object()
         .ok_or_else(|| invalid("payment_info must be an object"))?;
+    only_fields(
+        payment,
+        &["card_number", "expiry_date", "cvv"],
+        "payment_info.",
+    )?;
     let field = |name: &str| -> Result<&str, InvalidOrder> {
         payment
             .get(name)
@@ -143,20 +154,32 @@ pub fn validate_order(v: &Value) -> Result<ValidOrder, InvalidOrder> {
     })
 }
 
+/// Refuses fields the order dict does not have (a typo would otherwise be
+/// silently ignored).
+fn only_fields(
+    obj: &serde_json::Map<String, Value>,
+    allowed: &[&str],
+    path: &str,
+) -> Result<(), InvalidOrder> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(unknown) => {
+            let shown: String = unknown.chars().take(40).collect();
+            Err(invalid(format!(
+                "unknown field {path}{shown:?}; expected {}",
+                allowed.join(", ")
+            )))
+        }
+    }
+}
+
 fn required_id(v: Option<&Value>, name: &str) -> Result<String, InvalidOrder> {
     let s = v
         .ok_or_else(|| invalid(format!("{name} is required")))?
         .as_str()
         .ok_or_else(|| invalid(format!("{name} must be a string")))?
         .trim();
-    if s.is_empty() {
-        return Err(invalid(format!("{name} must not be empty")));
-    }
-    if s.len() > MAX_ID_LEN || s.chars().any(char::is_control) {
-        return Err(invalid(format!(
-            "{name} must be at most {MAX_ID_LEN} printable characters"
-        )));
-    }
+    check_id(s, name).map_err(invalid)?;
     Ok(s.to_owned())
 }
 
@@ -193,7 +216,8 @@ pub fn amount_cents(lines: &[OrderLine]) -> Result<i64, InvalidOrder> {
                 .checked_mul(l.unit_price_cents)
                 .and_then(|line| total.checked_add(line))
         })
-        .ok_or_else(|| invalid("the order's total amount is too large"))
+        .filter(|total| *total > 0)
+        .ok_or_else(|| invalid("the order's total amount must be positive and not too large"))
 }
 
 /// What was ordered, hashed: a retry with the same idempotency key must
@@ -384,6 +408,20 @@ mod tests {
         assert_eq!(reason(v), "payment_info.cvv must be 3 or 4 digits");
 
         assert_eq!(reason(json!([1, 2])), "the order must be a JSON object");
+
+        let mut v = order();
+        v["coupon"] = json!("FREE");
+        assert!(reason(v).starts_with("unknown field \"coupon\""));
+        let mut v = order();
+        v["items"][0]["price_cents"] = json!(0);
+        assert!(reason(v).starts_with("unknown field items[0].\"price_cents\""));
+        let mut v = order();
+        v["payment_info"]["pin"] = json!("1234");
+        assert!(reason(v).starts_with("unknown field payment_info.\"pin\""));
+
+        let mut v = order();
+        v["customer_id"] = json!("admin\u{202E}nimda");
+        assert!(reason(v).starts_with("customer_id must be at most"));
     }
 
     #[test]
@@ -460,5 +498,100 @@ mod tests {
             "Saga deadline of 5000 ms exceeded while waiting for inventory"
         );
         assert!(timeout_reason(5000, &[]).ends_with("waiting for payment"));
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! The validator, fuzzed: whatever a client sends, it answers (never
+    //! panics), an accepted order is within every bound, and its reason for
+    //! refusing never quotes card data.
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// Arbitrary JSON, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,40}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::hash_map(".{0,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Order dicts that are nearly right: the mission's shape with any
+    /// values in its fields.
+    fn near_orders() -> impl Strategy<Value = Value> {
+        (
+            any_json(),
+            any_json(),
+            any_json(),
+            any_json(),
+            any_json(),
+            ".{0,30}",
+        )
+            .prop_map(|(customer, item_id, quantity, expiry, cvv, number)| {
+                json!({
+                    "customer_id": customer,
+                    "items": [{"item_id": item_id, "quantity": quantity}],
+                    "payment_info": {"card_number": number, "expiry_date": expiry, "cvv": cvv},
+                })
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_validator_answers_everything_and_accepts_only_bounded_orders(
+            v in prop_oneof![any_json(), near_orders()]
+        ) {
+            match validate_order(&v) {
+                Ok(order) => {
+                    prop_assert!(check_id(&order.customer_id, "customer_id").is_ok());
+                    prop_assert!(!order.items.is_empty() && order.items.len() <= MAX_ITEMS);
+                    for item in &order.items {
+                        prop_assert!(check_id(&item.item_id, "item_id").is_ok());
+                        prop_assert!((1..=MAX_QUANTITY).contains(&i64::from(item.quantity)));
+                    }
+                    prop_assert!(luhn_valid(&order.card.card_number));
+                }
+                Err(InvalidOrder(reason)) => {
+                    let number = v.pointer("/payment_info/card_number").and_then(Value::as_str);
+                    if let Some(number) = number.filter(|n| n.len() >= 12) {
+                        prop_assert!(!reason.contains(number), "{reason}");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn amounts_never_overflow_and_are_positive_when_accepted(
+            lines in prop::collection::vec((1i32..=10_000, 0i64..=i64::MAX), 1..=MAX_ITEMS)
+        ) {
+            let lines: Vec<OrderLine> = lines
+                .into_iter()
+                .enumerate()
+                .map(|(i, (quantity, unit_price_cents))| OrderLine {
+                    item_id: format!("i{i}"),
+                    quantity,
+                    unit_price_cents,
+                })
+                .collect();
+            if let Ok(total) = amount_cents(&lines) {
+                prop_assert!(total > 0);
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use common::metric_definitions as metric;
-use common::runtime::http::{ApiError, json_body, parse_uuid};
+use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
 use common::saga::order::SagaResult;
 use serde::Deserialize;
 use serde_json::json;
@@ -179,6 +179,7 @@ async fn order_view(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Price {
     price_cents: i64,
 }
@@ -188,9 +189,13 @@ async fn put_catalog_item(
     Path(item_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let item_id = parse_id(&item_id, "item_id")?;
     let Price { price_cents } = json_body(&body, r#"{"price_cents": N}"#)?;
-    if price_cents < 0 {
-        return Err(ApiError::BadRequest("price_cents must be >= 0".into()));
+    if !(1..=domain::MAX_PRICE_CENTS).contains(&price_cents) {
+        return Err(ApiError::BadRequest(format!(
+            "price_cents must be from 1 to {}",
+            domain::MAX_PRICE_CENTS
+        )));
     }
     let mut conn = saga.pool.acquire().await?;
     db::put_price(&mut conn, &item_id, price_cents).await?;
@@ -201,6 +206,7 @@ async fn get_catalog_item(
     State(HttpState { saga, .. }): State<HttpState>,
     Path(item_id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let item_id = parse_id(&item_id, "item_id")?;
     let mut conn = saga.pool.acquire().await?;
     let price_cents = db::get_price(&mut conn, &item_id)
         .await?

@@ -117,7 +117,17 @@ async fn place_in_one_transaction(
     requests: &[PlaceRequest],
 ) -> Result<Vec<Result<Placement, PlaceError>>, sqlx::Error> {
     let mut uow = UnitOfWork::begin(&saga.pool).await?;
-    let outcomes = saga.place_batch(&mut uow, requests).await?;
+    let mut outcomes = saga.place_batch(&mut uow, requests).await?;
+    // A statement that failed for one request aborted the transaction the
+    // batch shares, and PostgreSQL answers its COMMIT with a silent
+    // rollback: never commit (and publish) after one.
+    if let Some(failed) = outcomes
+        .iter()
+        .position(|o| matches!(o, Err(PlaceError::Db(_))))
+        && let Err(PlaceError::Db(error)) = outcomes.swap_remove(failed)
+    {
+        return Err(error);
+    }
     uow.commit(&saga.publisher).await?;
     Ok(outcomes)
 }

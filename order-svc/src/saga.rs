@@ -17,7 +17,7 @@ use common::saga::card::{CardBinding, CardSealer};
 use common::saga::order::SagaResult;
 use sqlx::PgPool;
 use sqlx::types::Json;
-use tracing::info;
+use tracing::{debug, info};
 use uuid::Uuid;
 
 use crate::SERVICE;
@@ -289,7 +289,8 @@ impl OrderSaga {
                     created += 1;
                     let (order_id, customer_id) = (row.order_id, r.order.customer_id.clone());
                     uow.on_commit(move || {
-                        info!(%order_id, %customer_id, "order created; saga started");
+                        info!(%order_id, "order created; saga started");
+                        debug!(%order_id, customer_id = ?customer_id, "order placed for");
                     });
                     Ok(Placement {
                         order_id: row.order_id,

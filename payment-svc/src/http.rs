@@ -10,7 +10,9 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use common::runtime::http::{ApiError, json_body, parse_uuid};
+use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
+
+use crate::domain::MAX_BALANCE_CENTS;
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
@@ -25,6 +27,7 @@ pub fn routes(pool: PgPool) -> Router {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AccountBody {
     balance_cents: i64,
     frozen: Option<bool>,
@@ -35,12 +38,15 @@ async fn put_account(
     Path(customer_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let customer_id = parse_id(&customer_id, "customer_id")?;
     let AccountBody {
         balance_cents,
         frozen,
     } = json_body(&body, r#"{"balance_cents": N, "frozen": bool?}"#)?;
-    if balance_cents < 0 {
-        return Err(ApiError::BadRequest("balance_cents must be >= 0".into()));
+    if !(0..=MAX_BALANCE_CENTS).contains(&balance_cents) {
+        return Err(ApiError::BadRequest(format!(
+            "balance_cents must be from 0 to {MAX_BALANCE_CENTS}"
+        )));
     }
     let mut conn = pool.acquire().await?;
     Ok(
@@ -53,6 +59,7 @@ async fn get_account(
     State(pool): State<PgPool>,
     Path(customer_id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let customer_id = parse_id(&customer_id, "customer_id")?;
     let mut conn = pool.acquire().await?;
     let account = db::get_account(&mut conn, &customer_id)
         .await?

@@ -231,7 +231,19 @@ pub async fn check(
             "CONFIRMED" => {
                 tally.confirmed += 1;
                 if payment != Some("charged") || payments[id].1 != *amount {
-                    v.push(format!("confirmed order {id}: payment {payment:?}"));
+                    // What the order saw of its saga, to tell where the
+                    // charge went.
+                    let timeline: Option<String> =
+                        sqlx::query_scalar("select timeline::text from orders where order_id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut pg(sys, Svc::Order).await)
+                            .await
+                            .ok()
+                            .flatten();
+                    v.push(format!(
+                        "confirmed order {id}: payment {payment:?}; timeline {}",
+                        timeline.unwrap_or_default()
+                    ));
                 }
                 if reservation != Some("committed") {
                     v.push(format!("confirmed order {id}: reservation {reservation:?}"));

@@ -254,6 +254,42 @@ impl Sandbox {
         (user, url)
     }
 
+    /// Every message waiting in every queue of this sandbox's vhost, read
+    /// through the management API and put back: (queue, payload, headers).
+    pub async fn queued_messages(&self) -> Vec<(String, String, String)> {
+        let base = mgmt_base();
+        let queues: Vec<Value> = mgmt(self.http.get(format!("{base}/api/queues/{}", self.prefix)))
+            .send()
+            .await
+            .expect("list queues")
+            .json()
+            .await
+            .expect("queue list");
+        let mut out = Vec::new();
+        for q in queues {
+            let name = q["name"].as_str().unwrap_or_default().to_owned();
+            let url = format!("{base}/api/queues/{}/{}/get", self.prefix, urlencode(&name));
+            let r = mgmt(self.http.post(url))
+                .json(&json!({"count": 10_000, "ackmode": "ack_requeue_true", "encoding": "auto"}))
+                .send()
+                .await
+                .expect("get messages");
+            // Exclusive queues of other connections cannot be read; they
+            // are transient.
+            let Ok(messages) = r.json::<Vec<Value>>().await else {
+                continue;
+            };
+            for m in messages {
+                out.push((
+                    name.clone(),
+                    m["payload"].as_str().unwrap_or_default().to_owned(),
+                    m["properties"].to_string(),
+                ));
+            }
+        }
+        out
+    }
+
     /// Removes the vhost and the databases now.
     pub async fn close(mut self) {
         cleanup(&self.prefix).await;

@@ -55,9 +55,15 @@ impl Publisher {
         props: BasicProperties,
     ) -> bool {
         let give_up = Instant::now() + Duration::from_secs(60);
-        let props = props
+        let mut props = props
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
+        // As the services' own user (the one in the URL), so that injected
+        // copies and poison are judged on their content, like the events
+        // they imitate.
+        if props.user_id().is_none() {
+            props = props.with_user_id(common::messaging::trust::amqp_user(&self.url).into());
+        }
         while Instant::now() < give_up {
             if let Some(ch) = self.channel().await {
                 let publish = async {

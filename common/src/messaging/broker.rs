@@ -207,9 +207,7 @@ impl Broker {
             .with_connection_name(self.inner.connection_name.as_str().into());
         let connect = async {
             let conn = Connection::connect(&self.inner.url, props).await?;
-            let channel = conn.create_channel().await?;
-            topology::declare_all(&channel, self.inner.queue_type).await?;
-            let _ = channel.close(200, "topology declared".into()).await;
+            topology::declare_all(&conn, self.inner.queue_type).await?;
             Ok::<_, lapin::Error>(conn)
         };
         Ok(tokio::time::timeout(SETUP_TIMEOUT, connect)

@@ -100,7 +100,9 @@ pub trait MessageHandler: Send + Sync + 'static {
     ///   means it is parked — what the handler wrote for it (a rejection
     ///   reply, say) is committed with the batch.
     /// - `Err` for the batch: nothing is committed, and each message is
-    ///   handled again in a batch of its own.
+    ///   handled again in a batch of its own. A [`HandlerError::Db`] for one
+    ///   message counts as one for the batch: the failed statement aborted
+    ///   the transaction they share.
     ///
     /// Must be idempotent: a message can be handled more than once
     /// (redelivery), and must be recognised as a duplicate the second time.
@@ -511,13 +513,24 @@ impl<H: MessageHandler> Consumer<H> {
                 std::future::pending::<()>().await;
             }
             let mut uow = UnitOfWork::begin(&self.pool).await?;
-            let results = self.handler.handle_batch(&mut uow, batch).await?;
+            let mut results = self.handler.handle_batch(&mut uow, batch).await?;
             if results.len() != batch.len() {
                 return Err(HandlerError::Transient(anyhow::anyhow!(
                     "handler returned {} results for {} messages",
                     results.len(),
                     batch.len()
                 )));
+            }
+            // A statement that failed for one message has aborted the whole
+            // transaction: PostgreSQL answers its COMMIT with a rollback, not
+            // an error. Committing it would publish events of changes that
+            // never happened, so the batch fails as a whole (and is handled
+            // again one message at a time).
+            if let Some(failed) = results
+                .iter()
+                .position(|r| matches!(r, Err(HandlerError::Db(_))))
+            {
+                return Err(results.swap_remove(failed).unwrap_err());
             }
             uow.commit(&self.publisher).await?;
             Ok(results)
@@ -540,6 +553,19 @@ impl<H: MessageHandler> Consumer<H> {
                 return Verdict::Park {
                     reason: format!("{e:#}"),
                     label: "invalid",
+                };
+            }
+            Err(HandlerError::Db(e)) if db::permanent(&e) => {
+                let reason = format!("the database refuses this message's data: {e}");
+                return match self.handler.compensation(&msg.routing_key) {
+                    Some(step) => Verdict::Escalate {
+                        step,
+                        error: reason,
+                    },
+                    None => Verdict::Park {
+                        reason,
+                        label: "invalid",
+                    },
                 };
             }
             Err(HandlerError::Db(e)) => {
@@ -607,7 +633,9 @@ impl<H: MessageHandler> Consumer<H> {
                     metrics::counter!(metric::MESSAGES_PARKED,
                         "service" => self.service.name, "reason" => label)
                     .increment(1);
-                    warn!(%reason, message_id = msg.message_id.as_deref().unwrap_or(""),
+                    // Debug-formatted: both may quote what a sender wrote,
+                    // so control characters are escaped, not printed.
+                    warn!(reason = ?reason, message_id = ?msg.message_id,
                           event_type, "parking message");
                     self.park(republisher, delivery, msg, &reason).await?;
                 }
@@ -670,13 +698,38 @@ impl<H: MessageHandler> Consumer<H> {
             .with_headers(headers)
             .with_user_id(self.settings.trust.own_user().into())
             .with_expiration(delay.as_millis().to_string().into());
-        republish(
-            republisher,
-            &self.service.retry_queue(tier),
-            &msg.body,
-            props,
+        let queue = self.service.retry_queue(tier);
+        self.overflow_checked(
+            republish(republisher, &queue, &msg.body, props).await,
+            &queue,
+            "retry",
         )
-        .await
+    }
+
+    /// A refused re-publish (a full queue) is counted and logged, and fails
+    /// the batch: its messages stay unacked, are delivered again, and are
+    /// never dropped.
+    fn overflow_checked(
+        &self,
+        outcome: Result<(), RepublishError>,
+        queue: &str,
+        kind: &'static str,
+    ) -> Result<(), lapin::Error> {
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(RepublishError::Amqp(error)) => Err(error),
+            Err(RepublishError::Refused) => {
+                metrics::counter!(metric::QUEUE_OVERFLOWS,
+                    "service" => self.service.name, "queue" => kind)
+                .increment(1);
+                tracing::error!(
+                    service = self.service.name,
+                    queue,
+                    "queue is full: the message stays in the work queue until it has room"
+                );
+                Err(amqp_error(format!("{queue} is full")))
+            }
+        }
     }
 
     /// Re-publishes to the parking queue with the reason.
@@ -705,7 +758,14 @@ impl<H: MessageHandler> Consumer<H> {
             .clone()
             .with_headers(headers)
             .with_user_id(self.settings.trust.own_user().into());
-        republish(republisher, &self.service.parking_queue(), &msg.body, props).await
+        let queue = self.service.parking_queue();
+        // Nothing parked keeps card data (PCI DSS: no CVV at rest).
+        let body = crate::saga::card::redact_message(&msg.body);
+        self.overflow_checked(
+            republish(republisher, &queue, &body, props).await,
+            &queue,
+            "parking",
+        )
     }
 }
 
@@ -716,7 +776,7 @@ async fn republish(
     queue: &str,
     body: &[u8],
     props: BasicProperties,
-) -> Result<(), lapin::Error> {
+) -> Result<(), RepublishError> {
     let confirm = channel
         .basic_publish(
             ShortString::from(""),
@@ -732,9 +792,23 @@ async fn republish(
         .await?;
     match confirm {
         lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
-        _ => Err(amqp_error(format!(
-            "re-publish to {queue} was not accepted"
-        ))),
+        lapin::Confirmation::Nack(_) => Err(RepublishError::Refused),
+        lapin::Confirmation::Ack(Some(_)) => Err(RepublishError::Amqp(amqp_error(format!(
+            "re-publish to {queue} was unroutable"
+        )))),
+    }
+}
+
+/// Why a re-publish did not happen.
+enum RepublishError {
+    /// The queue is full (`reject-publish`): the broker nacked it.
+    Refused,
+    Amqp(lapin::Error),
+}
+
+impl From<lapin::Error> for RepublishError {
+    fn from(e: lapin::Error) -> Self {
+        RepublishError::Amqp(e)
     }
 }
 

@@ -31,7 +31,7 @@ use std::str::FromStr;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::messaging::events::{EXCHANGE, EventType};
 use crate::messaging::retry::RETRY_TIERS;
@@ -198,8 +198,16 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
+/// Messages a parking or delay queue holds at most; more are refused
+/// (`reject-publish`: the publisher gets a nack, counted in
+/// `queue_overflows_total`), never dropped.
+pub const BOUNDED_QUEUE_MAX_LENGTH: i64 = 100_000;
+/// Bytes of message bodies a parking or delay queue holds at most.
+pub const BOUNDED_QUEUE_MAX_BYTES: i64 = 512 * 1024 * 1024;
+
 /// Declares the exchange and every service's queues and bindings.
-pub async fn declare_all(channel: &Channel, queue_type: QueueType) -> Result<(), lapin::Error> {
+pub async fn declare_all(conn: &Connection, queue_type: QueueType) -> Result<(), lapin::Error> {
+    let mut channel = conn.create_channel().await?;
     channel
         .exchange_declare(
             EXCHANGE.into(),
@@ -212,9 +220,66 @@ pub async fn declare_all(channel: &Channel, queue_type: QueueType) -> Result<(),
         )
         .await?;
     for svc in SERVICES {
-        declare_service(channel, &svc, queue_type).await?;
+        declare_service(conn, &mut channel, &svc, queue_type).await?;
     }
+    let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// Declares a parking or delay queue with its length bounds. A queue that
+/// already exists without them (declared by an earlier version) cannot be
+/// changed by a declaration — the broker refuses it and closes the channel —
+/// so it is kept as it is, with a warning: bound it with a policy
+/// (docs/security.md).
+async fn declare_bounded(
+    conn: &Connection,
+    channel: &mut Channel,
+    name: &str,
+    mut args: Vec<(&'static str, AMQPValue)>,
+) -> Result<(), lapin::Error> {
+    args.push((
+        "x-max-length",
+        AMQPValue::LongLongInt(BOUNDED_QUEUE_MAX_LENGTH),
+    ));
+    args.push((
+        "x-max-length-bytes",
+        AMQPValue::LongLongInt(BOUNDED_QUEUE_MAX_BYTES),
+    ));
+    if !args.iter().any(|(k, _)| *k == "x-overflow") {
+        args.push(("x-overflow", text("reject-publish")));
+    }
+    match channel
+        .queue_declare(name.into(), durable(), table(&args))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(error) if is_precondition_failed(&error) => {
+            tracing::warn!(
+                queue = name,
+                "queue exists without length bounds; kept as it is \
+                (bound it with a policy: max-length, overflow reject-publish)"
+            );
+            *channel = conn.create_channel().await?;
+            channel
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|_| ())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The broker's 406: a queue exists with other arguments.
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if e.get_id() == 406)
 }
 
 /// The arguments every queue of a kind gets.
@@ -244,17 +309,12 @@ fn dead_letter_args(queue_type: QueueType, target: &str) -> Vec<(&'static str, A
 }
 
 async fn declare_service(
-    channel: &Channel,
+    conn: &Connection,
+    channel: &mut Channel,
     svc: &ServiceIdentity,
     queue_type: QueueType,
 ) -> Result<(), lapin::Error> {
-    channel
-        .queue_declare(
-            svc.parking_queue().into(),
-            durable(),
-            table(&kind_args(queue_type)),
-        )
-        .await?;
+    declare_bounded(conn, channel, &svc.parking_queue(), kind_args(queue_type)).await?;
 
     let queue = svc.queue();
     let mut args = kind_args(queue_type);
@@ -280,9 +340,7 @@ async fn declare_service(
     for tier in 0..RETRY_TIERS.len() {
         let mut args = kind_args(queue_type);
         args.extend(dead_letter_args(queue_type, &queue));
-        channel
-            .queue_declare(svc.retry_queue(tier).into(), durable(), table(&args))
-            .await?;
+        declare_bounded(conn, channel, &svc.retry_queue(tier), args).await?;
     }
     Ok(())
 }

@@ -21,6 +21,8 @@
 //! | `API_TOKEN` | unset | bearer token for placing and reading orders and sagas (see `runtime::auth`) |
 //! | `ADMIN_TOKEN` | unset | bearer token for set-up, reads of accounts/stock/customers, `/admin/…`; with neither token the HTTP API is open (development only) |
 //! | `DEV_MODE` | unset | `1`: development mode — the built-in card keys are accepted; without it a service refuses to start on them |
+//! | `HTTP_MAX_IN_FLIGHT` | 1024 | HTTP requests handled at once; more are shed with 503 |
+//! | `HTTP_REQUEST_TIMEOUT_MS` | 30000 | a request (body included) not answered in this time gets 408 |
 //! | `PRODUCER_USERS` | unset | broker user per service, `order-svc=orders,payment-svc=payments,…`; unnamed services: this service's own `AMQP_URL` user (see `messaging::trust`) |
 
 use std::fmt;
@@ -96,6 +98,14 @@ pub struct CommonConfig {
     /// Events from any other user are parked.
     #[arg(long, env = "PRODUCER_USERS")]
     pub producer_users: Option<String>,
+    /// HTTP requests handled at once; more are refused with 503.
+    #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub http_max_in_flight: usize,
+    /// A request (reading its body included) not answered within this gets
+    /// 408, in ms. Must exceed the saga deadline: `POST /orders` waits for
+    /// the decision.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub http_request_timeout_ms: u64,
     /// Bearer token for placing and reading orders and sagas.
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
@@ -129,6 +139,8 @@ impl CommonConfig {
             retention_secs: 7 * 24 * 3600,
             cleanup_interval_secs: 15,
             producer_users: None,
+            http_max_in_flight: 1024,
+            http_request_timeout_ms: 30_000,
             api_token: None,
             admin_token: None,
             dev_mode: false,
@@ -192,6 +204,8 @@ impl fmt::Debug for CommonConfig {
             .field("retention_secs", &self.retention_secs)
             .field("cleanup_interval_secs", &self.cleanup_interval_secs)
             .field("producer_users", &self.producer_users)
+            .field("http_max_in_flight", &self.http_max_in_flight)
+            .field("http_request_timeout_ms", &self.http_request_timeout_ms)
             .field("api_token", &self.api_token)
             .field("admin_token", &self.admin_token)
             .field("dev_mode", &self.dev_mode)

@@ -22,6 +22,7 @@ use crate::messaging::broker::Broker;
 use crate::messaging::delivery::{H_ESCALATION_ID, H_ORIGINAL_ROUTING_KEY};
 use crate::messaging::escalation;
 use crate::messaging::topology::ServiceIdentity;
+use crate::metric_definitions as metric;
 use crate::runtime::telemetry;
 use crate::store::pool as db;
 
@@ -51,6 +52,8 @@ impl From<sqlx::Error> for ApiError {
         if db::retryable(&e).is_some() {
             error!(error = %e, "database unavailable");
             ApiError::Unavailable
+        } else if db::permanent(&e) {
+            ApiError::BadRequest("a value was refused as invalid".to_owned())
         } else {
             ApiError::Internal(e.into())
         }
@@ -76,6 +79,13 @@ impl IntoResponse for ApiError {
 /// A UUID path segment (`what` names it in the 400 message).
 pub fn parse_uuid(raw: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::BadRequest(format!("{what} must be a UUID")))
+}
+
+/// A customer or item id from a path segment (percent-decoded), checked
+/// like the same id in a body: a 400 if it is not one.
+pub fn parse_id(raw: &str, what: &str) -> Result<String, ApiError> {
+    crate::saga::order::check_id(raw, what).map_err(ApiError::BadRequest)?;
+    Ok(raw.to_owned())
 }
 
 /// A JSON body; a 400 naming the expected shape if it does not parse.
@@ -236,6 +246,64 @@ async fn metrics_text() -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         telemetry::prometheus().render(),
     )
+}
+
+/// Bodies larger than this are refused with 413 while they are read
+/// (never buffered whole): an order of 100 lines is under 20 KiB.
+pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
+
+/// Middleware: a request that carries a body must say it is JSON (415
+/// otherwise). A browser form posted cross-site (`text/plain`,
+/// `application/x-www-form-urlencoded`) is refused before any handler sees
+/// it.
+pub async fn require_json(req: Request, next: Next) -> Response {
+    let has_body = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|len| len.trim() != "0")
+        && (req
+            .headers()
+            .contains_key(axum::http::header::CONTENT_LENGTH)
+            || req
+                .headers()
+                .contains_key(axum::http::header::TRANSFER_ENCODING));
+    let is_json = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    if has_body && !is_json {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({"error": "Content-Type must be application/json"})),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Middleware: at most as many requests in flight as `permits` holds; the
+/// next one is shed at once with 503 and `Retry-After`, rather than queued
+/// without bound.
+pub async fn limit_in_flight(
+    State(permits): State<std::sync::Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match permits.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => {
+            metrics::counter!(metric::HTTP_REQUESTS_SHED).increment(1);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(axum::http::header::RETRY_AFTER, "1")],
+                Json(json!({"error": "too many requests in flight, retry later"})),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Middleware: `http_requests_total` and `http_request_duration_seconds` by

@@ -27,13 +27,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::{Level, info, warn};
 
@@ -214,9 +218,22 @@ impl ServiceRuntime {
                 auth_enabled: self.auth.enabled(),
                 dev_mode: self.config.dev_mode,
             }))
+            // Innermost first: the body limit, JSON only, a token, then
+            // (outer) the in-flight bound and the timeout, so even a refused
+            // request counts against neither for long.
+            .layer(DefaultBodyLimit::max(http::MAX_REQUEST_BODY_BYTES))
+            .layer(axum::middleware::from_fn(http::require_json))
             .layer(axum::middleware::from_fn_with_state(
                 Arc::new(self.auth),
                 auth::require_token,
+            ))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                Duration::from_millis(self.config.http_request_timeout_ms),
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(Semaphore::new(self.config.http_max_in_flight.max(1))),
+                http::limit_in_flight,
             ))
             .layer(axum::middleware::from_fn_with_state(
                 name,

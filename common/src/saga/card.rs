@@ -242,6 +242,49 @@ fn key_id_of(public_b64: &str) -> String {
     digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A message body with its card data taken out, for keeping it at rest
+/// (parking): an order dict's `payment_info` keeps only the last 4 digits
+/// of the number and loses the CVV; an event's sealed card (which holds the
+/// CVV, encrypted) is removed. A body that cannot be read as JSON is
+/// replaced by a note, since it cannot be searched for card data. Bodies
+/// without card data come back as they are.
+pub fn redact_message(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        let note = serde_json::json!({
+            "redacted": format!("a body of {} bytes that is not JSON was removed: it may hold card data", body.len()),
+        });
+        return Cow::Owned(note.to_string().into_bytes());
+    };
+    let mut changed = false;
+    if let Some(info) = value
+        .get_mut("payment_info")
+        .and_then(|v| v.as_object_mut())
+    {
+        if let Some(number) = info.get("card_number").and_then(|n| n.as_str()) {
+            let digits: String = number.chars().filter(char::is_ascii_digit).collect();
+            let last4 = &digits[digits.len().saturating_sub(4)..];
+            info.insert("card_number".into(), format!("****{last4}").into());
+        }
+        info.remove("cvv");
+        changed = true;
+    }
+    if let Some(payment) = value
+        .get_mut("data")
+        .and_then(|d| d.get_mut("payment"))
+        .and_then(|p| p.as_object_mut())
+        && payment.remove("sealed").is_some()
+    {
+        changed = true;
+    }
+    if changed {
+        value["redacted"] = "card data removed before parking".into();
+        Cow::Owned(value.to_string().into_bytes())
+    } else {
+        Cow::Borrowed(body)
+    }
+}
+
 /// `MM/YY` (or `MM/YYYY`) → (year, month).
 pub fn parse_expiry(s: &str) -> Option<(i32, u32)> {
     let (m, y) = s.split_once('/')?;
@@ -368,6 +411,39 @@ mod tests {
         let (secret, public) = generate_key_pair();
         assert!(!CardSealer::new(Some(&public)).unwrap().is_dev_key());
         assert!(!CardOpener::new(Some(&secret)).unwrap().is_dev_key());
+    }
+
+    #[test]
+    fn redaction_keeps_no_number_cvv_or_sealed_card() {
+        let order = br#"{"customer_id": "c", "payment_info":
+            {"card_number": "4242 4242 4242 4242", "expiry_date": "12/30", "cvv": "987"}}"#;
+        let out = String::from_utf8(redact_message(order).into_owned()).unwrap();
+        assert!(
+            !out.contains("4242 4242") && !out.contains("4242424242424242"),
+            "{out}"
+        );
+        assert!(!out.contains("987"), "{out}");
+        assert!(out.contains("****4242"), "{out}");
+
+        let sealed = CardSealer::new(None).unwrap().seal(&card(), ORDER);
+        let event = serde_json::json!({"event_type": "order.created", "data": {"payment": sealed}});
+        let body = event.to_string();
+        let out = String::from_utf8(redact_message(body.as_bytes()).into_owned()).unwrap();
+        assert!(!out.contains(&sealed.sealed), "{out}");
+        assert!(out.contains("\"last4\":\"4242\""), "{out}");
+
+        let garbage = b"card 4242424242424242 cvv 987 {";
+        let out = String::from_utf8(redact_message(garbage).into_owned()).unwrap();
+        assert!(
+            !out.contains("4242424242424242") && !out.contains("987 "),
+            "{out}"
+        );
+
+        let plain = br#"{"event_type": "payment.completed", "data": {}}"#;
+        assert!(matches!(
+            redact_message(plain),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

@@ -4,6 +4,38 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// Longest id (customer, item) anywhere: order dicts, path segments.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Checks an id (already trimmed) as every service accepts it: 1 to
+/// [`MAX_ID_LEN`] bytes, no control characters and no invisible format
+/// characters (bidirectional overrides, zero-width characters, BOM), which
+/// would make two ids look alike in a log or a UI. `name` names it in the
+/// message.
+pub fn check_id(id: &str, name: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("{name} must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN || id.chars().any(|c| c.is_control() || is_format_char(c)) {
+        return Err(format!(
+            "{name} must be at most {MAX_ID_LEN} printable characters"
+        ));
+    }
+    Ok(())
+}
+
+/// Unicode's format characters (general category Cf): invisible, and able
+/// to reorder or hide the text around them.
+fn is_format_char(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{0600}'..='\u{0605}' | '\u{061C}' | '\u{06DD}' | '\u{070F}'
+        | '\u{0890}'..='\u{0891}' | '\u{08E2}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}'
+        | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{110BD}' | '\u{110CD}'
+        | '\u{13430}'..='\u{1343F}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
+}
+
 /// One line of an order as it travels through the saga (priced by order-svc).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderLine {
@@ -39,6 +71,24 @@ impl SagaResult {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn ids_with_invisible_or_control_characters_are_refused() {
+        assert!(check_id("user-123", "id").is_ok());
+        assert!(check_id("Jörg", "id").is_ok());
+        for bad in [
+            "",
+            "a\u{0}b",
+            "a\nb",
+            "admin\u{202E}nimda",
+            "zero\u{200B}width",
+            "\u{FEFF}bom",
+        ] {
+            assert!(check_id(bad, "id").is_err(), "{bad:?}");
+        }
+        assert!(check_id(&"x".repeat(MAX_ID_LEN), "id").is_ok());
+        assert!(check_id(&"x".repeat(MAX_ID_LEN + 1), "id").is_err());
+    }
 
     #[test]
     fn result_dicts_have_exactly_the_mission_shape() {

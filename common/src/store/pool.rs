@@ -178,6 +178,20 @@ pub fn retryable(e: &sqlx::Error) -> Option<RetryableKind> {
     }
 }
 
+/// True for a database error that no retry can fix, because the data itself
+/// is refused: SQLSTATE class 22 (data exception: an invalid byte sequence
+/// such as a NUL, an untranslatable character, a number out of range) and
+/// class 23 (a CHECK or NOT NULL constraint) — but not a unique violation,
+/// which a concurrent insert can cause and a retry resolves.
+pub fn permanent(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    db.code().is_some_and(|code| {
+        code.starts_with("22") || (code.starts_with("23") && code != "23505" && code != "23P01")
+    })
+}
+
 /// Counts a retryable error in `db_retryable_errors_total`.
 pub fn record_retryable(service: &'static str, kind: RetryableKind) {
     metrics::counter!(metric::DB_RETRYABLE_ERRORS, "service" => service, "kind" => kind.label())

@@ -215,15 +215,22 @@ async fn a_crash_between_publish_and_ack_is_absorbed_as_a_duplicate() {
 
     let result = request.await.unwrap();
     assert_confirmed_once(&sys, &result, "crash-2").await;
-    let m = metrics_text(&sys.http, &sys.replicas[payment].url()).await;
-    assert!(
-        metric_sum(
-            &m,
-            "inbox_duplicates_total",
-            &[("event_type", "order.created")]
-        ) >= 1.0,
-        "the unacked order.created came back and was recognised"
-    );
+    // The saga can be decided before the restarted payment-svc has taken
+    // the redelivery: wait for it.
+    eventually(
+        Duration::from_secs(15),
+        "the unacked order.created to come back and be recognised",
+        || async {
+            let m = metrics_text(&sys.http, &sys.replicas[payment].url()).await;
+            let seen = metric_sum(
+                &m,
+                "inbox_duplicates_total",
+                &[("event_type", "order.created")],
+            );
+            (seen >= 1.0).then_some(())
+        },
+    )
+    .await;
     sys.stop_all().await;
 }
 

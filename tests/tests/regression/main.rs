@@ -533,3 +533,85 @@ async fn regression_a_confirmation_the_relay_took_but_was_never_recorded_is_foll
     sys.wait_for_stock("productA", (10, 0)).await;
     sys.shutdown().await;
 }
+
+/// Found by the chaos test (a confirmed order with no payment and no
+/// debit): in one batch, a rollback's statement failed (a deadlock there; a
+/// NUL byte here), the handler returned that error for that message only,
+/// and the consumer committed the batch — but the failed statement had
+/// aborted the transaction, PostgreSQL answers the COMMIT of an aborted
+/// transaction with a rollback and no error, and the fast path published
+/// the batch's `payment.completed` for charges that never happened.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_statement_failing_for_one_message_does_not_publish_the_rest_of_its_rolled_back_batch()
+ {
+    let _serial = SERIAL.lock().await;
+    let mut sys = TestSystem::builder().spawn().await;
+    sys.set_balance("honest", 100_000).await;
+    // Both wait in payment-svc's queue, so they arrive as one batch.
+    sys.stop(Svc::Payment).await;
+    let conn = sys.amqp().await;
+    let mut tap = saga_tests::Tap::new(&conn, &["payment.*"]).await;
+
+    let charged = Uuid::now_v7();
+    let card = common::saga::card::CardDetails {
+        card_number: "4242424242424242".into(),
+        expiry_date: "12/30".into(),
+        cvv: "123".into(),
+    };
+    let binding = common::saga::card::CardBinding {
+        order_id: charged,
+        amount_cents: 1500,
+    };
+    let sealed = common::saga::card::CardSealer::new(None)
+        .unwrap()
+        .seal(&card, binding);
+    let envelope = |event_type: &str, order_id: Uuid, data: Value| {
+        let event_id = Uuid::now_v7();
+        let body = json!({
+            "event_id": event_id, "event_type": event_type, "version": 1,
+            "order_id": order_id, "causation_id": "test", "occurred_at": Utc::now(),
+            "deadline_at": Utc::now() + chrono::Duration::seconds(60),
+            "producer": "test", "data": data,
+        });
+        (event_id, serde_json::to_vec(&body).unwrap())
+    };
+    let (id, body) = envelope(
+        "order.created",
+        charged,
+        json!({
+            "customer_id": "honest", "amount_cents": 1500, "currency": "USD", "payment": sealed,
+            "items": [{"item_id": "productA", "quantity": 1, "unit_price_cents": 1500}],
+        }),
+    );
+    let props = |id: Uuid| BasicProperties::default().with_message_id(id.to_string().into());
+    sys.publish(&conn, "order.created", &body, props(id)).await;
+    // A rollback whose tombstone the database refuses (a NUL byte in a text
+    // column), after the charge in the same transaction.
+    let (poison, body) = envelope(
+        "order.failed",
+        Uuid::now_v7(),
+        json!({
+            "status": "failure", "error": "Payment failed", "reason": "x", "customer_id": "nul\u{0}",
+        }),
+    );
+    sys.publish(&conn, "order.failed", &body, props(poison))
+        .await;
+    sys.start(Svc::Payment).await;
+
+    // Whatever payment-svc announces, it did: the charge is there, and the
+    // money moved once.
+    tap.next_for(
+        "payment.completed",
+        &charged.to_string(),
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("payment-svc announces the charge");
+    let payment = sys
+        .payment(&charged.to_string())
+        .await
+        .expect("a payment row for the announced charge");
+    assert_eq!(payment["status"], "charged", "{payment}");
+    assert_eq!(sys.balance("honest").await, Some(100_000 - 1500));
+    sys.shutdown().await;
+}

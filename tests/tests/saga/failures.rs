@@ -286,6 +286,7 @@ async fn invalid_orders_get_400_with_a_reason_and_create_nothing() {
     let r = sys
         .http
         .post(format!("{}/orders", sys.url(Svc::Order)))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await

@@ -1,0 +1,226 @@
+//! Every bad input gets a clear 4xx and creates nothing.
+
+use reqwest::StatusCode;
+use saga_tests::{Svc, TestSystem, order_dict};
+use serde_json::{Value, json};
+
+/// A raw request: `content_type` (or none) and a body as given.
+async fn send(
+    sys: &TestSystem,
+    method: reqwest::Method,
+    svc: Svc,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut req = sys
+        .http
+        .request(method, format!("{}{path}", sys.url(svc)))
+        .body(body);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn put(sys: &TestSystem, svc: Svc, path: &str, body: Value) -> (StatusCode, Value) {
+    let bytes = serde_json::to_vec(&body).unwrap();
+    send(
+        sys,
+        reqwest::Method::PUT,
+        svc,
+        path,
+        Some("application/json"),
+        bytes,
+    )
+    .await
+}
+
+async fn count(sys: &TestSystem, svc: Svc, sql: &str) -> i64 {
+    let mut pg = sys.pg(svc).await;
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut pg)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_4xx_and_creates_nothing() {
+    let sys = TestSystem::spawn().await;
+    sys.set_price("productA", 1500).await;
+    sys.set_stock("productA", 10).await;
+    let order = serde_json::to_vec(&order_dict("input", &[("productA", 1)])).unwrap();
+    let post = reqwest::Method::POST;
+
+    // Not JSON by its Content-Type (a cross-site form post): 415.
+    for ct in [
+        None,
+        Some("application/x-www-form-urlencoded"),
+        Some("text/plain"),
+    ] {
+        let (status, body) =
+            send(&sys, post.clone(), Svc::Order, "/orders", ct, order.clone()).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}: {body}");
+        assert_eq!(body["error"], "Content-Type must be application/json");
+    }
+    // Too large, refused while reading: 413.
+    let mut huge = order_dict("input", &[("productA", 1)]);
+    huge["customer_id"] = json!("x".repeat(100 * 1024));
+    let huge = serde_json::to_vec(&huge).unwrap();
+    let (status, _) = send(
+        &sys,
+        post.clone(),
+        Svc::Order,
+        "/orders",
+        Some("application/json"),
+        huge,
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Invalid orders: unknown fields, invisible characters in ids.
+    let mut typo = order_dict("input", &[("productA", 1)]);
+    typo["coupon"] = json!("FREE");
+    let mut bidi = order_dict("input\u{202E}", &[("productA", 1)]);
+    bidi["items"][0]["item_id"] = json!("productA");
+    for bad in [typo, bidi] {
+        let (status, body) = send(
+            &sys,
+            post.clone(),
+            Svc::Order,
+            "/orders",
+            Some("application/json"),
+            serde_json::to_vec(&bad).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["status"], "failure");
+        assert_eq!(body["error"], "Invalid order");
+    }
+
+    // Set-up endpoints: ids in the path checked like ids in a body.
+    for path in [
+        "/accounts/a%00b",
+        "/accounts/a%E2%80%AEb",
+        "/accounts/a%0Ab",
+    ] {
+        let (status, body) = put(&sys, Svc::Payment, path, json!({"balance_cents": 1})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("customer_id"),
+            "{body}"
+        );
+    }
+    let (status, _) = put(&sys, Svc::Inventory, "/items/a%00", json!({"available": 1})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = put(
+        &sys,
+        Svc::Order,
+        "/catalog/a%E2%80%8Bb",
+        json!({"price_cents": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = put(
+        &sys,
+        Svc::Notification,
+        "/customers/a%00",
+        json!({"email": "a@b.example"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Unknown fields are not ignored.
+    let (status, body) = put(
+        &sys,
+        Svc::Payment,
+        "/accounts/input",
+        json!({"balance_cents": 1, "frozn": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("unknown field"),
+        "{body}"
+    );
+    let (status, _) = put(
+        &sys,
+        Svc::Inventory,
+        "/items/productA",
+        json!({"available": 1, "price": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Out of range: free items, prices, balances and stock near the
+    // integer limits (which later refunds or releases would overflow).
+    for (svc, path, body) in [
+        (Svc::Order, "/catalog/productA", json!({"price_cents": 0})),
+        (
+            Svc::Order,
+            "/catalog/productA",
+            json!({"price_cents": 4_611_686_018_427_387_904_i64}),
+        ),
+        (Svc::Order, "/catalog/productA", json!({"price_cents": -1})),
+        (
+            Svc::Payment,
+            "/accounts/input",
+            json!({"balance_cents": 9_000_000_000_000_000_000_i64}),
+        ),
+        (
+            Svc::Payment,
+            "/accounts/input",
+            json!({"balance_cents": -5}),
+        ),
+        (
+            Svc::Inventory,
+            "/items/productA",
+            json!({"available": 2_147_483_647}),
+        ),
+        (Svc::Inventory, "/items/productA", json!({"available": -1})),
+    ] {
+        let (status, answer) = put(&sys, svc, path, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {answer}");
+    }
+
+    // Nothing was created, and nothing changed.
+    assert_eq!(
+        count(&sys, Svc::Order, "select count(*) from orders").await,
+        0
+    );
+    assert_eq!(
+        count(&sys, Svc::Payment, "select count(*) from accounts").await,
+        0
+    );
+    assert_eq!(
+        count(&sys, Svc::Notification, "select count(*) from customers").await,
+        0
+    );
+    let (_, price) = send(
+        &sys,
+        reqwest::Method::GET,
+        Svc::Order,
+        "/catalog/productA",
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(price["price_cents"], 1500, "{price}");
+    assert_eq!(sys.stock("productA").await, (10, 0));
+
+    // The same order, well formed, goes through.
+    let (status, body) = send(
+        &sys,
+        post,
+        Svc::Order,
+        "/orders",
+        Some("application/json; charset=utf-8"),
+        order,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "success", "{body}");
+    sys.shutdown().await;
+}
