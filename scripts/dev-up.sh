@@ -32,6 +32,8 @@ if ! pg_up; then
   wait_for PostgreSQL pg_up 60
 fi
 log "PostgreSQL is up"
+# Each service's own role and database (scripts/db-roles.sh).
+"$(dirname "$0")/db-roles.sh"
 
 if ! amqp_up; then
   log "starting RabbitMQ"

@@ -106,6 +106,12 @@ impl ServiceIdentity {
         format!("{}.retry.{}", self.name, tier_label(RETRY_TIERS[tier]))
     }
 
+    /// The PostgreSQL role the service connects as by default: its name
+    /// with `_` for `-` (`payment_svc`).
+    pub fn database_role(&self) -> String {
+        self.name.replace('-', "_")
+    }
+
     /// The transient queue of one replica, `<service>.replica.<id>`.
     pub fn replica_queue(&self, replica_id: &str) -> String {
         format!("{}.replica.{replica_id}", self.name)
@@ -191,6 +197,13 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
@@ -219,11 +232,22 @@ pub async fn declare_all(conn: &Connection, queue_type: QueueType) -> Result<(),
             FieldTable::default(),
         )
         .await?;
+    let mut bounds = Bounds::Unknown;
     for svc in SERVICES {
-        declare_service(conn, &mut channel, &svc, queue_type).await?;
+        declare_service(conn, &mut channel, &svc, queue_type, &mut bounds).await?;
     }
     let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// Whether the broker's parking and delay queues carry length bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bounds {
+    Unknown,
+    /// Declared by an earlier version without them: the rest are only
+    /// checked for existence (each refused declaration costs a channel and
+    /// an error line in the broker's and the client's logs).
+    Legacy,
 }
 
 /// Declares a parking or delay queue with its length bounds. A queue that
@@ -236,7 +260,18 @@ async fn declare_bounded(
     channel: &mut Channel,
     name: &str,
     mut args: Vec<(&'static str, AMQPValue)>,
+    bounds: &mut Bounds,
 ) -> Result<(), lapin::Error> {
+    if *bounds == Bounds::Legacy {
+        match channel
+            .queue_declare(name.into(), passive(), FieldTable::default())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Not there yet (a new queue): declared in full, below.
+            Err(_) => *channel = conn.create_channel().await?,
+        }
+    }
     args.push((
         "x-max-length",
         AMQPValue::LongLongInt(BOUNDED_QUEUE_MAX_LENGTH),
@@ -256,19 +291,13 @@ async fn declare_bounded(
         Err(error) if is_precondition_failed(&error) => {
             tracing::warn!(
                 queue = name,
-                "queue exists without length bounds; kept as it is \
-                (bound it with a policy: max-length, overflow reject-publish)"
+                "parking and delay queues exist without length bounds (declared by an earlier \
+                 version); kept as they are: bound them with a policy (docs/security.md)"
             );
+            *bounds = Bounds::Legacy;
             *channel = conn.create_channel().await?;
             channel
-                .queue_declare(
-                    name.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+                .queue_declare(name.into(), passive(), FieldTable::default())
                 .await
                 .map(|_| ())
         }
@@ -313,8 +342,16 @@ async fn declare_service(
     channel: &mut Channel,
     svc: &ServiceIdentity,
     queue_type: QueueType,
+    bounds: &mut Bounds,
 ) -> Result<(), lapin::Error> {
-    declare_bounded(conn, channel, &svc.parking_queue(), kind_args(queue_type)).await?;
+    declare_bounded(
+        conn,
+        channel,
+        &svc.parking_queue(),
+        kind_args(queue_type),
+        bounds,
+    )
+    .await?;
 
     let queue = svc.queue();
     let mut args = kind_args(queue_type);
@@ -340,7 +377,7 @@ async fn declare_service(
     for tier in 0..RETRY_TIERS.len() {
         let mut args = kind_args(queue_type);
         args.extend(dead_letter_args(queue_type, &queue));
-        declare_bounded(conn, channel, &svc.retry_queue(tier), args).await?;
+        declare_bounded(conn, channel, &svc.retry_queue(tier), args, bounds).await?;
     }
     Ok(())
 }

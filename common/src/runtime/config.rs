@@ -3,7 +3,7 @@
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` | broker (vhost percent-encoded) |
-//! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/<db>` | the service's own database (created if missing) |
+//! | `DATABASE_URL` | `postgres://<role>@127.0.0.1:5432/<db>` | the service's own database (created if missing), as its own role (`order_svc`, `payment_svc`, … — `scripts/db-roles.sh`) |
 //! | `HTTP_ADDR` | `127.0.0.1:<port>` | HTTP API, `/health`, `/metrics` |
 //! | `DB_POOL_SIZE` | 8 | PostgreSQL connections in the pool |
 //! | `PREFETCH` | 256 | unacked deliveries at most |
@@ -43,7 +43,7 @@ pub struct CommonConfig {
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
     pub amqp_url: String,
     /// PostgreSQL URL of this service's own database (created if missing)
-    /// [default: postgres://postgres@127.0.0.1:5432/<service database>].
+    /// [default: postgres://<service role>@127.0.0.1:5432/<service database>].
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
     /// HTTP listen address [default: 127.0.0.1:<service port>].
@@ -147,10 +147,17 @@ impl CommonConfig {
         }
     }
 
+    /// The service's database, as its own role by default
+    /// (`postgres://payment_svc@127.0.0.1:5432/payments`; the roles are made
+    /// by `scripts/db-roles.sh`).
     pub fn database_url(&self, svc: &ServiceIdentity) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| format!("postgres://postgres@127.0.0.1:5432/{}", svc.database))
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "postgres://{}@127.0.0.1:5432/{}",
+                svc.database_role(),
+                svc.database
+            )
+        })
     }
 
     pub fn http_addr(&self, svc: &ServiceIdentity) -> String {

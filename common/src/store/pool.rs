@@ -119,7 +119,15 @@ pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> 
             .execute(&mut admin)
             .await;
         match created {
-            Ok(_) => info!(database = %name, "created database"),
+            Ok(_) => {
+                info!(database = %name, "created database");
+                // Its owner (this service's role) only: no other role may
+                // even connect.
+                let revoke = format!("revoke connect on database \"{name}\" from public");
+                if let Err(error) = sqlx::query(AssertSqlSafe(revoke)).execute(&mut admin).await {
+                    tracing::warn!(%error, database = %name, "could not revoke public access");
+                }
+            }
             // Another replica created it first (42P04, or a unique violation
             // on pg_database when both raced).
             Err(sqlx::Error::Database(e))

@@ -224,3 +224,35 @@ async fn bad_input_gets_a_clear_4xx_and_creates_nothing() {
     assert_eq!(body["status"], "success", "{body}");
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parking_and_delay_queues_are_bounded_and_refuse_rather_than_drop() {
+    let sys = TestSystem::spawn().await;
+    let mgmt =
+        std::env::var("TEST_RABBITMQ_MGMT").unwrap_or_else(|_| "http://127.0.0.1:15672".into());
+    for queue in [
+        "payment-svc.parking",
+        "payment-svc.retry.200ms",
+        "order-svc.retry.120s",
+    ] {
+        let q: Value = sys
+            .http
+            .get(format!("{mgmt}/api/queues/{}/{queue}", sys.prefix))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let args = &q["arguments"];
+        assert_eq!(args["x-max-length"], 100_000, "{queue}: {args}");
+        assert_eq!(
+            args["x-max-length-bytes"],
+            512 * 1024 * 1024,
+            "{queue}: {args}"
+        );
+        assert_eq!(args["x-overflow"], "reject-publish", "{queue}: {args}");
+    }
+    sys.shutdown().await;
+}
