@@ -841,6 +841,24 @@ pub fn order_dict(customer: &str, items: &[(&str, i64)]) -> Value {
     order_with_card(customer, items, "4242 4242 4242 4242")
 }
 
+/// The test card 4242 4242 4242 4242, sealed for `order_id` and
+/// `amount_cents` with the development key, as order-svc seals it into
+/// `order.created`.
+pub fn sealed_test_card(order_id: Uuid, amount_cents: i64) -> common::saga::card::SealedCard {
+    let card = common::saga::card::CardDetails {
+        card_number: "4242424242424242".into(),
+        expiry_date: "12/30".into(),
+        cvv: "123".into(),
+    };
+    let binding = common::saga::card::CardBinding {
+        order_id,
+        amount_cents,
+    };
+    common::saga::card::CardSealer::new(None)
+        .expect("the development key")
+        .seal(&card, binding)
+}
+
 pub fn order_with_card(customer: &str, items: &[(&str, i64)], card: &str) -> Value {
     json!({
         "customer_id": customer,

@@ -553,18 +553,7 @@ async fn regression_a_statement_failing_for_one_message_does_not_publish_the_res
     let mut tap = saga_tests::Tap::new(&conn, &["payment.*"]).await;
 
     let charged = Uuid::now_v7();
-    let card = common::saga::card::CardDetails {
-        card_number: "4242424242424242".into(),
-        expiry_date: "12/30".into(),
-        cvv: "123".into(),
-    };
-    let binding = common::saga::card::CardBinding {
-        order_id: charged,
-        amount_cents: 1500,
-    };
-    let sealed = common::saga::card::CardSealer::new(None)
-        .unwrap()
-        .seal(&card, binding);
+    let sealed = saga_tests::sealed_test_card(charged, 1500);
     let envelope = |event_type: &str, order_id: Uuid, data: Value| {
         let event_id = Uuid::now_v7();
         let body = json!({

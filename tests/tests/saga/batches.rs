@@ -4,11 +4,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use common::saga::card::{CardBinding, CardDetails, CardSealer};
 use lapin::BasicProperties;
-use lapin::options::BasicGetOptions;
-use lapin::types::AMQPValue;
-use saga_tests::{Svc, TestSystem, eventually, metric_sum};
+use saga_tests::{Svc, TestSystem, eventually, metric_sum, parked, sealed_test_card};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -30,33 +27,6 @@ async fn publish(sys: &TestSystem, conn: &lapin::Connection, key: &str, id: Uuid
     sys.publish(conn, key, body, props).await;
 }
 
-/// The parked messages of a queue: (message id, reason).
-async fn parked(conn: &lapin::Connection, queue: &str) -> Vec<(String, String)> {
-    let ch = conn.create_channel().await.unwrap();
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
-        let reason = match headers.inner().get("x-parked-reason") {
-            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-            other => format!("{other:?}"),
-        };
-        let id = m
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        out.push((id, reason));
-    }
-    let _ = ch.close(200, "done".into()).await;
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_message_in_a_batch_is_parked_and_the_rest_of_the_batch_is_applied() {
     let mut sys = TestSystem::builder().retry_max_attempts(2).spawn().await;
@@ -65,16 +35,7 @@ async fn a_poison_message_in_a_batch_is_parked_and_the_rest_of_the_batch_is_appl
     sys.stop(Svc::Payment).await;
     let conn = sys.amqp().await;
     let created = |customer: &str, order_id: Uuid| {
-        let card = CardDetails {
-            card_number: "4242424242424242".into(),
-            expiry_date: "12/30".into(),
-            cvv: "123".into(),
-        };
-        let binding = CardBinding {
-            order_id,
-            amount_cents: 1500,
-        };
-        let sealed = CardSealer::new(None).unwrap().seal(&card, binding);
+        let sealed = sealed_test_card(order_id, 1500);
         json!({
             "customer_id": customer, "amount_cents": 1500, "currency": "USD", "payment": sealed,
             "items": [{"item_id": "no-such-item", "quantity": 1, "unit_price_cents": 1500}],

@@ -3,9 +3,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use common::saga::card::{CardBinding, CardDetails, CardSealer};
 use lapin::BasicProperties;
-use saga_tests::{Svc, TestSystem, eventually};
+use saga_tests::{Svc, TestSystem, eventually, sealed_test_card};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -101,16 +100,7 @@ async fn a_cancellation_that_overtakes_the_forward_events_leaves_nothing_applied
     .await;
 
     // ...then the forward events it cancels.
-    let card = CardDetails {
-        card_number: "4242424242424242".into(),
-        expiry_date: "12/30".into(),
-        cvv: "123".into(),
-    };
-    let binding = CardBinding {
-        order_id,
-        amount_cents: 3000,
-    };
-    let sealed = CardSealer::new(None).unwrap().seal(&card, binding);
+    let sealed = sealed_test_card(order_id, 3000);
     publish_event(&sys, &conn, "order.created", order_id, json!({
         "customer_id": "late", "items": items, "amount_cents": 3000, "currency": "USD", "payment": sealed,
     }))
