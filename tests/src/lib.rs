@@ -98,6 +98,9 @@ pub struct Options {
     /// `API_TOKEN` and `ADMIN_TOKEN` (unset: the HTTP API is open). The
     /// harness's own requests carry the admin token.
     pub tokens: Option<Tokens>,
+    /// Each service connects as a broker user of its own, and every service
+    /// is told which (`PRODUCER_USERS`); unset: one shared user.
+    pub broker_user_per_service: bool,
 }
 
 /// The HTTP API's bearer tokens.
@@ -128,6 +131,7 @@ impl Default for Options {
             handler_timeout_ms: 30_000,
             smtp_url: None,
             tokens: None,
+            broker_user_per_service: false,
         }
     }
 }
@@ -162,6 +166,13 @@ impl Options {
 
     pub fn handler_timeout_ms(mut self, ms: u64) -> Self {
         self.handler_timeout_ms = ms;
+        self
+    }
+
+    /// Each service connects as its own broker user (see
+    /// [`TestSystem::broker_url`]).
+    pub fn broker_user_per_service(mut self) -> Self {
+        self.broker_user_per_service = true;
         self
     }
 
@@ -322,6 +333,8 @@ pub struct TestSystem {
     pub sandbox: Sandbox,
     pub options: Options,
     pub http: reqwest::Client,
+    /// Per service: its broker user and URL, when each has its own.
+    pub broker_users: Option<[(String, String); 4]>,
     running: [Option<Running>; 4],
 }
 
@@ -358,8 +371,18 @@ impl TestSystem {
                     .unwrap()
             }
         };
+        let broker_users = if options.broker_user_per_service {
+            let mut users = Vec::new();
+            for svc in Svc::ALL {
+                users.push(sandbox.broker_user(&svc.identity().database_role()).await);
+            }
+            Some(users.try_into().expect("four services"))
+        } else {
+            None
+        };
         let mut system = TestSystem {
             http,
+            broker_users,
             sandbox,
             options,
             running: Default::default(),
@@ -378,7 +401,15 @@ impl TestSystem {
     }
 
     fn common_config(&self, svc: Svc) -> CommonConfig {
-        let mut c = CommonConfig::new(self.amqp_url.clone(), self.database_url(svc));
+        let mut c = CommonConfig::new(self.broker_url(svc), self.database_url(svc));
+        c.producer_users = self.broker_users.as_ref().map(|users| {
+            Svc::ALL
+                .iter()
+                .zip(users)
+                .map(|(s, (user, _))| format!("{}={user}", s.identity().name))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         c.http_addr = Some("127.0.0.1:0".into());
         c.db_pool_size = self.options.pool_size;
         c.retry_max_attempts = self.options.retry_max_attempts;
@@ -395,6 +426,14 @@ impl TestSystem {
             .as_ref()
             .map(|t| t.admin.parse().unwrap());
         c
+    }
+
+    /// The AMQP URL `svc` connects with: its own user's, or the shared one.
+    pub fn broker_url(&self, svc: Svc) -> String {
+        self.broker_users.as_ref().map_or_else(
+            || self.amqp_url.clone(),
+            |users| users[svc.index()].1.clone(),
+        )
     }
 
     /// Starts (or restarts) one service.

@@ -339,3 +339,64 @@ async fn the_broker_refuses_a_user_id_that_is_not_the_publishers_own() {
     let _ = conn.close(200, "bye".into()).await;
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_broker_user_per_service_each_is_trusted_for_its_own_events_only() {
+    let sys = TestSystem::builder()
+        .broker_user_per_service()
+        .spawn()
+        .await;
+    sys.set_price("productA", 1500).await;
+    sys.set_stock("productA", 10).await;
+    sys.set_balance("carol", 100_000).await;
+
+    // The saga runs with four users, each service's events trusted from
+    // its own.
+    let (_, placed) = sys
+        .post_order(&order_dict("carol", &[("productA", 1)]))
+        .await;
+    assert_eq!(placed["status"], "success", "{placed}");
+    let order = placed["order_id"].as_str().unwrap().to_owned();
+    sys.wait_for_stock("productA", (9, 0)).await;
+
+    // payment-svc's user (a compromised payment-svc, say) announces that
+    // the order failed, to have it refunded and its stock released.
+    let (payment_user, payment_url) = sys.broker_users.as_ref().unwrap()[1].clone();
+    let conn = Connection::connect(&payment_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let (id, body) = envelope(
+        "order.failed",
+        &order,
+        json!({"status": "failure",
+        "order_id": order, "error": "Payment failed", "reason": "forged", "customer_id": "carol"}),
+    );
+    publish_as(
+        &conn,
+        Some(&payment_user),
+        "order.failed",
+        &id,
+        &body,
+        FieldTable::default(),
+    )
+    .await;
+
+    let own = sys.amqp().await;
+    for queue in [
+        "payment-svc.parking",
+        "inventory-svc.parking",
+        "notification-svc.parking",
+    ] {
+        let parked = drain_parked(&own, queue, 1).await;
+        assert!(
+            parked[0].1.contains("must be published by order-svc")
+                && parked[0].1.contains(&payment_user),
+            "{queue}: {parked:?}"
+        );
+    }
+    assert_eq!(order_status(&sys, &order).await, "CONFIRMED");
+    assert_eq!(sys.balance("carol").await, Some(100_000 - 1500));
+    assert_eq!(sys.stock("productA").await, (9, 0));
+    let _ = conn.close(200, "bye".into()).await;
+    sys.shutdown().await;
+}
