@@ -101,6 +101,8 @@ pub struct Options {
     /// Each service connects as a broker user of its own, and every service
     /// is told which (`PRODUCER_USERS`); unset: one shared user.
     pub broker_user_per_service: bool,
+    /// `HTTP_HEADER_TIMEOUT_MS` (unset: the default).
+    pub http_header_timeout_ms: Option<u64>,
 }
 
 /// The HTTP API's bearer tokens.
@@ -132,6 +134,7 @@ impl Default for Options {
             smtp_url: None,
             tokens: None,
             broker_user_per_service: false,
+            http_header_timeout_ms: None,
         }
     }
 }
@@ -173,6 +176,12 @@ impl Options {
     /// [`TestSystem::broker_url`]).
     pub fn broker_user_per_service(mut self) -> Self {
         self.broker_user_per_service = true;
+        self
+    }
+
+    /// The services close a connection whose request head takes longer.
+    pub fn http_header_timeout_ms(mut self, ms: u64) -> Self {
+        self.http_header_timeout_ms = Some(ms);
         self
     }
 
@@ -419,6 +428,9 @@ impl TestSystem {
             .map(|d| d.parse().expect("valid fault delay"));
         c.shutdown_grace_ms = 5000;
         c.dev_mode = true;
+        if let Some(ms) = self.options.http_header_timeout_ms {
+            c.http_header_timeout_ms = ms;
+        }
         c.api_token = self.options.tokens.as_ref().map(|t| t.api.parse().unwrap());
         c.admin_token = self
             .options

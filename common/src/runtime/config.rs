@@ -22,6 +22,7 @@
 //! | `ADMIN_TOKEN` | unset | bearer token for set-up, reads of accounts/stock/customers, `/admin/…`; with neither token the HTTP API is open (development only) |
 //! | `DEV_MODE` | unset | `1`: development mode — the built-in card keys are accepted; without it a service refuses to start on them |
 //! | `HTTP_MAX_IN_FLIGHT` | 1024 | HTTP requests handled at once; more are shed with 503 |
+//! | `HTTP_HEADER_TIMEOUT_MS` | 10000 | a connection that has not sent a request's headers in this time is closed |
 //! | `HTTP_REQUEST_TIMEOUT_MS` | 30000 | a request (body included) not answered in this time gets 408 |
 //! | `PRODUCER_USERS` | unset | broker user per service, `order-svc=orders,payment-svc=payments,…`; unnamed services: this service's own `AMQP_URL` user (see `messaging::trust`) |
 
@@ -101,6 +102,10 @@ pub struct CommonConfig {
     /// HTTP requests handled at once; more are refused with 503.
     #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub http_max_in_flight: usize,
+    /// A connection that has not sent a whole request head within this is
+    /// closed (slow clients), in ms.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
     /// A request (reading its body included) not answered within this gets
     /// 408, in ms. Must exceed the saga deadline: `POST /orders` waits for
     /// the decision.
@@ -140,6 +145,7 @@ impl CommonConfig {
             cleanup_interval_secs: 15,
             producer_users: None,
             http_max_in_flight: 1024,
+            http_header_timeout_ms: 10_000,
             http_request_timeout_ms: 30_000,
             api_token: None,
             admin_token: None,
@@ -212,6 +218,7 @@ impl fmt::Debug for CommonConfig {
             .field("cleanup_interval_secs", &self.cleanup_interval_secs)
             .field("producer_users", &self.producer_users)
             .field("http_max_in_flight", &self.http_max_in_flight)
+            .field("http_header_timeout_ms", &self.http_header_timeout_ms)
             .field("http_request_timeout_ms", &self.http_request_timeout_ms)
             .field("api_token", &self.api_token)
             .field("admin_token", &self.admin_token)

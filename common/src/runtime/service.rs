@@ -245,9 +245,13 @@ impl ServiceRuntime {
             .layer(
                 TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)),
             );
-        let server = axum::serve(self.listener, router)
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        let mut http_task = tokio::spawn(async move { server.await });
+        let server = crate::runtime::server::serve(
+            self.listener,
+            router,
+            Duration::from_millis(self.config.http_header_timeout_ms),
+            http_stop.clone(),
+        );
+        let mut http_task = tokio::spawn(server);
         info!(service = name, "started");
 
         let http_failure = tokio::select! {

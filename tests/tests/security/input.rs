@@ -1,5 +1,7 @@
 //! Every bad input gets a clear 4xx and creates nothing.
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use saga_tests::{Svc, TestSystem, order_dict};
 use serde_json::{Value, json};
@@ -254,5 +256,43 @@ async fn parking_and_delay_queues_are_bounded_and_refuse_rather_than_drop() {
         );
         assert_eq!(args["x-overflow"], "reject-publish", "{queue}: {args}");
     }
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let sys = TestSystem::builder()
+        .http_header_timeout_ms(500)
+        .spawn()
+        .await;
+    let addr = sys.url(Svc::Order).trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    // The server closes the connection (answering 408 or nothing) once the
+    // deadline passes; it never waits for the rest.
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "the connection was still open after 5 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+
+    // Everyone else is served as usual.
+    let (_, health) = send(
+        &sys,
+        reqwest::Method::GET,
+        Svc::Order,
+        "/health",
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(health["status"], "ok", "{health}");
     sys.shutdown().await;
 }
