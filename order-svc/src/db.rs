@@ -52,7 +52,8 @@ impl OrderRow {
             OrderStatus::Confirmed => Some(SagaResult::Success {
                 order_id: self.order_id,
             }),
-            OrderStatus::Failed => Some(SagaResult::failure(
+            OrderStatus::Failed => Some(SagaResult::order_failed(
+                self.order_id,
                 self.error.clone().unwrap_or_default(),
                 self.reason.clone().unwrap_or_default(),
             )),

@@ -569,7 +569,9 @@ impl OrderSaga {
             let Some(input) = inputs.remove(&row.order_id) else {
                 continue;
             };
-            let result = row.result().unwrap_or_else(|| SagaResult::failure("", ""));
+            let result = row
+                .result()
+                .unwrap_or_else(|| SagaResult::order_failed(row.order_id, "", ""));
             let ctx = decision_context(&row, &input.cause);
             let data = OrderDecided {
                 customer_id: row.customer_id.clone(),

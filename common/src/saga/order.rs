@@ -44,19 +44,43 @@ pub struct OrderLine {
     pub unit_price_cents: i64,
 }
 
-/// The result dict of a saga, exactly as the mission defines it:
+/// The result dict of a saga, as the mission defines it:
 /// `{"status": "success", "order_id": ...}` or
-/// `{"status": "failure", "error": ..., "reason": ...}`.
+/// `{"status": "failure", "order_id": ..., "error": ..., "reason": ...}` —
+/// the failure naming its order whenever one was created (so that it can be
+/// looked up), and none for input refused before any order existed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum SagaResult {
-    Success { order_id: Uuid },
-    Failure { error: String, reason: String },
+    Success {
+        order_id: Uuid,
+    },
+    Failure {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        order_id: Option<Uuid>,
+        error: String,
+        reason: String,
+    },
 }
 
 impl SagaResult {
+    /// A failure before any order existed (invalid input).
     pub fn failure(error: impl Into<String>, reason: impl Into<String>) -> Self {
         SagaResult::Failure {
+            order_id: None,
+            error: error.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The failure of the saga of `order_id`.
+    pub fn order_failed(
+        order_id: Uuid,
+        error: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        SagaResult::Failure {
+            order_id: Some(order_id),
             error: error.into(),
             reason: reason.into(),
         }
@@ -102,5 +126,14 @@ mod tests {
                 .unwrap(),
             json!({"status": "failure", "error": "Payment failed", "reason": "Insufficient funds"})
         );
+        let failed = SagaResult::order_failed(id, "Payment failed", "Insufficient funds");
+        let text = serde_json::to_string(&failed).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"status":"failure","order_id":"{id}","error":"Payment failed","reason":"Insufficient funds"}}"#
+            )
+        );
+        assert_eq!(serde_json::from_str::<SagaResult>(&text).unwrap(), failed);
     }
 }

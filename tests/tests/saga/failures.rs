@@ -41,11 +41,11 @@ async fn insufficient_funds_fails_the_payment_and_changes_nothing() {
         .await;
 
     assert_eq!(status, 200);
+    let id = order_id_of(&sys, "poor").await;
     assert_eq!(
         result,
-        json!({"status": "failure", "error": "Payment failed", "reason": "Insufficient funds"})
+        json!({"status": "failure", "order_id": id, "error": "Payment failed", "reason": "Insufficient funds"})
     );
-    let id = order_id_of(&sys, "poor").await;
     assert_rolled_back(&sys, &id).await;
     assert_eq!(sys.payment(&id).await.unwrap()["status"], "declined");
     assert_eq!(sys.balance("poor").await, Some(1000));
@@ -71,11 +71,11 @@ async fn a_declining_test_card_fails_the_payment() {
         ))
         .await;
 
+    let id = order_id_of(&sys, "carol").await;
     assert_eq!(
         result,
-        json!({"status": "failure", "error": "Payment failed", "reason": "Card declined"})
+        json!({"status": "failure", "order_id": id, "error": "Payment failed", "reason": "Card declined"})
     );
-    let id = order_id_of(&sys, "carol").await;
     assert_rolled_back(&sys, &id).await;
     assert_eq!(
         sys.payment(&id).await.unwrap()["decline_code"],
