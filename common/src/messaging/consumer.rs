@@ -529,8 +529,9 @@ impl<H: MessageHandler> Consumer<H> {
             if let Some(failed) = results
                 .iter()
                 .position(|r| matches!(r, Err(HandlerError::Db(_))))
+                && let Err(error) = results.swap_remove(failed)
             {
-                return Err(results.swap_remove(failed).unwrap_err());
+                return Err(error);
             }
             uow.commit(&self.publisher).await?;
             Ok(results)
