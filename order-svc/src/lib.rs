@@ -112,6 +112,14 @@ impl Service for App {
             }
             warn!("development mode: cards are sealed with the public development key");
         }
+        if config.common.http_request_timeout_ms <= config.saga_deadline_ms {
+            warn!(
+                http_request_timeout_ms = config.common.http_request_timeout_ms,
+                saga_deadline_ms = config.saga_deadline_ms,
+                "HTTP_REQUEST_TIMEOUT_MS is not above SAGA_DEADLINE_MS: a POST /orders waiting \
+                 for its saga's decision may be answered 408 before it is decided"
+            );
+        }
         let runtime = ServiceRuntime::build(ORDER_SVC, config.common, &MIGRATOR).await?;
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
         let saga = Arc::new(OrderSaga {
