@@ -508,3 +508,59 @@ pub async fn put_price(
     .await?;
     Ok(())
 }
+
+/// One saga in a search's list.
+#[derive(Debug, sqlx::FromRow, Serialize)]
+pub struct SagaSummary {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub status: String,
+    pub amount_cents: i64,
+    pub error: Option<String>,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub deadline_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+    /// From creation to decision (to now, while undecided), in ms.
+    pub duration_ms: i64,
+    /// Undecided past its deadline.
+    pub stuck: bool,
+}
+
+/// What `GET /sagas` asks for.
+#[derive(Debug, Default)]
+pub struct SagaSearch {
+    pub status: Option<OrderStatus>,
+    pub since: Option<DateTime<Utc>>,
+    pub stuck_only: bool,
+    pub limit: i64,
+}
+
+/// Recent sagas, newest first (order ids are UUIDv7, so the primary key
+/// orders them by creation: no extra index on the hot path's table).
+pub async fn search_sagas(
+    conn: &mut PgConnection,
+    search: &SagaSearch,
+) -> Result<Vec<SagaSummary>, sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        select order_id, customer_id, status, amount_cents, error, reason, created_at,
+               deadline_at, decided_at,
+               (extract(epoch from coalesce(decided_at, now()) - created_at) * 1000)::bigint
+                   as duration_ms,
+               (status = 'PENDING' and deadline_at < now()) as stuck
+        from orders
+        where ($1::text is null or status = $1)
+          and ($2::timestamptz is null or created_at >= $2)
+          and (not $3 or (status = 'PENDING' and deadline_at < now()))
+        order by order_id desc
+        limit $4
+        "#,
+    )
+    .bind(search.status.map(OrderStatus::as_str))
+    .bind(search.since)
+    .bind(search.stuck_only)
+    .bind(search.limit)
+    .fetch_all(conn)
+    .await
+}

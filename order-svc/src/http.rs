@@ -7,6 +7,9 @@
 //!   different order.
 //! - `GET /orders/{order_id}` — the order, its status and the saga timeline.
 //! - `GET /orders?idempotency_key=K` — the same, for the order a key placed.
+//! - `GET /sagas?status=&since=&limit=&stuck=true` — recent sagas, newest
+//!   first: status, amount, outcome, duration; `stuck`: undecided past the
+//!   deadline.
 //! - `PUT`/`GET /catalog/{item_id}` — `{"price_cents": N}`.
 
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::db;
+use crate::domain::OrderStatus;
 use crate::domain::{self, InvalidOrder};
 use crate::placer::Placer;
 use crate::saga::{OrderSaga, PlaceError, PlaceRequest, created_step_row};
@@ -38,6 +42,7 @@ pub fn routes(saga: Arc<OrderSaga>, placer: Placer) -> Router {
     Router::new()
         .route("/orders", post(place_order).get(find_order))
         .route("/orders/{order_id}", get(get_order))
+        .route("/sagas", get(search_sagas))
         .route(
             "/catalog/{item_id}",
             get(get_catalog_item).put(put_catalog_item),
@@ -125,6 +130,54 @@ async fn get_order(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no order {order_id}")))?;
     Ok(Json(order_view(&mut conn, order).await?).into_response())
+}
+
+/// Most sagas one search lists.
+const MAX_SEARCH_LIMIT: i64 = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SagaQuery {
+    status: Option<String>,
+    since: Option<String>,
+    limit: Option<i64>,
+    stuck: Option<bool>,
+}
+
+/// `GET /sagas`: recent sagas, newest first, filtered.
+async fn search_sagas(
+    State(HttpState { saga, .. }): State<HttpState>,
+    Query(q): Query<SagaQuery>,
+) -> Result<Response, ApiError> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(OrderStatus::parse(&s.to_ascii_uppercase()).ok_or_else(|| {
+            ApiError::BadRequest("status must be PENDING, CONFIRMED or FAILED".into())
+        })?),
+    };
+    let since = match q.since.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|_| ApiError::BadRequest("since must be an RFC 3339 timestamp".into()))?
+                .with_timezone(&chrono::Utc),
+        ),
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=MAX_SEARCH_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be from 1 to {MAX_SEARCH_LIMIT}"
+        )));
+    }
+    let search = db::SagaSearch {
+        status,
+        since,
+        stuck_only: q.stuck.unwrap_or(false),
+        limit,
+    };
+    let mut conn = saga.pool.acquire().await?;
+    let sagas = db::search_sagas(&mut conn, &search).await?;
+    Ok(Json(json!({ "sagas": sagas })).into_response())
 }
 
 #[derive(Deserialize)]

@@ -12,6 +12,7 @@ mod ordering;
 mod poison;
 mod recovery;
 mod retention;
+mod search;
 
 use std::time::Duration;
 
