@@ -144,10 +144,9 @@ async fn regression_a_handler_that_hangs_is_abandoned_and_its_batch_retried() {
     sys.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn regression_a_compensation_too_old_to_apply_is_escalated_not_parked() {
-    let _serial = SERIAL.lock().await;
-    let sys = TestSystem::spawn().await;
+/// An escalation at once: payment-svc's refund for a cancellation too old
+/// to apply (8 days). Returns it as the admin endpoint lists it.
+async fn escalate_a_stale_cancellation(sys: &TestSystem) -> Value {
     let conn = sys.amqp().await;
     let (event_id, body) = envelope(
         "order.cancelled",
@@ -161,11 +160,17 @@ async fn regression_a_compensation_too_old_to_apply_is_escalated_not_parked() {
         BasicProperties::default().with_message_id(event_id.to_string().into()),
     )
     .await;
-
-    let escalation = eventually(Duration::from_secs(10), "an escalation", || async {
-        escalations(&sys, Svc::Payment).await.into_iter().next()
+    eventually(Duration::from_secs(10), "an escalation", || async {
+        escalations(sys, Svc::Payment).await.into_iter().next()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_compensation_too_old_to_apply_is_escalated_not_parked() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::spawn().await;
+    let escalation = escalate_a_stale_cancellation(&sys).await;
     assert_eq!(escalation["step"], "refund");
     assert!(
         escalation["last_error"]
@@ -174,6 +179,7 @@ async fn regression_a_compensation_too_old_to_apply_is_escalated_not_parked() {
             .contains("older than the 604800s retention window"),
         "{escalation}"
     );
+    let conn = sys.amqp().await;
     assert_eq!(parked_count(&conn, "payment-svc.parking").await, 0);
     sys.shutdown().await;
 }
@@ -364,24 +370,7 @@ async fn regression_a_late_report_about_an_old_connection_does_not_tear_down_the
 async fn regression_a_retry_that_cannot_be_published_leaves_the_escalation_open() {
     let _serial = SERIAL.lock().await;
     let sys = TestSystem::spawn().await;
-    let conn = sys.amqp().await;
-    // An escalation at once: a compensation too old to apply.
-    let (event_id, body) = envelope(
-        "order.cancelled",
-        chrono::Duration::days(8),
-        json!({"customer_id": "c", "reason": "r"}),
-    );
-    sys.publish(
-        &conn,
-        "order.cancelled",
-        &body,
-        BasicProperties::default().with_message_id(event_id.to_string().into()),
-    )
-    .await;
-    let escalation = eventually(Duration::from_secs(10), "an escalation", || async {
-        escalations(&sys, Svc::Payment).await.into_iter().next()
-    })
-    .await;
+    let escalation = escalate_a_stale_cancellation(&sys).await;
     let id = escalation["id"].as_str().unwrap().to_owned();
     let _broken = Failpoint::on("escalation::publish", "return");
 
