@@ -564,3 +564,66 @@ pub async fn search_sagas(
     .fetch_all(conn)
     .await
 }
+
+// ----- The Saga Explorer's headline (`GET /sagas/stats`) -----
+
+/// The sagas started in the last `window_minutes`: how many, how they
+/// ended, and how long the decided ones took.
+#[derive(Debug, sqlx::FromRow, Serialize)]
+pub struct SagaStats {
+    pub window_minutes: i32,
+    pub started: i64,
+    pub confirmed: i64,
+    pub failed: i64,
+    pub pending: i64,
+    /// Failed sagas by their error (e.g. `"Payment failed"`).
+    pub failed_by_reason: Json<std::collections::BTreeMap<String, i64>>,
+    /// Median and 99th percentile of creation to decision, in ms (null
+    /// when none was decided).
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// [`SagaStats`] of the sagas created in the last `minutes`, in one
+/// statement. Order ids are UUIDv7: the window's lowest possible id (a
+/// second early, for clock skew between the id and `created_at`) bounds a
+/// range scan of the primary key.
+pub async fn saga_stats(conn: &mut PgConnection, minutes: i32) -> Result<SagaStats, sqlx::Error> {
+    let since = Utc::now() - chrono::Duration::minutes(i64::from(minutes));
+    let floor_ms =
+        u128::try_from((since - chrono::Duration::seconds(1)).timestamp_millis()).unwrap_or(0);
+    let lowest_id = Uuid::from_u128(floor_ms << 80);
+    sqlx::query_as(
+        r#"
+        with recent as (
+            select status, error, created_at, decided_at
+            from orders
+            where order_id >= $1 and created_at >= $2
+        ),
+        reasons as (
+            select coalesce(error, 'unknown') as error, count(*) as n
+            from recent where status = 'FAILED'
+            group by 1
+        )
+        select $3::int4 as window_minutes,
+               count(*) as started,
+               count(*) filter (where status = 'CONFIRMED') as confirmed,
+               count(*) filter (where status = 'FAILED') as failed,
+               count(*) filter (where status = 'PENDING') as pending,
+               (select coalesce(jsonb_object_agg(error, n), '{}'::jsonb) from reasons)
+                   as failed_by_reason,
+               percentile_cont(0.5) within group (
+                   order by (extract(epoch from decided_at - created_at) * 1000)::float8
+               ) as p50_ms,
+               percentile_cont(0.99) within group (
+                   order by (extract(epoch from decided_at - created_at) * 1000)::float8
+               ) as p99_ms
+        from recent
+        "#,
+    )
+    .bind(lowest_id)
+    .bind(since)
+    .bind(minutes)
+    .fetch_one(conn)
+    .await
+}

@@ -25,6 +25,7 @@
 pub mod db;
 pub mod decisions;
 pub mod domain;
+pub mod explorer;
 pub mod handlers;
 pub mod http;
 pub mod placer;
@@ -165,7 +166,7 @@ impl Service for App {
             Box::new(move |stop| Box::pin(task.run(saga, stop)))
         };
         let handler = handlers::OrderHandler { saga: saga.clone() };
-        let routes = http::routes(saga, self.placer);
+        let routes = explorer::routes(saga.pool.clone()).merge(http::routes(saga, self.placer));
         let tasks = Tasks {
             intake: vec![watcher, replica],
             support: vec![placer],

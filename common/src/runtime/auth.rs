@@ -2,7 +2,7 @@
 //!
 //! | access | endpoints | token |
 //! |---|---|---|
-//! | open | `/health`, `/metrics` | none |
+//! | open | `/health`, `/metrics`, the Saga Explorer's static page (`/explorer`, its JS, CSS and icon) | none |
 //! | api | `/orders…`, `/sagas…` (placing and reading orders and sagas) | `API_TOKEN` or `ADMIN_TOKEN` |
 //! | admin | everything else: every set-up `PUT`, every read of accounts, stock, customers and emails, `/admin/…` | `ADMIN_TOKEN` |
 //!
@@ -60,6 +60,17 @@ pub enum Access {
     Admin,
 }
 
+/// The Saga Explorer's static files (order-svc): the page loads without a
+/// token, and asks for one when its data calls (`/sagas…`, api) answer 401.
+/// Exact paths, so nothing else under `/explorer` is opened by accident.
+const EXPLORER_PAGE: [&str; 5] = [
+    "/explorer",
+    "/explorer/",
+    "/explorer/app.js",
+    "/explorer/style.css",
+    "/explorer/favicon.svg",
+];
+
 /// The access an endpoint (its route pattern, or the raw path of a request
 /// no route matched) needs.
 pub fn required_access(route: &str) -> Access {
@@ -69,7 +80,7 @@ pub fn required_access(route: &str) -> Access {
                 .strip_prefix(prefix)
                 .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?'))
     };
-    if route == "/health" || route == "/metrics" {
+    if route == "/health" || route == "/metrics" || EXPLORER_PAGE.contains(&route) {
         Access::Open
     } else if under("/orders") || under("/sagas") {
         Access::Api
@@ -216,6 +227,12 @@ mod tests {
         assert_eq!(required_access("/catalog/{item_id}"), Access::Admin);
         assert_eq!(required_access("/admin/escalations"), Access::Admin);
         assert_eq!(required_access("/health/x"), Access::Admin);
+        assert_eq!(required_access("/explorer"), Access::Open);
+        assert_eq!(required_access("/explorer/app.js"), Access::Open);
+        assert_eq!(required_access("/explorer/style.css"), Access::Open);
+        assert_eq!(required_access("/explorer/other"), Access::Admin);
+        assert_eq!(required_access("/explorerx"), Access::Admin);
+        assert_eq!(required_access("/sagas/stats"), Access::Api);
     }
 
     #[test]
