@@ -54,6 +54,12 @@ pub const QUEUE_OVERFLOWS: &str = "queue_overflows_total";
 /// (e.g. `charged`, `declined`, `refunded`, `reserved`, `released`, `sent`, `bounced`).
 pub const STEP_OUTCOMES: &str = "saga_step_outcomes_total";
 
+/// Decided sagas whose services' records contradict the decision, found by
+/// order-svc's reconciler, by `kind` (e.g. `failed_not_refunded`).
+pub const SAGA_INVARIANT_VIOLATIONS: &str = "saga_invariant_violations_total";
+/// Reconciler findings not resolved yet (order-svc).
+pub const SAGA_INVARIANT_VIOLATIONS_OPEN: &str = "saga_invariant_violations_open";
+
 /// Counts business outcomes of a service's step (`saga_step_outcomes_total`).
 pub fn step_outcome(service: &'static str, outcome: &'static str, n: u64) {
     if n > 0 {

@@ -17,14 +17,94 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 
+use crate::SERVICE;
 use crate::db;
 use crate::domain::MAX_STOCK;
+use crate::domain::ReservationStatus;
+use common::saga::order::OrderLine;
+use common::saga::timeline::{self, Step, StepKind, StepSource};
+use sqlx::PgConnection;
+use uuid::Uuid;
 
 pub fn routes(pool: PgPool) -> Router {
     Router::new()
         .route("/items/{item_id}", get(get_item).put(put_item))
         .route("/reservations/{order_id}", get(get_reservation))
-        .with_state(pool)
+        .with_state(pool.clone())
+        .merge(timeline::routes::<InventorySteps>(pool, SERVICE))
+}
+
+/// inventory-svc's steps of a saga, from its reservation.
+struct InventorySteps;
+
+impl StepSource for InventorySteps {
+    async fn steps(conn: &mut PgConnection, order_id: Uuid) -> Result<Vec<Step>, sqlx::Error> {
+        let Some(r) = db::get_reservation(conn, order_id).await? else {
+            return Ok(Vec::new());
+        };
+        let lines = db::lines(conn, order_id).await?;
+        Ok(reservation_steps(&r, &lines))
+    }
+}
+
+fn reservation_steps(r: &db::ReservationRow, lines: &[OrderLine]) -> Vec<Step> {
+    let held = lines
+        .iter()
+        .map(|l| format!("{} x {:?}", l.quantity, l.item_id))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let reserved = || {
+        Step::new(
+            r.created_at,
+            SERVICE,
+            "inventory.reserved",
+            StepKind::Action,
+            "reserved",
+        )
+        .detail(Some(held.clone()))
+    };
+    match r.status() {
+        Some(ReservationStatus::Held) => vec![reserved()],
+        Some(ReservationStatus::Committed) => vec![
+            reserved(),
+            Step::new(
+                r.updated_at,
+                SERVICE,
+                "order.confirmed",
+                StepKind::Action,
+                "committed",
+            ),
+        ],
+        Some(ReservationStatus::Released) => vec![
+            reserved(),
+            Step::new(
+                r.updated_at,
+                SERVICE,
+                "inventory.released",
+                StepKind::Compensation,
+                "released",
+            )
+            .detail(Some(held.clone())),
+        ],
+        Some(ReservationStatus::Rejected) => vec![
+            Step::new(
+                r.created_at,
+                SERVICE,
+                "inventory.failed",
+                StepKind::Action,
+                "rejected",
+            )
+            .detail(r.reason.clone()),
+        ],
+        Some(ReservationStatus::Cancelled) => vec![Step::new(
+            r.created_at,
+            SERVICE,
+            "order.failed",
+            StepKind::Compensation,
+            "cancelled before any reservation",
+        )],
+        None => Vec::new(),
+    }
 }
 
 #[derive(Deserialize)]

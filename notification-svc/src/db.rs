@@ -266,6 +266,30 @@ impl NotificationRow {
     }
 }
 
+/// The notification's state for the saga's timeline.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct NotificationSummary {
+    pub status: String,
+    pub reason: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl NotificationSummary {
+    pub fn status(&self) -> Option<NotificationStatus> {
+        NotificationStatus::parse(&self.status)
+    }
+}
+
+pub async fn notification_summary(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+) -> Result<Option<NotificationSummary>, sqlx::Error> {
+    sqlx::query_as("select status, reason, updated_at from notifications where order_id = $1")
+        .bind(order_id)
+        .fetch_optional(conn)
+        .await
+}
+
 pub async fn lock_notification(
     conn: &mut PgConnection,
     order_id: Uuid,

@@ -18,7 +18,11 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::{db, domain};
+use crate::domain::NotificationStatus;
+use crate::{SERVICE, db, domain};
+use common::saga::timeline::{self, Step, StepKind, StepSource};
+use sqlx::PgConnection;
+use uuid::Uuid;
 
 #[derive(Clone)]
 struct HttpState {
@@ -34,9 +38,59 @@ pub fn routes(pool: PgPool, default_email_domain: &str) -> Router {
         )
         .route("/emails", get(list_emails))
         .with_state(HttpState {
-            pool,
+            pool: pool.clone(),
             default_email_domain: default_email_domain.into(),
         })
+        .merge(timeline::routes::<NotificationSteps>(pool, SERVICE))
+}
+
+/// notification-svc's steps of a saga: the emails it sent, and why it sent
+/// none when it did not.
+struct NotificationSteps;
+
+impl StepSource for NotificationSteps {
+    async fn steps(conn: &mut PgConnection, order_id: Uuid) -> Result<Vec<Step>, sqlx::Error> {
+        let mut steps: Vec<Step> = db::emails_for(conn, order_id)
+            .await?
+            .iter()
+            .map(|e| {
+                let (event, kind) = match e.kind.as_str() {
+                    "confirmation" => ("notification.sent", StepKind::Action),
+                    _ => ("email.cancellation", StepKind::Compensation),
+                };
+                // The recipient is personal data: the step names the email only.
+                Step::new(e.sent_at, SERVICE, event, kind, "sent")
+                    .detail(Some(format!("{} email", e.kind)))
+            })
+            .collect();
+        if let Some(n) = db::notification_summary(conn, order_id).await? {
+            let outcome = |kind, event, outcome: &str| {
+                Some(
+                    Step::new(n.updated_at, SERVICE, event, kind, outcome).detail(n.reason.clone()),
+                )
+            };
+            let step = match n.status() {
+                Some(NotificationStatus::Bounced) => {
+                    outcome(StepKind::Action, "notification.failed", "bounced")
+                }
+                Some(NotificationStatus::Expired) => {
+                    outcome(StepKind::Action, "notification.failed", "expired")
+                }
+                Some(NotificationStatus::Sending) => {
+                    outcome(StepKind::Action, "notification.sent", "sending")
+                }
+                Some(NotificationStatus::Cancelled) => outcome(
+                    StepKind::Compensation,
+                    "order.failed",
+                    "cancelled before any email",
+                ),
+                // Sent and retracted show as their emails.
+                _ => None,
+            };
+            steps.extend(step);
+        }
+        Ok(steps)
+    }
 }
 
 #[derive(Deserialize)]

@@ -523,8 +523,12 @@ pub struct SagaSummary {
     pub decided_at: Option<DateTime<Utc>>,
     /// From creation to decision (to now, while undecided), in ms.
     pub duration_ms: i64,
-    /// Undecided past its deadline.
+    /// Undecided past its deadline, or failed with a compensation not done.
     pub stuck: bool,
+    /// Why it is stuck: `undecided past its deadline`, `compensation not
+    /// done: <kind>` or `invariant violated: <kind>` (the reconciler's
+    /// findings).
+    pub stuck_reason: Option<String>,
 }
 
 /// What `GET /sagas` asks for.
@@ -544,16 +548,33 @@ pub async fn search_sagas(
 ) -> Result<Vec<SagaSummary>, sqlx::Error> {
     sqlx::query_as(
         r#"
-        select order_id, customer_id, status, amount_cents, error, reason, created_at,
-               deadline_at, decided_at,
-               (extract(epoch from coalesce(decided_at, now()) - created_at) * 1000)::bigint
+        select o.order_id, o.customer_id, o.status, o.amount_cents, o.error, o.reason,
+               o.created_at, o.deadline_at, o.decided_at,
+               (extract(epoch from coalesce(o.decided_at, now()) - o.created_at) * 1000)::bigint
                    as duration_ms,
-               (status = 'PENDING' and deadline_at < now()) as stuck
-        from orders
-        where ($1::text is null or status = $1)
-          and ($2::timestamptz is null or created_at >= $2)
-          and (not $3 or (status = 'PENDING' and deadline_at < now()))
-        order by order_id desc
+               s.reason is not null as stuck,
+               s.reason as stuck_reason
+        from orders o
+        left join lateral (
+            select min(kind) as kind from saga_findings
+            where order_id = o.order_id and resolved_at is null
+        ) f on true
+        cross join lateral (
+            select case
+                when o.status = 'PENDING' and o.deadline_at < now()
+                    then 'undecided past its deadline'
+                -- The reconciler found a promise not kept (a refund not
+                -- done, say): the saga needs an operator or is catching up.
+                when f.kind is not null and o.status = 'FAILED'
+                    then 'compensation not done: ' || f.kind
+                when f.kind is not null
+                    then 'invariant violated: ' || f.kind
+            end as reason
+        ) s
+        where ($1::text is null or o.status = $1)
+          and ($2::timestamptz is null or o.created_at >= $2)
+          and (not $3 or s.reason is not null)
+        order by o.order_id desc
         limit $4
         "#,
     )
@@ -625,5 +646,199 @@ pub async fn saga_stats(conn: &mut PgConnection, minutes: i32) -> Result<SagaSta
     .bind(since)
     .bind(minutes)
     .fetch_one(conn)
+    .await
+}
+
+// ----- the invariant reconciler -----
+
+/// Takes a transaction-level advisory lock if free.
+pub async fn try_advisory_xact_lock(
+    conn: &mut PgConnection,
+    key: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+        .bind(key)
+        .fetch_one(conn)
+        .await
+}
+
+/// The sagas a reconciler pass checks.
+pub struct ReconcileBatch {
+    /// Decided sagas past the watermark, and sagas with open findings.
+    pub sagas: Vec<(Uuid, OrderStatus)>,
+    /// Where the watermark moves once they are checked.
+    pub watermark: Option<Uuid>,
+}
+
+/// The next sagas created more than `settled` ago, after the watermark, in
+/// order-id order, up to the first one still undecided (it waits there: the
+/// watcher decides it), plus every saga with an open finding.
+pub async fn sagas_to_reconcile(
+    conn: &mut PgConnection,
+    settled: std::time::Duration,
+    limit: i64,
+) -> Result<ReconcileBatch, sqlx::Error> {
+    let next: Vec<(Uuid, String)> = sqlx::query_as(
+        r#"
+        select order_id, status from orders
+        where order_id > coalesce((select last_order_id from reconciler_progress),
+                                  '00000000-0000-0000-0000-000000000000')
+          and created_at < now() - make_interval(secs => $1)
+        order by order_id
+        limit $2
+        "#,
+    )
+    .bind(settled.as_secs_f64())
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut sagas: Vec<(Uuid, OrderStatus)> = next
+        .iter()
+        .map(|(id, status)| {
+            (
+                *id,
+                OrderStatus::parse(status).unwrap_or(OrderStatus::Pending),
+            )
+        })
+        .take_while(|(_, status)| *status != OrderStatus::Pending)
+        .collect();
+    let watermark = sagas.last().map(|(id, _)| *id);
+    let open: Vec<(Uuid, String)> = sqlx::query_as(
+        r#"
+        select distinct o.order_id, o.status
+        from saga_findings f join orders o using (order_id)
+        where f.resolved_at is null
+        limit 1000
+        "#,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, status) in open {
+        if !sagas.iter().any(|(s, _)| *s == id) {
+            sagas.push((
+                id,
+                OrderStatus::parse(&status).unwrap_or(OrderStatus::Pending),
+            ));
+        }
+    }
+    Ok(ReconcileBatch { sagas, watermark })
+}
+
+/// What recording a pass's findings changed.
+pub struct FindingsOutcome {
+    /// Findings that were not open before: `(order_id, kind)`.
+    pub new: Vec<(Uuid, String)>,
+    pub resolved: usize,
+}
+
+/// Records the findings of the sagas `checked` (one statement each way):
+/// opens (or reopens) what was found, resolves what was open, of the kinds
+/// `judged` this time, and is not found any more.
+pub async fn record_findings(
+    conn: &mut PgConnection,
+    checked: &[Uuid],
+    judged: &[&str],
+    found: &[(Uuid, crate::reconciler::Finding)],
+) -> Result<FindingsOutcome, sqlx::Error> {
+    let ids: Vec<Uuid> = found.iter().map(|(id, _)| *id).collect();
+    let kinds: Vec<&str> = found.iter().map(|(_, f)| f.kind).collect();
+    let details: Vec<&str> = found.iter().map(|(_, f)| f.detail.as_str()).collect();
+    let new: Vec<(Uuid, String)> = sqlx::query_as(
+        r#"
+        with found as (
+            select * from unnest($1::uuid[], $2::text[], $3::text[]) as x(order_id, kind, detail)
+        ),
+        before as (
+            select f.order_id, f.kind from saga_findings f join found using (order_id, kind)
+            where f.resolved_at is null
+        ),
+        upserted as (
+            insert into saga_findings (order_id, kind, detail)
+            select order_id, kind, detail from found
+            on conflict (order_id, kind) do update
+                set detail = excluded.detail, checked_at = now(), resolved_at = null,
+                    found_at = case when saga_findings.resolved_at is null
+                                    then saga_findings.found_at else now() end
+            returning order_id, kind
+        )
+        select order_id, kind from upserted
+        except
+        select order_id, kind from before
+        "#,
+    )
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(&details)
+    .fetch_all(&mut *conn)
+    .await?;
+    let resolved = sqlx::query(
+        r#"
+        update saga_findings f set resolved_at = now(), checked_at = now()
+        where f.order_id = any($1) and f.resolved_at is null and f.kind = any($4)
+          and not exists (
+              select 1 from unnest($2::uuid[], $3::text[]) as x(order_id, kind)
+              where x.order_id = f.order_id and x.kind = f.kind)
+        "#,
+    )
+    .bind(checked)
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(judged)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(FindingsOutcome {
+        new,
+        resolved: resolved as usize,
+    })
+}
+
+pub async fn advance_reconciler(conn: &mut PgConnection, last: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        insert into reconciler_progress (last_order_id) values ($1)
+        on conflict (id) do update set last_order_id = greatest(reconciler_progress.last_order_id, excluded.last_order_id)
+        "#,
+    )
+    .bind(last)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn open_findings_count(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select count(*) from saga_findings where resolved_at is null")
+        .fetch_one(conn)
+        .await
+}
+
+/// A reconciler finding, as `GET /sagas/violations` lists it.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct FindingRow {
+    pub order_id: Uuid,
+    pub kind: String,
+    pub detail: String,
+    pub found_at: DateTime<Utc>,
+    pub checked_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+/// Findings, newest first: the open ones, or all (`resolved` too).
+pub async fn findings(
+    conn: &mut PgConnection,
+    include_resolved: bool,
+    limit: i64,
+) -> Result<Vec<FindingRow>, sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        select order_id, kind, detail, found_at, checked_at, resolved_at from saga_findings
+        where $1 or resolved_at is null
+        order by found_at desc, order_id, kind
+        limit $2
+        "#,
+    )
+    .bind(include_resolved)
+    .bind(limit)
+    .fetch_all(conn)
     .await
 }

@@ -275,6 +275,18 @@ pub enum FailedStep {
 }
 
 impl FailedStep {
+    pub const ALL: [FailedStep; 4] = [
+        FailedStep::Payment,
+        FailedStep::Inventory,
+        FailedStep::Notification,
+        FailedStep::Timeout,
+    ];
+
+    /// The step a failure dict's `error` names.
+    pub fn from_error(error: &str) -> Option<FailedStep> {
+        FailedStep::ALL.into_iter().find(|s| s.error() == error)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             FailedStep::Payment => "payment",

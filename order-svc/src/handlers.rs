@@ -157,10 +157,7 @@ impl OrderHandler {
         timeline: &mut Vec<NewStep>,
     ) -> MessageResult {
         let env = Envelope::decode(&msg.body)?;
-        if !common::messaging::topology::ORDER_SVC
-            .consumes
-            .contains(&env.event_type)
-        {
+        if !common::messaging::topology::ORDER_SVC.is_consumed(env.event_type) {
             return Err(HandlerError::permanent(format!(
                 "{SERVICE} does not handle {}",
                 env.event_type

@@ -9,7 +9,14 @@
 //! - `GET /orders?idempotency_key=K` — the same, for the order a key placed.
 //! - `GET /sagas?status=&since=&limit=&stuck=true` — recent sagas, newest
 //!   first: status, amount, outcome, duration; `stuck`: undecided past the
-//!   deadline.
+//!   deadline, or failed with a compensation not done.
+//! - `GET /sagas/{order_id}` — the saga across all four services: every
+//!   step in order, the decision, compensations and their state, emails
+//!   ([`crate::timeline`]).
+//! - `GET /sagas/choreography` — the declared choreography and its Mermaid
+//!   diagram.
+//! - `GET /sagas/violations[?all=true&limit=N]` — the invariant reconciler's
+//!   findings ([`crate::reconciler`]); `POST /admin/reconcile` runs a pass now.
 //! - `PUT`/`GET /catalog/{item_id}` — `{"price_cents": N}`.
 
 use std::sync::Arc;
@@ -30,24 +37,43 @@ use crate::db;
 use crate::domain::OrderStatus;
 use crate::domain::{self, InvalidOrder};
 use crate::placer::Placer;
+use crate::reconciler::Reconciler;
 use crate::saga::{OrderSaga, PlaceError, PlaceRequest, created_step_row};
+use crate::timeline::{self, Peers};
+use common::saga::choreography;
 
 #[derive(Clone)]
 struct HttpState {
     saga: Arc<OrderSaga>,
     placer: Placer,
+    peers: Peers,
+    reconciler: Reconciler,
 }
 
-pub fn routes(saga: Arc<OrderSaga>, placer: Placer) -> Router {
+pub fn routes(
+    saga: Arc<OrderSaga>,
+    placer: Placer,
+    peers: Peers,
+    reconciler: Reconciler,
+) -> Router {
     Router::new()
         .route("/orders", post(place_order).get(find_order))
         .route("/orders/{order_id}", get(get_order))
         .route("/sagas", get(search_sagas))
+        .route("/sagas/choreography", get(get_choreography))
+        .route("/sagas/violations", get(list_violations))
+        .route("/admin/reconcile", post(reconcile_now))
+        .route("/sagas/{order_id}", get(get_saga))
         .route(
             "/catalog/{item_id}",
             get(get_catalog_item).put(put_catalog_item),
         )
-        .with_state(HttpState { saga, placer })
+        .with_state(HttpState {
+            saga,
+            placer,
+            peers,
+            reconciler,
+        })
 }
 
 fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Response {
@@ -55,7 +81,7 @@ fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Respon
 }
 
 async fn place_order(
-    State(HttpState { saga, placer }): State<HttpState>,
+    State(HttpState { saga, placer, .. }): State<HttpState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -202,19 +228,89 @@ async fn find_order(
     Ok(Json(order_view(&mut conn, order).await?).into_response())
 }
 
+/// `GET /sagas/{order_id}`: the saga across the four services.
+async fn get_saga(
+    State(HttpState { saga, peers, .. }): State<HttpState>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order_id = parse_uuid(&order_id, "order_id")?;
+    let (order, steps) = {
+        let mut conn = saga.pool.acquire().await?;
+        let order = db::get_order(&mut conn, order_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no saga {order_id}")))?;
+        let steps = recorded_steps(&mut conn, &order).await?;
+        (order, steps)
+    };
+    // The connection is back in the pool while the peers answer.
+    Ok(Json(timeline::saga_view(&peers, &order, steps).await).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ViolationQuery {
+    limit: Option<i64>,
+    all: Option<bool>,
+}
+
+/// `GET /sagas/violations[?all=true&limit=N]`: what the reconciler found,
+/// newest first; open findings only unless `all`.
+async fn list_violations(
+    State(HttpState { saga, .. }): State<HttpState>,
+    Query(q): Query<ViolationQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_SEARCH_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be from 1 to {MAX_SEARCH_LIMIT}"
+        )));
+    }
+    let mut conn = saga.pool.acquire().await?;
+    let found = db::findings(&mut conn, q.all.unwrap_or(false), limit).await?;
+    Ok(Json(json!({ "violations": found })).into_response())
+}
+
+/// `POST /admin/reconcile`: one reconciler pass now; answers what it did.
+async fn reconcile_now(
+    State(HttpState { reconciler, .. }): State<HttpState>,
+) -> Result<Response, ApiError> {
+    let report = reconciler
+        .pass()
+        .await
+        .map_err(|e| ApiError::Internal(e.context("reconciler pass")))?;
+    Ok(Json(report).into_response())
+}
+
+/// `GET /sagas/choreography`: who reacts to what, as declared once in code.
+async fn get_choreography() -> Response {
+    Json(json!({
+        "reactions": choreography::REACTIONS,
+        "mermaid": choreography::mermaid(),
+    }))
+    .into_response()
+}
+
+/// The events order-svc recorded for a saga: recorded with the decision
+/// (until then the timeline starts with the order), then what came after.
+async fn recorded_steps(
+    conn: &mut sqlx::PgConnection,
+    order: &db::OrderRow,
+) -> Result<Vec<db::StepRow>, sqlx::Error> {
+    let mut steps = if order.timeline.0.is_empty() {
+        vec![created_step_row(order)]
+    } else {
+        order.timeline.0.clone()
+    };
+    steps.extend(db::steps(conn, order.order_id).await?);
+    Ok(steps)
+}
+
 /// An order, its status and its saga's timeline.
 async fn order_view(
     conn: &mut sqlx::PgConnection,
     order: db::OrderRow,
 ) -> Result<serde_json::Value, sqlx::Error> {
-    // Recorded with the decision (until then the timeline starts with the
-    // order), then what came after it.
-    let mut steps = if order.timeline.0.is_empty() {
-        vec![created_step_row(&order)]
-    } else {
-        order.timeline.0.clone()
-    };
-    steps.extend(db::steps(conn, order.order_id).await?);
+    let steps = recorded_steps(conn, &order).await?;
     Ok(json!({
         "order_id": order.order_id,
         "customer_id": order.customer_id,

@@ -30,8 +30,10 @@ pub mod handlers;
 pub mod http;
 pub mod placer;
 pub mod progress;
+pub mod reconciler;
 pub mod replica;
 pub mod saga;
+pub mod timeline;
 pub mod watcher;
 
 use std::net::SocketAddr;
@@ -49,7 +51,9 @@ use tracing::warn;
 use crate::decisions::DecisionWaiters;
 use crate::placer::{Placer, PlacerTask};
 use crate::progress::Progress;
+use crate::reconciler::Reconciler;
 use crate::saga::OrderSaga;
+use crate::timeline::Peers;
 use crate::watcher::NextWake;
 
 /// This service's name (queue prefix, metrics label).
@@ -76,6 +80,31 @@ pub struct Config {
     /// saga placed by a replica that died is timed out by another.
     #[arg(long, env = "TIMEOUT_SCAN_MS", default_value_t = 1000)]
     pub timeout_scan_ms: u64,
+    /// payment-svc's base URL: `GET /sagas/{id}` asks it for its steps.
+    #[arg(long, env = "PAYMENT_SVC_URL", default_value = "http://127.0.0.1:8081")]
+    pub payment_svc_url: String,
+    /// inventory-svc's base URL (as above).
+    #[arg(
+        long,
+        env = "INVENTORY_SVC_URL",
+        default_value = "http://127.0.0.1:8082"
+    )]
+    pub inventory_svc_url: String,
+    /// notification-svc's base URL (as above).
+    #[arg(
+        long,
+        env = "NOTIFICATION_SVC_URL",
+        default_value = "http://127.0.0.1:8083"
+    )]
+    pub notification_svc_url: String,
+    /// How often the invariant reconciler checks decided sagas against the
+    /// other services, in ms; 0: only on demand (`POST /admin/reconcile`).
+    #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value_t = 30_000)]
+    pub reconcile_interval_ms: u64,
+    /// How long after its deadline a saga's compensations may still be
+    /// catching up before the reconciler reports a promise not kept, in ms.
+    #[arg(long, env = "RECONCILE_GRACE_MS", default_value_t = 30_000)]
+    pub reconcile_grace_ms: u64,
 }
 
 impl Config {
@@ -86,6 +115,11 @@ impl Config {
             saga_deadline_ms: 5000,
             card_seal_public_key: None,
             timeout_scan_ms: 1000,
+            payment_svc_url: "http://127.0.0.1:8081".into(),
+            inventory_svc_url: "http://127.0.0.1:8082".into(),
+            notification_svc_url: "http://127.0.0.1:8083".into(),
+            reconcile_interval_ms: 30_000,
+            reconcile_grace_ms: 30_000,
         }
     }
 }
@@ -96,6 +130,9 @@ pub struct App {
     placer: Placer,
     placer_task: PlacerTask,
     timeout_scan: Duration,
+    peers: Peers,
+    reconciler: Reconciler,
+    reconcile_interval: Duration,
 }
 
 impl Service for App {
@@ -121,6 +158,19 @@ impl Service for App {
                  for its saga's decision may be answered 408 before it is decided"
             );
         }
+        // The peers' step logs are API endpoints: either token opens them.
+        let peers = Peers::new(
+            [
+                &config.payment_svc_url,
+                &config.inventory_svc_url,
+                &config.notification_svc_url,
+            ],
+            config
+                .common
+                .api_token
+                .clone()
+                .or_else(|| config.common.admin_token.clone()),
+        )?;
         let runtime = ServiceRuntime::build(ORDER_SVC, config.common, &MIGRATOR).await?;
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
         let saga = Arc::new(OrderSaga {
@@ -136,10 +186,17 @@ impl Service for App {
         let (placer, placer_task) = Placer::new();
         Ok(Self {
             runtime,
-            saga,
+            saga: saga.clone(),
             placer,
             placer_task,
             timeout_scan: Duration::from_millis(config.timeout_scan_ms),
+            reconciler: Reconciler {
+                saga,
+                peers: peers.clone(),
+                grace: Duration::from_millis(config.reconcile_grace_ms),
+            },
+            reconcile_interval: Duration::from_millis(config.reconcile_interval_ms),
+            peers,
         })
     }
 
@@ -166,9 +223,22 @@ impl Service for App {
             Box::new(move |stop| Box::pin(task.run(saga, stop)))
         };
         let handler = handlers::OrderHandler { saga: saga.clone() };
-        let routes = explorer::routes(saga.pool.clone()).merge(http::routes(saga, self.placer));
+        let mut intake = vec![watcher, replica];
+        if !self.reconcile_interval.is_zero() {
+            let reconciler = self.reconciler.clone();
+            let interval = self.reconcile_interval;
+            intake.push(Box::new(move |stop| {
+                Box::pin(reconciler.run(interval, stop))
+            }));
+        }
+        let routes = explorer::routes(saga.pool.clone()).merge(http::routes(
+            saga,
+            self.placer,
+            self.peers,
+            self.reconciler,
+        ));
         let tasks = Tasks {
-            intake: vec![watcher, replica],
+            intake,
             support: vec![placer],
         };
         self.runtime.run(handler, routes, tasks, cancel).await

@@ -17,13 +17,81 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 
+use crate::SERVICE;
 use crate::db;
+use crate::domain::PaymentStatus;
+use common::saga::timeline::{self, Step, StepKind, StepSource};
+use sqlx::PgConnection;
+use uuid::Uuid;
 
 pub fn routes(pool: PgPool) -> Router {
     Router::new()
         .route("/accounts/{customer_id}", get(get_account).put(put_account))
         .route("/payments/{order_id}", get(get_payment))
-        .with_state(pool)
+        .with_state(pool.clone())
+        .merge(timeline::routes::<PaymentSteps>(pool, SERVICE))
+}
+
+/// payment-svc's steps of a saga, from its payment row.
+struct PaymentSteps;
+
+impl StepSource for PaymentSteps {
+    async fn steps(conn: &mut PgConnection, order_id: Uuid) -> Result<Vec<Step>, sqlx::Error> {
+        Ok(db::get_payment(conn, order_id)
+            .await?
+            .map(|p| payment_steps(&p))
+            .unwrap_or_default())
+    }
+}
+
+fn payment_steps(p: &db::PaymentRow) -> Vec<Step> {
+    let amount = format!("{} {}", p.amount_cents, p.currency);
+    let charged = || {
+        Step::new(
+            p.created_at,
+            SERVICE,
+            "payment.completed",
+            StepKind::Action,
+            "charged",
+        )
+        .detail(Some(amount.clone()))
+    };
+    match p.status() {
+        Some(PaymentStatus::Charged) => vec![charged()],
+        Some(PaymentStatus::Refunded) => vec![
+            charged(),
+            Step::new(
+                p.updated_at,
+                SERVICE,
+                "payment.refunded",
+                StepKind::Compensation,
+                "refunded",
+            )
+            .detail(Some(amount.clone())),
+        ],
+        Some(PaymentStatus::Declined) => vec![
+            Step::new(
+                p.created_at,
+                SERVICE,
+                "payment.failed",
+                StepKind::Action,
+                "declined",
+            )
+            .detail(Some(format!(
+                "{}: {}",
+                p.decline_code.as_deref().unwrap_or("declined"),
+                p.reason.as_deref().unwrap_or_default()
+            ))),
+        ],
+        Some(PaymentStatus::Cancelled) => vec![Step::new(
+            p.created_at,
+            SERVICE,
+            "order.failed",
+            StepKind::Compensation,
+            "cancelled before any charge",
+        )],
+        None => Vec::new(),
+    }
 }
 
 #[derive(Deserialize)]

@@ -344,6 +344,9 @@ pub struct TestSystem {
     pub http: reqwest::Client,
     /// Per service: its broker user and URL, when each has its own.
     pub broker_users: Option<[(String, String); 4]>,
+    /// Each service's HTTP port, fixed for the system's life so that a
+    /// restarted service is where order-svc (and a test) expects it.
+    ports: [u16; 4],
     running: [Option<Running>; 4],
 }
 
@@ -394,6 +397,7 @@ impl TestSystem {
             broker_users,
             sandbox,
             options,
+            ports: free_ports(),
             running: Default::default(),
         };
         for svc in Svc::ALL {
@@ -419,7 +423,7 @@ impl TestSystem {
                 .collect::<Vec<_>>()
                 .join(",")
         });
-        c.http_addr = Some("127.0.0.1:0".into());
+        c.http_addr = Some(format!("127.0.0.1:{}", self.ports[svc.index()]));
         c.db_pool_size = self.options.pool_size;
         c.retry_max_attempts = self.options.retry_max_attempts;
         c.handler_timeout_ms = self.options.handler_timeout_ms;
@@ -460,6 +464,13 @@ impl TestSystem {
                 let mut c = order_svc::Config::new(common);
                 c.saga_deadline_ms = self.options.deadline_ms;
                 c.timeout_scan_ms = 50;
+                let peer = |svc: Svc| format!("http://127.0.0.1:{}", self.ports[svc.index()]);
+                c.payment_svc_url = peer(Svc::Payment);
+                c.inventory_svc_url = peer(Svc::Inventory);
+                c.notification_svc_url = peer(Svc::Notification);
+                // Tests look for findings within seconds, not minutes.
+                c.reconcile_interval_ms = 500;
+                c.reconcile_grace_ms = 1000;
                 launch::<order_svc::App>(c).await
             }
             Svc::Payment => launch::<payment_svc::App>(payment_svc::Config::new(common)).await,
@@ -816,6 +827,18 @@ impl Sandbox {
         let _ = admin.close().await;
         n
     }
+}
+
+/// Four distinct free ports on 127.0.0.1 (held together while picked).
+fn free_ports() -> [u16; 4] {
+    let listeners: Vec<std::net::TcpListener> = (0..4)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound").port())
+        .collect();
+    ports.try_into().expect("four ports")
 }
 
 async fn launch<S: Service>(config: S::Config) -> Running {

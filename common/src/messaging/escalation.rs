@@ -119,6 +119,17 @@ pub async fn list(pool: &PgPool, status: Option<&str>) -> Result<Vec<EscalationR
     .await
 }
 
+/// One saga's escalations, oldest first.
+pub async fn for_order(
+    conn: &mut sqlx::PgConnection,
+    order_id: Uuid,
+) -> Result<Vec<EscalationRow>, sqlx::Error> {
+    sqlx::query_as("select * from escalations where order_id = $1 order by created_at")
+        .bind(order_id)
+        .fetch_all(conn)
+        .await
+}
+
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<EscalationRow>, sqlx::Error> {
     sqlx::query_as("select * from escalations where id = $1")
         .bind(id)

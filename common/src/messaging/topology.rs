@@ -35,6 +35,7 @@ use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::messaging::events::{EXCHANGE, EventType};
 use crate::messaging::retry::RETRY_TIERS;
+use crate::saga::choreography::{self, Delivery, Trigger};
 
 /// Deliveries of one message after which the broker parks it (crash loops;
 /// quorum queues only).
@@ -87,13 +88,30 @@ pub struct ServiceIdentity {
     pub database: &'static str,
     /// Default HTTP port on 127.0.0.1.
     pub http_port: u16,
-    /// Routing keys bound to the service's durable work queue.
-    pub consumes: &'static [EventType],
-    /// Routing keys each replica observes on its own transient queue.
-    pub observes: &'static [EventType],
 }
 
 impl ServiceIdentity {
+    /// Routing keys bound to the service's durable work queue: the events it
+    /// reacts to in the [choreography](crate::saga::choreography).
+    pub fn consumes(&self) -> Vec<EventType> {
+        choreography::triggers(self.name, Delivery::Durable)
+    }
+
+    /// Whether `event` is one the service consumes (no allocation: the
+    /// consumers ask this of every message).
+    pub fn is_consumed(&self, event: EventType) -> bool {
+        choreography::REACTIONS.iter().any(|r| {
+            r.service == self.name
+                && r.delivery == Delivery::Durable
+                && r.on.contains(&Trigger::Event(event))
+        })
+    }
+
+    /// Routing keys each replica observes on its own transient queue.
+    pub fn observes(&self) -> Vec<EventType> {
+        choreography::triggers(self.name, Delivery::Observed)
+    }
+
     pub fn queue(&self) -> String {
         format!("{}.events", self.name)
     }
@@ -130,55 +148,24 @@ pub const ORDER_SVC: ServiceIdentity = ServiceIdentity {
     name: "order-svc",
     database: "orders",
     http_port: 8080,
-    // Failures decide the saga, notification.sent confirms it, compensations
-    // complete its timeline. Forward progress is only observed (below).
-    consumes: &[
-        EventType::OrderRequested,
-        EventType::PaymentFailed,
-        EventType::PaymentRefunded,
-        EventType::InventoryFailed,
-        EventType::InventoryReleased,
-        EventType::NotificationSent,
-        EventType::NotificationFailed,
-    ],
-    observes: &[EventType::PaymentCompleted, EventType::InventoryReserved],
 };
 
 pub const PAYMENT_SVC: ServiceIdentity = ServiceIdentity {
     name: "payment-svc",
     database: "payments",
     http_port: 8081,
-    consumes: &[
-        EventType::OrderCreated,
-        EventType::OrderFailed,
-        EventType::OrderCancelled,
-    ],
-    observes: &[],
 };
 
 pub const INVENTORY_SVC: ServiceIdentity = ServiceIdentity {
     name: "inventory-svc",
     database: "inventory",
     http_port: 8082,
-    consumes: &[
-        EventType::PaymentCompleted,
-        EventType::OrderConfirmed,
-        EventType::OrderFailed,
-        EventType::OrderCancelled,
-    ],
-    observes: &[],
 };
 
 pub const NOTIFICATION_SVC: ServiceIdentity = ServiceIdentity {
     name: "notification-svc",
     database: "notifications",
     http_port: 8083,
-    consumes: &[
-        EventType::InventoryReserved,
-        EventType::OrderFailed,
-        EventType::OrderCancelled,
-    ],
-    observes: &[],
 };
 
 /// The four services of the saga.
@@ -362,7 +349,7 @@ async fn declare_service(
     channel
         .queue_declare(queue.as_str().into(), durable(), table(&args))
         .await?;
-    for event in svc.consumes {
+    for event in svc.consumes() {
         channel
             .queue_bind(
                 queue.as_str().into(),
@@ -404,7 +391,7 @@ pub async fn declare_replica_queue(
             ]),
         )
         .await?;
-    for event in svc.observes {
+    for event in svc.observes() {
         channel
             .queue_bind(
                 name.into(),
@@ -425,8 +412,57 @@ mod tests {
     #[test]
     fn every_event_has_a_durable_consumer_so_none_is_unroutable() {
         for t in EventType::ALL {
-            let consumed = SERVICES.iter().any(|s| s.consumes.contains(&t));
+            let consumed = SERVICES.iter().any(|s| s.is_consumed(t));
             assert!(consumed, "{t} has no consumer: it would be unroutable");
+        }
+    }
+
+    #[test]
+    fn bindings_are_the_documented_contract() {
+        // docs/events.md's routing-key table: external consumers and the
+        // broker's existing bindings depend on these.
+        let keys = |events: Vec<EventType>| {
+            let mut keys: Vec<_> = events.iter().map(|e| e.routing_key()).collect();
+            keys.sort_unstable();
+            keys
+        };
+        assert_eq!(
+            keys(ORDER_SVC.consumes()),
+            [
+                "inventory.failed",
+                "inventory.released",
+                "notification.failed",
+                "notification.sent",
+                "order.requested",
+                "payment.failed",
+                "payment.refunded"
+            ]
+        );
+        assert_eq!(
+            keys(ORDER_SVC.observes()),
+            ["inventory.reserved", "payment.completed"]
+        );
+        assert_eq!(
+            keys(PAYMENT_SVC.consumes()),
+            ["order.cancelled", "order.created", "order.failed"]
+        );
+        assert_eq!(
+            keys(INVENTORY_SVC.consumes()),
+            [
+                "order.cancelled",
+                "order.confirmed",
+                "order.failed",
+                "payment.completed"
+            ]
+        );
+        assert_eq!(
+            keys(NOTIFICATION_SVC.consumes()),
+            ["inventory.reserved", "order.cancelled", "order.failed"]
+        );
+        for svc in SERVICES {
+            for e in EventType::ALL {
+                assert_eq!(svc.is_consumed(e), svc.consumes().contains(&e));
+            }
         }
     }
 

@@ -289,7 +289,7 @@ pub async fn inject_poison(publisher: &Mutex<Publisher>, counts: &FaultCounts) {
         counts.poison.fetch_add(1, Ordering::Relaxed);
         let consumers = common::messaging::topology::SERVICES
             .iter()
-            .filter(|s| s.consumes.iter().any(|e| e.routing_key() == key))
+            .filter(|s| s.consumes().iter().any(|e| e.routing_key() == key))
             .count();
         counts.poison_copies.fetch_add(consumers, Ordering::Relaxed);
     }

@@ -73,6 +73,39 @@ async fn a_refund_that_keeps_failing_is_escalated_then_applied_once_when_an_oper
         m.contains("compensations_escalated_total{service=\"payment-svc\",step=\"refund\"}"),
         "{m}"
     );
+    // The operator finds it: stuck, its refund escalated.
+    let stuck = eventually(SETTLE, "the saga listed as stuck", || async {
+        let list = sys.get(Svc::Order, "/sagas?stuck=true").await?;
+        list["sagas"]
+            .as_array()?
+            .iter()
+            .find(|s| s["order_id"] == order_id.as_str())
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        stuck["stuck_reason"],
+        "compensation not done: failed_not_refunded"
+    );
+    let violations = sys.get(Svc::Order, "/sagas/violations").await.unwrap();
+    assert_eq!(violations["violations"][0]["order_id"], order_id.as_str());
+    assert_eq!(violations["violations"][0]["kind"], "failed_not_refunded");
+    let m = sys.metrics(Svc::Order).await;
+    assert!(
+        m.contains("saga_invariant_violations_total{kind=\"failed_not_refunded\"} 1"),
+        "{m}"
+    );
+    let view = sys
+        .get(Svc::Order, &format!("/sagas/{order_id}"))
+        .await
+        .unwrap();
+    let refund = view["compensations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["service"] == "payment-svc")
+        .unwrap_or_else(|| panic!("no refund in {view}"));
+    assert_eq!(refund["state"], "escalated", "{view}");
 
     // The cause is fixed; the operator retries.
     sys.put(
@@ -133,5 +166,16 @@ async fn a_refund_that_keeps_failing_is_escalated_then_applied_once_when_an_oper
         .await
         .unwrap();
     assert_eq!(again.status(), 409, "a resolved escalation is not retried");
+    // Refunded: the reconciler resolves its finding; no longer stuck.
+    eventually(SETTLE, "the finding resolved", || async {
+        let list = sys.get(Svc::Order, "/sagas?stuck=true").await?;
+        list["sagas"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    let all = sys
+        .get(Svc::Order, "/sagas/violations?all=true")
+        .await
+        .unwrap();
+    assert!(!all["violations"][0]["resolved_at"].is_null(), "{all}");
     sys.shutdown().await;
 }

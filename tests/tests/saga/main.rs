@@ -13,6 +13,7 @@ mod poison;
 mod recovery;
 mod retention;
 mod search;
+mod timeline;
 
 use std::time::Duration;
 
