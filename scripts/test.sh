@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/dev-up.sh
+# Prometheus/promtool, Chromium and ChromeDriver, Compose: the ops and
+# explorer tests use them (Debian packages and a registry; quick once there).
+scripts/test-deps.sh
 # The saga tests are I/O bound; 3 at a time keeps the PostgreSQL connections
 # of all running test systems well under the server's max_connections (100).
 exec cargo test --workspace --locked "$@" -- --test-threads="${TEST_THREADS:-3}"

@@ -190,7 +190,6 @@ async fn saga_show_prints_the_timeline_of_a_known_saga() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs GET /sagas/violations, being added to order-svc"]
 async fn saga_list_violations_lists_what_order_svc_found() {
     let sys = TestSystem::spawn().await;
     let violations = sagactl(&sys, &["saga", "list", "--violations", "--json"]).await;

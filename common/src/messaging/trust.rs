@@ -20,7 +20,12 @@
 //! `order.requested` is the public entry: any user allowed to publish it on
 //! the vhost may (its payload is validated like an HTTP request). The
 //! consumer's own control headers (retry attempt, original routing key,
-//! escalation id) are honoured only on messages this service's user sent.
+//! escalation id) are honoured only on messages this service's user sent;
+//! such a message is this service's own re-publication (a retry, an
+//! operator's retry of an escalation) of an event checked when it first
+//! arrived, and is not checked against the event's owner again. A message
+//! whose routing key is not an event type (put straight into a work queue
+//! through the default exchange) is refused.
 //!
 //! Caveat: a broker user tagged `impersonator` may set any `user_id`; never
 //! give that tag to anything that talks to this vhost.

@@ -81,7 +81,20 @@ fn envelope(event_type: &str, age: chrono::Duration, data: Value) -> (Uuid, Vec<
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_stock_commit_that_keeps_failing_is_escalated_not_parked() {
     let _serial = SERIAL.lock().await;
-    let sys = TestSystem::builder().retry_max_attempts(2).spawn().await;
+    stock_commit_escalated_then_retried(TestSystem::builder()).await;
+}
+
+/// With a broker user per service, the retries and the operator's retry are
+/// stamped with inventory-svc's user, not order-svc's (who owns
+/// `order.confirmed`): they were parked as unauthenticated.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_retries_stay_trusted_with_a_broker_user_per_service() {
+    let _serial = SERIAL.lock().await;
+    stock_commit_escalated_then_retried(TestSystem::builder().broker_user_per_service()).await;
+}
+
+async fn stock_commit_escalated_then_retried(options: saga_tests::Options) {
+    let sys = options.retry_max_attempts(2).spawn().await;
     stock_the_shop(&sys).await;
     let failing = Failpoint::on("inventory::stock_commit", "return");
 

@@ -400,3 +400,58 @@ async fn with_a_broker_user_per_service_each_is_trusted_for_its_own_events_only(
     let _ = conn.close(200, "bye".into()).await;
     sys.shutdown().await;
 }
+
+/// An event put straight into a service's work queue through the default
+/// exchange names no event type in its routing key; it used to skip the
+/// producer check and be applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_put_straight_into_a_work_queue_is_parked_and_changes_nothing() {
+    let sys = TestSystem::spawn().await;
+    sys.set_price("productA", 1500).await;
+    sys.set_stock("productA", 10).await;
+    sys.set_balance("dora", 100_000).await;
+    let (_, placed) = sys
+        .post_order(&order_dict("dora", &[("productA", 1)]))
+        .await;
+    assert_eq!(placed["status"], "success", "{placed}");
+    let order = placed["order_id"].as_str().unwrap().to_owned();
+    sys.wait_for_stock("productA", (9, 0)).await;
+
+    // Mallory claims the order failed, to have it refunded.
+    let (_, mallory_url) = sys.broker_user("mallory").await;
+    let conn = Connection::connect(&mallory_url, ConnectionProperties::default())
+        .await
+        .expect("mallory connects");
+    let (id, body) = envelope(
+        "order.failed",
+        &order,
+        json!({"status": "failure", "order_id": order, "error": "Payment failed",
+        "reason": "forged", "customer_id": "dora"}),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "payment-svc.events".into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_type("order.failed".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+
+    let own = sys.amqp().await;
+    let parked = drain_parked(&own, "payment-svc.parking", 1).await;
+    assert!(parked[0].1.contains("is not an event type"), "{parked:?}");
+    assert_eq!(sys.payment(&order).await.unwrap()["status"], "charged");
+    assert_eq!(sys.balance("dora").await, Some(100_000 - 1500));
+    let _ = conn.close(200, "bye".into()).await;
+    sys.shutdown().await;
+}
