@@ -54,15 +54,107 @@ pub const QUEUE_OVERFLOWS: &str = "queue_overflows_total";
 /// (e.g. `charged`, `declined`, `refunded`, `reserved`, `released`, `sent`, `bounced`).
 pub const STEP_OUTCOMES: &str = "saga_step_outcomes_total";
 
+/// Outbox rows committed and not yet confirmed by the broker, by `service`
+/// (read every 5 s).
+pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
+/// Escalated compensations not resolved (open or being retried), by
+/// `service` (read every 5 s).
+pub const ESCALATIONS_OPEN: &str = "escalations_open";
+/// Undecided sagas by `age` (`under_1s`, `1s_to_deadline`, `past_deadline`),
+/// order-svc (read every 5 s).
+pub const SAGAS_UNDECIDED: &str = "sagas_undecided";
+/// Compensations of failed sagas not done past deadline + grace, by the
+/// `service` that owes them (order-svc's reconciler, after each pass).
+pub const COMPENSATIONS_PENDING: &str = "compensations_pending";
+/// Saga steps by `service`, `step` (`charge`, `reserve_stock`,
+/// `send_confirmation`, `commit_stock`, `refund`, `release_stock`,
+/// `send_cancellation`), `outcome` (`started`, `succeeded`, `failed`,
+/// `compensated`, `escalated`) and `reason` (why it failed, from a fixed
+/// set, else `none`).
+pub const SAGA_STEPS: &str = "saga_steps_total";
+
 /// Decided sagas whose services' records contradict the decision, found by
 /// order-svc's reconciler, by `kind` (e.g. `failed_not_refunded`).
 pub const SAGA_INVARIANT_VIOLATIONS: &str = "saga_invariant_violations_total";
 /// Reconciler findings not resolved yet (order-svc).
 pub const SAGA_INVARIANT_VIOLATIONS_OPEN: &str = "saga_invariant_violations_open";
 
-/// Counts business outcomes of a service's step (`saga_step_outcomes_total`).
+/// Counts business outcomes of a service's step (`saga_step_outcomes_total`)
+/// and the saga-level view of the same (`saga_steps_total`).
 pub fn step_outcome(service: &'static str, outcome: &'static str, n: u64) {
-    if n > 0 {
-        metrics::counter!(STEP_OUTCOMES, "service" => service, "outcome" => outcome).increment(n);
+    if n == 0 {
+        return;
+    }
+    metrics::counter!(STEP_OUTCOMES, "service" => service, "outcome" => outcome).increment(n);
+    if let Some((step, result, reason)) = saga_step(outcome) {
+        let count = |outcome: &'static str| {
+            metrics::counter!(SAGA_STEPS,
+                "service" => service, "step" => step, "outcome" => outcome, "reason" => reason)
+            .increment(n);
+        };
+        if matches!(result, "succeeded" | "failed") {
+            count("started");
+        }
+        count(result);
+    }
+}
+
+/// A business outcome as `(step, outcome, reason)` of `saga_steps_total`.
+fn saga_step(outcome: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    Some(match outcome {
+        "charged" => ("charge", "succeeded", "none"),
+        "declined" => ("charge", "failed", "declined"),
+        "refunded" => ("refund", "compensated", "none"),
+        "cancelled_before_charge" => ("refund", "compensated", "before_charge"),
+        "reserved" => ("reserve_stock", "succeeded", "none"),
+        "rejected" => ("reserve_stock", "failed", "rejected"),
+        "committed" => ("commit_stock", "succeeded", "none"),
+        "released" => ("release_stock", "compensated", "none"),
+        "cancelled_before_reservation" => ("release_stock", "compensated", "before_reservation"),
+        "sent" => ("send_confirmation", "succeeded", "none"),
+        "bounced" => ("send_confirmation", "failed", "bounced"),
+        "cancellation_sent" => ("send_cancellation", "compensated", "none"),
+        "cancelled_before_email" => ("send_cancellation", "compensated", "before_email"),
+        _ => return None,
+    })
+}
+
+/// Counts an escalated compensation in `saga_steps_total` (`step` as the
+/// escalation names it: `refund`, `stock commit`...).
+pub fn step_escalated(service: &'static str, step: &'static str) {
+    let step = match step {
+        "refund" => "refund",
+        "stock commit" => "commit_stock",
+        "stock release" => "release_stock",
+        _ => "send_cancellation",
+    };
+    metrics::counter!(SAGA_STEPS,
+        "service" => service, "step" => step, "outcome" => "escalated", "reason" => "retries_exhausted")
+    .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_business_outcome_recorded_maps_to_a_saga_step() {
+        for outcome in [
+            "charged",
+            "declined",
+            "refunded",
+            "cancelled_before_charge",
+            "reserved",
+            "rejected",
+            "committed",
+            "released",
+            "cancelled_before_reservation",
+            "sent",
+            "bounced",
+            "cancellation_sent",
+            "cancelled_before_email",
+        ] {
+            assert!(saga_step(outcome).is_some(), "{outcome}");
+        }
     }
 }

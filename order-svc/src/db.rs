@@ -806,10 +806,29 @@ pub async fn advance_reconciler(conn: &mut PgConnection, last: Uuid) -> Result<(
     Ok(())
 }
 
-pub async fn open_findings_count(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select count(*) from saga_findings where resolved_at is null")
-        .fetch_one(conn)
-        .await
+/// Open findings by kind.
+pub async fn open_findings(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "select kind, count(*) from saga_findings where resolved_at is null group by kind",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Undecided sagas by age: created under 1 s ago, older but not past the
+/// deadline, past the deadline (through the index of pending deadlines).
+pub async fn undecided_by_age(conn: &mut PgConnection) -> Result<(i64, i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        select count(*) filter (where created_at > now() - interval '1 second'),
+               count(*) filter (where created_at <= now() - interval '1 second'
+                                  and deadline_at > now()),
+               count(*) filter (where deadline_at <= now())
+        from orders where status = 'PENDING'
+        "#,
+    )
+    .fetch_one(conn)
+    .await
 }
 
 /// A reconciler finding, as `GET /sagas/violations` lists it.

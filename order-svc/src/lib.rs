@@ -223,7 +223,11 @@ impl Service for App {
             Box::new(move |stop| Box::pin(task.run(saga, stop)))
         };
         let handler = handlers::OrderHandler { saga: saga.clone() };
-        let mut intake = vec![watcher, replica];
+        let undecided: BackgroundTask = {
+            let pool = saga.pool.clone();
+            Box::new(move |stop| Box::pin(watcher::sample_undecided(pool, stop)))
+        };
+        let mut intake = vec![watcher, replica, undecided];
         if !self.reconcile_interval.is_zero() {
             let reconciler = self.reconciler.clone();
             let interval = self.reconcile_interval;

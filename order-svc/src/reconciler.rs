@@ -209,8 +209,18 @@ impl Reconciler {
         if let (Some(last), true) = (batch.watermark, unanswered.is_empty()) {
             db::advance_reconciler(&mut tx, last).await?;
         }
-        let open = db::open_findings_count(&mut tx).await?;
+        let open_by_kind = db::open_findings(&mut tx).await?;
         tx.commit().await?;
+        let open: i64 = open_by_kind.iter().map(|(_, n)| n).sum();
+        for service in [PAYMENT_SVC.name, INVENTORY_SVC.name, NOTIFICATION_SVC.name] {
+            let pending: i64 = open_by_kind
+                .iter()
+                .filter(|(kind, _)| kind.starts_with("failed_") && service_of(kind) == service)
+                .map(|(_, n)| n)
+                .sum();
+            metrics::gauge!(metric::COMPENSATIONS_PENDING, "service" => service)
+                .set(pending as f64);
+        }
 
         for (id, f) in found
             .iter()

@@ -21,6 +21,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use common::metric_definitions as metric;
+
 use crate::db;
 use crate::saga::OrderSaga;
 
@@ -90,4 +92,22 @@ pub async fn run(saga: Arc<OrderSaga>, scan: Duration, cancel: CancellationToken
 async fn next_deadline(saga: &OrderSaga) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     let mut conn = saga.pool.acquire().await?;
     db::next_deadline(&mut conn).await
+}
+
+/// Reads the `sagas_undecided{age}` gauge every few seconds (one count over
+/// the index of pending deadlines).
+pub async fn sample_undecided(pool: sqlx::PgPool, cancel: CancellationToken) {
+    common::store::gauges::every_interval(cancel, || async {
+        let mut conn = pool.acquire().await?;
+        let (fresh, running, overdue) = db::undecided_by_age(&mut conn).await?;
+        for (age, n) in [
+            ("under_1s", fresh),
+            ("1s_to_deadline", running),
+            ("past_deadline", overdue),
+        ] {
+            metrics::gauge!(metric::SAGAS_UNDECIDED, "age" => age).set(n as f64);
+        }
+        Ok(())
+    })
+    .await;
 }

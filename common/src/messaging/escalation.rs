@@ -80,6 +80,7 @@ pub async fn record(
     .await?;
     metrics::counter!(metric::COMPENSATIONS_ESCALATED, "service" => service, "step" => step)
         .increment(1);
+    metric::step_escalated(service, step);
     tracing::error!(
         escalation_id = %id,
         order_id = ?env.as_ref().map(|e| e.order_id),

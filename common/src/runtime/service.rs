@@ -51,7 +51,7 @@ use crate::messaging::trust::ProducerTrust;
 use crate::runtime::auth::HttpAuth;
 use crate::runtime::config::{CommonConfig, redact_url};
 use crate::runtime::{auth, http, telemetry};
-use crate::store::{pool as db, retention};
+use crate::store::{gauges, pool as db, retention};
 
 /// A task that runs until its token is cancelled.
 pub type BackgroundTask = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
@@ -154,6 +154,7 @@ impl ServiceRuntime {
         let infra = TaskTracker::new();
         infra.spawn(self.broker.clone().supervise(infra_stop.clone()));
         infra.spawn(telemetry::run_upkeep(infra_stop.clone()));
+        infra.spawn(gauges::run(name, self.pool.clone(), infra_stop.clone()));
         infra.spawn(retention::run_cleaner(
             name,
             self.pool.clone(),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use saga_tests::{Svc, TestSystem, eventually, order_dict};
+use saga_tests::{Svc, TestSystem, eventually, metric_sum, order_dict};
 use serde_json::{Value, json};
 
 use crate::SETTLE;
@@ -95,6 +95,13 @@ async fn a_refund_that_keeps_failing_is_escalated_then_applied_once_when_an_oper
         m.contains("saga_invariant_violations_total{kind=\"failed_not_refunded\"} 1"),
         "{m}"
     );
+    // Counters only: gauges are shared by every test system in this process.
+    let escalated = [
+        ("service", "payment-svc"),
+        ("step", "refund"),
+        ("outcome", "escalated"),
+    ];
+    assert!(metric_sum(&m, "saga_steps_total", &escalated) >= 1.0, "{m}");
     let view = sys
         .get(Svc::Order, &format!("/sagas/{order_id}"))
         .await

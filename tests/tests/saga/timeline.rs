@@ -1,7 +1,7 @@
 //! `GET /sagas/{order_id}`: one saga across all four services, merged at
 //! read time from each service's own step log.
 
-use saga_tests::{Svc, TestSystem, eventually, order_dict};
+use saga_tests::{Svc, TestSystem, eventually, metric_sum, order_dict};
 use serde_json::Value;
 
 use crate::{SETTLE, stock_the_shop};
@@ -102,6 +102,30 @@ async fn a_confirmed_saga_shows_every_services_steps_in_order() {
         !view.to_string().contains("tina@"),
         "no email address in the timeline"
     );
+    let m = sys.metrics(Svc::Payment).await;
+    for (service, step) in [
+        ("payment-svc", "charge"),
+        ("inventory-svc", "reserve_stock"),
+        ("notification-svc", "send_confirmation"),
+        ("inventory-svc", "commit_stock"),
+    ] {
+        for outcome in ["started", "succeeded"] {
+            let labels = [("service", service), ("step", step), ("outcome", outcome)];
+            assert!(
+                metric_sum(&m, "saga_steps_total", &labels) >= 1.0,
+                "{step} {outcome}"
+            );
+        }
+    }
+    // Read every few seconds from each service's tables.
+    eventually(SETTLE, "the sampled gauges", || async {
+        let m = sys.metrics(Svc::Order).await;
+        ["outbox_backlog{", "escalations_open{", "sagas_undecided{"]
+            .iter()
+            .all(|g| m.contains(g))
+            .then_some(())
+    })
+    .await;
     sys.shutdown().await;
 }
 
