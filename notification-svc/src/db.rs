@@ -270,7 +270,6 @@ impl NotificationRow {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct NotificationSummary {
     pub status: String,
-    pub reason: Option<String>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -284,7 +283,7 @@ pub async fn notification_summary(
     conn: &mut PgConnection,
     order_id: Uuid,
 ) -> Result<Option<NotificationSummary>, sqlx::Error> {
-    sqlx::query_as("select status, reason, updated_at from notifications where order_id = $1")
+    sqlx::query_as("select status, updated_at from notifications where order_id = $1")
         .bind(order_id)
         .fetch_optional(conn)
         .await

@@ -64,25 +64,35 @@ impl StepSource for NotificationSteps {
             })
             .collect();
         if let Some(n) = db::notification_summary(conn, order_id).await? {
-            let outcome = |kind, event, outcome: &str| {
-                Some(
-                    Step::new(n.updated_at, SERVICE, event, kind, outcome).detail(n.reason.clone()),
-                )
+            // A fixed text, never the stored reason: a bounce's quotes the
+            // address (personal data, kept out of step logs).
+            let outcome = |kind, event, outcome: &str, detail: &str| {
+                Some(Step::new(n.updated_at, SERVICE, event, kind, outcome).detail(Some(detail)))
             };
             let step = match n.status() {
-                Some(NotificationStatus::Bounced) => {
-                    outcome(StepKind::Action, "notification.failed", "bounced")
-                }
-                Some(NotificationStatus::Expired) => {
-                    outcome(StepKind::Action, "notification.failed", "expired")
-                }
-                Some(NotificationStatus::Sending) => {
-                    outcome(StepKind::Action, "notification.sent", "sending")
-                }
+                Some(NotificationStatus::Bounced) => outcome(
+                    StepKind::Action,
+                    "notification.failed",
+                    "bounced",
+                    "the confirmation email bounced",
+                ),
+                Some(NotificationStatus::Expired) => outcome(
+                    StepKind::Action,
+                    "notification.failed",
+                    "expired",
+                    "the deadline passed before the email could be sent",
+                ),
+                Some(NotificationStatus::Sending) => outcome(
+                    StepKind::Action,
+                    "notification.sent",
+                    "sending",
+                    "being handed to the mail relay",
+                ),
                 Some(NotificationStatus::Cancelled) => outcome(
                     StepKind::Compensation,
                     "order.failed",
                     "cancelled before any email",
+                    "rolled back before any email",
                 ),
                 // Sent and retracted show as their emails.
                 _ => None,

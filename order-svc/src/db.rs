@@ -574,6 +574,13 @@ pub async fn search_sagas(
         where ($1::text is null or o.status = $1)
           and ($2::timestamptz is null or o.created_at >= $2)
           and (not $3 or s.reason is not null)
+          -- Stuck ones come from two small indexed sets, not a walk of
+          -- every order.
+          and (not $3 or o.order_id in (
+                  select order_id from orders
+                  where status = 'PENDING' and deadline_at < now()
+                  union
+                  select order_id from saga_findings where resolved_at is null))
         order by o.order_id desc
         limit $4
         "#,
@@ -651,15 +658,20 @@ pub async fn saga_stats(conn: &mut PgConnection, minutes: i32) -> Result<SagaSta
 
 // ----- the invariant reconciler -----
 
-/// Takes a transaction-level advisory lock if free.
-pub async fn try_advisory_xact_lock(
-    conn: &mut PgConnection,
-    key: i64,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+/// Takes a session-level advisory lock if free.
+pub async fn try_advisory_lock(conn: &mut PgConnection, key: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select pg_try_advisory_lock($1)")
         .bind(key)
         .fetch_one(conn)
         .await
+}
+
+pub async fn advisory_unlock(conn: &mut PgConnection, key: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// The sagas a reconciler pass checks.
@@ -668,6 +680,8 @@ pub struct ReconcileBatch {
     pub sagas: Vec<(Uuid, OrderStatus)>,
     /// Where the watermark moves once they are checked.
     pub watermark: Option<Uuid>,
+    /// How many of `sagas` are new (past the watermark).
+    pub new_sagas: usize,
 }
 
 /// The next sagas created more than `settled` ago, after the watermark, in
@@ -703,14 +717,19 @@ pub async fn sagas_to_reconcile(
         .take_while(|(_, status)| *status != OrderStatus::Pending)
         .collect();
     let watermark = sagas.last().map(|(id, _)| *id);
+    let new_sagas = sagas.len();
+    // The open findings checked longest ago first, as many as new sagas at
+    // most: every one is seen again within a few passes.
     let open: Vec<(Uuid, String)> = sqlx::query_as(
         r#"
-        select distinct o.order_id, o.status
-        from saga_findings f join orders o using (order_id)
-        where f.resolved_at is null
-        limit 1000
+        select o.order_id, o.status
+        from (select order_id, min(checked_at) as checked_at from saga_findings
+              where resolved_at is null group by order_id
+              order by checked_at limit $1) f
+        join orders o using (order_id)
         "#,
     )
+    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
     for (id, status) in open {
@@ -721,7 +740,11 @@ pub async fn sagas_to_reconcile(
             ));
         }
     }
-    Ok(ReconcileBatch { sagas, watermark })
+    Ok(ReconcileBatch {
+        sagas,
+        watermark,
+        new_sagas,
+    })
 }
 
 /// What recording a pass's findings changed.

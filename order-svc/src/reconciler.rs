@@ -14,9 +14,9 @@
 //!
 //! It walks sagas in order-id order (UUIDv7: creation order) from a stored
 //! watermark, a bounded batch per pass, asking each service for its steps of
-//! the whole batch in one request (`POST /sagas/steps`). One replica passes
-//! at a time (a transaction-level advisory lock). Idle it costs one indexed
-//! query per interval; nothing is on the saga's critical path.
+//! the batch in requests of at most 500 (`POST /sagas/steps`). One replica
+//! passes at a time (a session-level advisory lock). Idle it costs a lock and
+//! two indexed queries per interval; nothing is on the saga's critical path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -139,6 +139,14 @@ pub fn check(
 pub struct PassReport {
     /// Sagas checked (new ones and those with open findings).
     pub checked: usize,
+    /// The batch of new sagas was full: more are waiting.
+    #[serde(skip)]
+    pub new_batch_full: bool,
+    /// The watermark moved past the new sagas checked.
+    #[serde(skip)]
+    pub advanced: bool,
+    /// Services that did not answer (their part is checked again).
+    pub unanswered: usize,
     /// Findings new in this pass.
     pub new_findings: usize,
     /// Findings resolved in this pass.
@@ -158,28 +166,51 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// One pass: the next batch of sagas past deadline and grace, and the
-    /// open findings.
+    /// oldest-checked open findings.
+    ///
+    /// One replica at a time: a session-level advisory lock on a connection
+    /// held for the pass. The peers are asked with no transaction open; the
+    /// findings are recorded in one short transaction.
     pub async fn pass(&self) -> anyhow::Result<PassReport> {
-        let mut tx = self.saga.pool.begin().await?;
-        if !db::try_advisory_xact_lock(&mut tx, LOCK_KEY).await? {
+        let mut conn = self.saga.pool.acquire().await?;
+        if !db::try_advisory_lock(&mut conn, LOCK_KEY).await? {
             return Ok(PassReport {
                 skipped: true,
                 ..PassReport::default()
             });
         }
+        let report = self.pass_locked(&mut conn).await;
+        // Released with the connection anyway if this fails (the pool
+        // closes a connection whose unlock errored).
+        if let Err(error) = db::advisory_unlock(&mut conn, LOCK_KEY).await {
+            conn.close_on_drop();
+            warn!(%error, "reconciler lock not released; its connection is closed");
+        }
+        report
+    }
+
+    async fn pass_locked(&self, conn: &mut sqlx::PgConnection) -> anyhow::Result<PassReport> {
         let settled = self.saga.deadline + self.grace;
-        let batch = db::sagas_to_reconcile(&mut tx, settled, BATCH).await?;
+        let batch = db::sagas_to_reconcile(conn, settled, BATCH).await?;
         let ids: Vec<Uuid> = batch.sagas.iter().map(|(id, _)| *id).collect();
+        let mut report = PassReport {
+            checked: ids.len(),
+            new_batch_full: batch.new_sagas as i64 >= BATCH,
+            ..PassReport::default()
+        };
+        if ids.is_empty() {
+            report.open = self.count_open(conn).await?;
+            return Ok(report);
+        }
+
         let mut logs: HashMap<&str, HashMap<Uuid, Vec<Step>>> = HashMap::new();
         let mut unanswered = Vec::new();
-        if !ids.is_empty() {
-            for (service, answer) in self.peers.step_logs_of(&ids).await {
-                match answer {
-                    Ok(by_order) => {
-                        logs.insert(service, by_order);
-                    }
-                    Err(why) => unanswered.push(format!("{service}: {why}")),
+        for (service, answer) in self.peers.step_logs_of(&ids).await {
+            match answer {
+                Ok(by_order) => {
+                    logs.insert(service, by_order);
                 }
+                Err(why) => unanswered.push(format!("{service}: {why}")),
             }
         }
         // A service that answered but never saw the order has no steps.
@@ -204,14 +235,38 @@ impl Reconciler {
             .into_iter()
             .filter(|k| logs.contains_key(service_of(k)))
             .collect();
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let outcome = db::record_findings(&mut tx, &ids, &judged, &found).await?;
         // The batch is checked again next pass until every service answers.
-        if let (Some(last), true) = (batch.watermark, unanswered.is_empty()) {
+        report.advanced = unanswered.is_empty() && batch.watermark.is_some();
+        if let (Some(last), true) = (batch.watermark, report.advanced) {
             db::advance_reconciler(&mut tx, last).await?;
         }
-        let open_by_kind = db::open_findings(&mut tx).await?;
         tx.commit().await?;
-        let open: i64 = open_by_kind.iter().map(|(_, n)| n).sum();
+        report.open = self.count_open(conn).await?;
+        report.new_findings = outcome.new.len();
+        report.resolved = outcome.resolved;
+        report.unanswered = unanswered.len();
+
+        for (id, f) in found
+            .iter()
+            .filter(|(id, f)| outcome.new.contains(&(*id, f.kind.to_owned())))
+        {
+            warn!(order_id = %id, kind = f.kind, detail = ?f.detail, "saga invariant violated");
+            metrics::counter!(metric::SAGA_INVARIANT_VIOLATIONS, "kind" => f.kind).increment(1);
+        }
+        if !unanswered.is_empty() {
+            warn!(
+                services = ?unanswered,
+                "reconciler: some services did not answer; their part is checked next pass"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Open findings: the gauges, and their total.
+    async fn count_open(&self, conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+        let open_by_kind = db::open_findings(conn).await?;
         for service in [PAYMENT_SVC.name, INVENTORY_SVC.name, NOTIFICATION_SVC.name] {
             let pending: i64 = open_by_kind
                 .iter()
@@ -221,45 +276,40 @@ impl Reconciler {
             metrics::gauge!(metric::COMPENSATIONS_PENDING, "service" => service)
                 .set(pending as f64);
         }
-
-        for (id, f) in found
-            .iter()
-            .filter(|(id, f)| outcome.new.contains(&(*id, f.kind.to_owned())))
-        {
-            warn!(order_id = %id, kind = f.kind, detail = ?f.detail, "saga invariant violated");
-            metrics::counter!(metric::SAGA_INVARIANT_VIOLATIONS, "kind" => f.kind).increment(1);
-        }
+        let open: i64 = open_by_kind.iter().map(|(_, n)| n).sum();
         metrics::gauge!(metric::SAGA_INVARIANT_VIOLATIONS_OPEN).set(open as f64);
-        if !unanswered.is_empty() {
-            warn!(
-                services = ?unanswered,
-                "reconciler: some services did not answer; their part is checked next pass"
-            );
-        }
-        Ok(PassReport {
-            checked: ids.len(),
-            new_findings: outcome.new.len(),
-            resolved: outcome.resolved,
-            open,
-            skipped: false,
-        })
+        Ok(open)
     }
 
-    /// Passes every `interval` until cancelled (a full batch passes again
-    /// at once: a backlog is worked off, not spread over intervals).
+    /// Passes every `interval` until cancelled. A full batch of new sagas
+    /// that moved the watermark passes again at once (a backlog is worked
+    /// off, not spread over intervals); a service that does not answer
+    /// doubles the wait, up to 8 intervals.
     pub async fn run(self, interval: Duration, cancel: CancellationToken) {
+        let mut backoff = 1u32;
         loop {
-            let mut wait = interval;
-            match self.pass().await {
-                Ok(report) if report.checked as i64 >= BATCH => wait = Duration::ZERO,
-                Ok(report) if report.new_findings > 0 || report.resolved > 0 => {
-                    info!(?report, "reconciler pass");
+            let wait = match self.pass().await {
+                Ok(report) if report.unanswered > 0 => {
+                    backoff = (backoff * 2).min(8);
+                    interval * backoff
                 }
-                Ok(_) => {}
+                Ok(report) => {
+                    backoff = 1;
+                    if report.new_findings > 0 || report.resolved > 0 {
+                        info!(?report, "reconciler pass");
+                    }
+                    if report.new_batch_full && report.advanced {
+                        Duration::ZERO
+                    } else {
+                        interval
+                    }
+                }
                 Err(error) => {
-                    warn!(error = %format!("{error:#}"), "reconciler pass failed; will retry")
+                    warn!(error = %format!("{error:#}"), "reconciler pass failed; will retry");
+                    backoff = (backoff * 2).min(8);
+                    interval * backoff
                 }
-            }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}

@@ -17,7 +17,9 @@ use chrono::{DateTime, Utc};
 use common::messaging::events::EventType;
 use common::messaging::topology::{INVENTORY_SVC, NOTIFICATION_SVC, PAYMENT_SVC};
 use common::runtime::auth::Secret;
-use common::saga::timeline::{CompensationState, Step, StepKind, StepLog, StepLogs, StepQuery};
+use common::saga::timeline::{
+    CompensationState, MAX_ORDERS_PER_QUERY, Step, StepKind, StepLog, StepLogs, StepQuery,
+};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -79,44 +81,45 @@ impl Peers {
 }
 
 impl Peers {
-    /// Every peer's steps for many orders at once (the reconciler's
-    /// question), or why a peer's are missing.
+    /// Every peer's steps for many orders (the reconciler's question), in
+    /// requests of at most [`MAX_ORDERS_PER_QUERY`]; or why a peer's are
+    /// missing.
     pub async fn step_logs_of(
         &self,
         order_ids: &[Uuid],
     ) -> Vec<(&'static str, Result<HashMap<Uuid, Vec<Step>>, String>)> {
+        let asks = self.services.iter().map(|(name, url)| async move {
+            let mut all = HashMap::with_capacity(order_ids.len());
+            for chunk in order_ids.chunks(MAX_ORDERS_PER_QUERY) {
+                match self.ask_steps(url, chunk).await {
+                    Ok(logs) => all.extend(logs.logs.into_iter().map(|l| (l.order_id, l.steps))),
+                    Err(why) => return (*name, Err(why)),
+                }
+            }
+            (*name, Ok(all))
+        });
+        futures_util::future::join_all(asks).await
+    }
+
+    async fn ask_steps(&self, url: &str, order_ids: &[Uuid]) -> Result<StepLogs, String> {
         let query = StepQuery {
             order_ids: order_ids.to_vec(),
         };
-        let asks = self.services.iter().map(|(name, url)| {
-            let query = &query;
-            async move {
-                let mut request = self.http.post(format!("{url}/sagas/steps")).json(query);
-                if let Some(token) = &self.token {
-                    request = request.bearer_auth(token.expose());
-                }
-                let answer = async {
-                    let response = request
-                        .send()
-                        .await
-                        .map_err(|e| e.without_url().to_string())?;
-                    if !response.status().is_success() {
-                        return Err(format!("HTTP {}", response.status()));
-                    }
-                    let logs: StepLogs = response
-                        .json()
-                        .await
-                        .map_err(|e| e.without_url().to_string())?;
-                    Ok(logs
-                        .logs
-                        .into_iter()
-                        .map(|log| (log.order_id, log.steps))
-                        .collect())
-                };
-                (*name, answer.await)
-            }
-        });
-        futures_util::future::join_all(asks).await
+        let mut request = self.http.post(format!("{url}/sagas/steps")).json(&query);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.expose());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| e.without_url().to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| e.without_url().to_string())
     }
 }
 

@@ -231,13 +231,17 @@ pub async fn list(api: &Api, search: &Search, json: bool) -> anyhow::Result<()> 
         } else {
             g("status")
         };
-        let outcome = match (s.get("error"), s.get("reason")) {
+        let mut outcome = match (s.get("error"), s.get("reason")) {
             (Some(Value::String(e)), Some(Value::String(r))) => {
                 format!("{}: {}", clean(e), clean(r))
             }
             (Some(Value::String(e)), _) => clean(e),
             _ => String::new(),
         };
+        // Why it is stuck comes first: it is what the operator acts on.
+        if let Some(Value::String(why)) = s.get("stuck_reason") {
+            outcome = format!("[{}] {outcome}", clean(why));
+        }
         t.row(vec![
             g("order_id"),
             status,

@@ -344,8 +344,9 @@ pub struct TestSystem {
     pub http: reqwest::Client,
     /// Per service: its broker user and URL, when each has its own.
     pub broker_users: Option<[(String, String); 4]>,
-    /// Each service's HTTP port, fixed for the system's life so that a
-    /// restarted service is where order-svc (and a test) expects it.
+    /// Each service's HTTP port once it first bound one (0 before), kept
+    /// for the system's life so that a restarted service is where order-svc
+    /// (and a test) expects it.
     ports: [u16; 4],
     running: [Option<Running>; 4],
 }
@@ -397,10 +398,11 @@ impl TestSystem {
             broker_users,
             sandbox,
             options,
-            ports: free_ports(),
+            ports: [0; 4],
             running: Default::default(),
         };
-        for svc in Svc::ALL {
+        // order-svc last: it is told where the others listen.
+        for svc in [Svc::Payment, Svc::Inventory, Svc::Notification, Svc::Order] {
             if system.options.start[svc.index()] {
                 system.start(svc).await;
             }
@@ -464,10 +466,9 @@ impl TestSystem {
                 let mut c = order_svc::Config::new(common);
                 c.saga_deadline_ms = self.options.deadline_ms;
                 c.timeout_scan_ms = 50;
-                let peer = |svc: Svc| format!("http://127.0.0.1:{}", self.ports[svc.index()]);
-                c.payment_svc_url = peer(Svc::Payment);
-                c.inventory_svc_url = peer(Svc::Inventory);
-                c.notification_svc_url = peer(Svc::Notification);
+                c.payment_svc_url = self.peer_url(Svc::Payment);
+                c.inventory_svc_url = self.peer_url(Svc::Inventory);
+                c.notification_svc_url = self.peer_url(Svc::Notification);
                 // Tests look for findings within seconds, not minutes.
                 c.reconcile_interval_ms = 500;
                 c.reconcile_grace_ms = 1000;
@@ -483,7 +484,22 @@ impl TestSystem {
                 launch::<notification_svc::App>(c).await
             }
         };
+        self.ports[svc.index()] = running
+            .base_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a service's base URL ends with its port");
         self.running[svc.index()] = Some(running);
+    }
+
+    /// Where order-svc finds `svc`: where it listens, or — not started yet —
+    /// a free port it will be started on.
+    fn peer_url(&mut self, svc: Svc) -> String {
+        if self.ports[svc.index()] == 0 {
+            self.ports[svc.index()] = free_port();
+        }
+        format!("http://127.0.0.1:{}", self.ports[svc.index()])
     }
 
     /// Stops one service gracefully (drains, flushes its outbox).
@@ -829,16 +845,12 @@ impl Sandbox {
     }
 }
 
-/// Four distinct free ports on 127.0.0.1 (held together while picked).
-fn free_ports() -> [u16; 4] {
-    let listeners: Vec<std::net::TcpListener> = (0..4)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("bound").port())
-        .collect();
-    ports.try_into().expect("four ports")
+/// A free port on 127.0.0.1 (for a service started later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 async fn launch<S: Service>(config: S::Config) -> Running {

@@ -155,6 +155,19 @@ impl ProcessSystem {
     /// Starts replica `i` (again).
     pub async fn start(&mut self, i: usize) {
         let db = self.sandbox.database_url(self.replicas[i].svc);
+        // order-svc asks the others for their steps of a saga (a replica of each).
+        let peers: Vec<(&str, String)> = if self.replicas[i].svc == Svc::Order {
+            [
+                ("PAYMENT_SVC_URL", Svc::Payment),
+                ("INVENTORY_SVC_URL", Svc::Inventory),
+                ("NOTIFICATION_SVC_URL", Svc::Notification),
+            ]
+            .into_iter()
+            .filter_map(|(var, svc)| Some((var, self.urls(svc).into_iter().next()?)))
+            .collect()
+        } else {
+            Vec::new()
+        };
         let r = &mut self.replicas[i];
         assert!(r.child.is_none(), "{} is running", r.name());
         let log = std::fs::OpenOptions::new()
@@ -168,6 +181,7 @@ impl ProcessSystem {
             .env("DATABASE_URL", db)
             .env("HTTP_ADDR", format!("127.0.0.1:{}", r.port))
             .env("DEV_MODE", "1")
+            .envs(peers)
             .env(
                 "RUST_LOG",
                 std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn,common=info".into()),

@@ -125,10 +125,17 @@ pub async fn for_order(
     conn: &mut sqlx::PgConnection,
     order_id: Uuid,
 ) -> Result<Vec<EscalationRow>, sqlx::Error> {
-    sqlx::query_as("select * from escalations where order_id = $1 order by created_at")
-        .bind(order_id)
-        .fetch_all(conn)
-        .await
+    // Without the stored message (the step needs none of it).
+    sqlx::query_as(
+        r#"
+        select id, message_id, order_id, step, routing_key, ''::bytea as body, attempts,
+               last_error, status, created_at, updated_at, resolved_at
+        from escalations where order_id = $1 order by created_at
+        "#,
+    )
+    .bind(order_id)
+    .fetch_all(conn)
+    .await
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<EscalationRow>, sqlx::Error> {

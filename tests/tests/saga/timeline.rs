@@ -176,6 +176,16 @@ async fn a_failed_saga_shows_its_decision_and_every_compensation_done() {
     ));
     assert!(has_step(&view, "order-svc", "order.failed", "failed"));
     assert!(view["emails"].as_array().unwrap().is_empty());
+    let notification_steps: Vec<&Value> = view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["service"] == "notification-svc")
+        .collect();
+    assert!(
+        !format!("{notification_steps:?}").contains('@'),
+        "no address in notification-svc's steps: {notification_steps:?}"
+    );
     assert!(
         view["compensations"]
             .as_array()

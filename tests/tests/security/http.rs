@@ -91,8 +91,43 @@ async fn tokens_open_what_they_should_and_nothing_else() {
         StatusCode::UNAUTHORIZED
     );
 
+    // A saga's view, across the services: order-svc asks the others with
+    // its own token, and every one answers; their step logs need a token.
+    let order_id = placed["order_id"].as_str().unwrap();
+    let (status, view) = call(
+        &sys,
+        Method::GET,
+        Svc::Order,
+        &format!("/sagas/{order_id}"),
+        api,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    for svc in ["payment-svc", "inventory-svc", "notification-svc"] {
+        assert_eq!(view["sources"][svc], "ok", "{view}");
+    }
+    for svc in [Svc::Payment, Svc::Inventory, Svc::Notification] {
+        let steps = format!("/sagas/{order_id}/steps");
+        assert_eq!(
+            call(&sys, Method::GET, svc, &steps, None, None).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let query = Some(json!({"order_ids": [order_id]}));
+        assert_eq!(
+            call(&sys, Method::POST, svc, "/sagas/steps", None, query.clone())
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        let (status, logs) = call(&sys, Method::POST, svc, "/sagas/steps", api, query).await;
+        assert_eq!(status, StatusCode::OK, "{logs}");
+        assert_eq!(logs["logs"][0]["order_id"], order_id);
+    }
+
     // Set-up, reads of accounts and addresses, admin: the admin token only.
-    let admin_calls: [(Method, Svc, &str, Option<Value>); 9] = [
+    let admin_calls: [(Method, Svc, &str, Option<Value>); 10] = [
+        (Method::POST, Svc::Order, "/admin/reconcile", None),
         (
             Method::PUT,
             Svc::Order,
