@@ -103,6 +103,9 @@ pub struct Options {
     pub broker_user_per_service: bool,
     /// `HTTP_HEADER_TIMEOUT_MS` (unset: the default).
     pub http_header_timeout_ms: Option<u64>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, with the `http/json` protocol (unset:
+    /// no trace export).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The HTTP API's bearer tokens.
@@ -135,6 +138,7 @@ impl Default for Options {
             tokens: None,
             broker_user_per_service: false,
             http_header_timeout_ms: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -182,6 +186,12 @@ impl Options {
     /// The services close a connection whose request head takes longer.
     pub fn http_header_timeout_ms(mut self, ms: u64) -> Self {
         self.http_header_timeout_ms = Some(ms);
+        self
+    }
+
+    /// Every service exports its spans to this OTLP/HTTP collector (JSON).
+    pub fn otlp_endpoint(mut self, url: &str) -> Self {
+        self.otlp_endpoint = Some(url.to_owned());
         self
     }
 
@@ -434,6 +444,10 @@ impl TestSystem {
             .map(|d| d.parse().expect("valid fault delay"));
         c.shutdown_grace_ms = 5000;
         c.dev_mode = true;
+        if let Some(url) = &self.options.otlp_endpoint {
+            c.otel_exporter_otlp_endpoint = Some(url.clone());
+            c.otel_exporter_otlp_protocol = "http/json".to_owned();
+        }
         if let Some(ms) = self.options.http_header_timeout_ms {
             c.http_header_timeout_ms = ms;
         }

@@ -49,6 +49,7 @@ use crate::messaging::topology::{DELIVERY_LIMIT, ServiceIdentity};
 use crate::messaging::trust::{ProducerTrust, Untrusted};
 use crate::messaging::unit_of_work::UnitOfWork;
 use crate::metric_definitions as metric;
+use crate::runtime::traces;
 use crate::store::pool as db;
 
 /// Messages larger than this are parked unread.
@@ -226,6 +227,18 @@ enum Verdict {
     Escalate { step: &'static str, error: String },
 }
 
+impl Verdict {
+    /// The `outcome` label of what becomes of the message.
+    fn label(&self) -> &'static str {
+        match self {
+            Verdict::Ack => "ok",
+            Verdict::Retry(_) => "retry",
+            Verdict::Park { .. } => "parked",
+            Verdict::Escalate { .. } => "escalated",
+        }
+    }
+}
+
 impl<H: MessageHandler> Consumer<H> {
     pub fn new(
         service: ServiceIdentity,
@@ -348,8 +361,16 @@ impl<H: MessageHandler> Consumer<H> {
                 tokio::time::sleep(delay.sample()).await;
             }
             let started = Instant::now();
+            let started_at = std::time::SystemTime::now();
             let verdicts = self.judge_all(&messages).await;
             let took = started.elapsed().as_secs_f64();
+            traces::consumed(
+                self.service.name,
+                messages.iter().zip(verdicts.iter().map(Verdict::label)),
+                messages.len(),
+                started_at,
+                std::time::SystemTime::now(),
+            );
             for msg in &messages {
                 metrics::histogram!(metric::MESSAGE_HANDLING_SECONDS,
                     "service" => self.service.name, "event_type" => event_label(&msg.routing_key))

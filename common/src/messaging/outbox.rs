@@ -680,10 +680,14 @@ pub async fn send_all(
             m.properties(sender, persistent),
         )
     });
-    futures_util::future::join_all(sends)
+    let sent: Result<Vec<_>, _> = futures_util::future::join_all(sends)
         .await
         .into_iter()
-        .collect()
+        .collect();
+    if sent.is_ok() {
+        crate::runtime::traces::published(sender.service, messages);
+    }
+    sent
 }
 
 /// What a broker confirmation means for the row.

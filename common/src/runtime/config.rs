@@ -21,6 +21,8 @@
 //! | `API_TOKEN` | unset | bearer token for placing and reading orders and sagas (see `runtime::auth`) |
 //! | `ADMIN_TOKEN` | unset | bearer token for set-up, reads of accounts/stock/customers, `/admin/…`; with neither token the HTTP API is open (development only) |
 //! | `DEV_MODE` | unset | `1`: development mode — the built-in card keys are accepted; without it a service refuses to start on them |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | unset | OpenTelemetry collector (OTLP/HTTP base URL) the saga's spans are exported to; unset: none |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `http/protobuf` | or `http/json` |
 //! | `HTTP_MAX_IN_FLIGHT` | 1024 | HTTP requests handled at once; more are shed with 503 |
 //! | `HTTP_HEADER_TIMEOUT_MS` | 10000 | a connection that has not sent a request's headers in this time is closed |
 //! | `HTTP_REQUEST_TIMEOUT_MS` | 30000 | a request (body included) not answered in this time gets 408 |
@@ -121,6 +123,17 @@ pub struct CommonConfig {
     #[arg(long, env = "DEV_MODE", action = clap::ArgAction::Set, default_value_t = false,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub dev_mode: bool,
+    /// OpenTelemetry collector (OTLP over HTTP) to export the saga's spans
+    /// to, e.g. `http://127.0.0.1:4318`; unset: no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+    /// `http/protobuf` or `http/json`.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default_value = "http/protobuf"
+    )]
+    pub otel_exporter_otlp_protocol: String,
 }
 
 impl CommonConfig {
@@ -150,6 +163,8 @@ impl CommonConfig {
             api_token: None,
             admin_token: None,
             dev_mode: false,
+            otel_exporter_otlp_endpoint: None,
+            otel_exporter_otlp_protocol: "http/protobuf".to_owned(),
         }
     }
 
@@ -223,6 +238,14 @@ impl fmt::Debug for CommonConfig {
             .field("api_token", &self.api_token)
             .field("admin_token", &self.admin_token)
             .field("dev_mode", &self.dev_mode)
+            .field(
+                "otel_exporter_otlp_endpoint",
+                &self.otel_exporter_otlp_endpoint,
+            )
+            .field(
+                "otel_exporter_otlp_protocol",
+                &self.otel_exporter_otlp_protocol,
+            )
             .finish()
     }
 }

@@ -2,7 +2,8 @@
 //! [`service`] wires the parts together and shuts them down in order;
 //! [`http`] serves health, metrics and the escalation admin API, behind
 //! [`auth`]'s bearer tokens, on [`server`];
-//! [`config`], [`telemetry`] and [`shutdown`] support them.
+//! [`config`], [`telemetry`], [`traces`] (OpenTelemetry export) and
+//! [`shutdown`] support them.
 
 pub mod auth;
 pub mod config;
@@ -11,3 +12,4 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod traces;

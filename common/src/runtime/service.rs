@@ -50,7 +50,7 @@ use crate::messaging::topology::ServiceIdentity;
 use crate::messaging::trust::ProducerTrust;
 use crate::runtime::auth::HttpAuth;
 use crate::runtime::config::{CommonConfig, redact_url};
-use crate::runtime::{auth, http, telemetry};
+use crate::runtime::{auth, http, telemetry, traces};
 use crate::store::{gauges, pool as db, retention};
 
 /// A task that runs until its token is cancelled.
@@ -114,6 +114,13 @@ impl ServiceRuntime {
             Publisher::new(identity.name, broker.clone(), confirmed.clone());
         // Register the recorder before anything records.
         let _ = telemetry::prometheus();
+        if let Some(endpoint) = &config.otel_exporter_otlp_endpoint {
+            let protocol = traces::protocol(&config.otel_exporter_otlp_protocol)
+                .map_err(anyhow::Error::msg)?;
+            traces::install(identity.name, endpoint, protocol)
+                .context("setting up the OTLP trace export")?;
+            info!(endpoint = %redact_url(endpoint), "exporting traces over OTLP");
+        }
         Ok(Self {
             identity,
             config,
@@ -308,6 +315,8 @@ impl ServiceRuntime {
         infra.close();
         infra.wait().await;
         self.pool.close().await;
+        // Sends the spans not sent yet (the SDK's exporter blocks).
+        let _ = tokio::task::spawn_blocking(move || traces::shutdown(name)).await;
         info!(service = name, "stopped");
 
         match http_failure {

@@ -11,6 +11,7 @@ mod compose;
 mod dashboard;
 mod promtool;
 mod scrape;
+mod traces;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
