@@ -11,7 +11,6 @@ mod compose;
 mod dashboard;
 mod promtool;
 mod scrape;
-mod traces;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

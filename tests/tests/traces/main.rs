@@ -1,6 +1,9 @@
 //! OpenTelemetry export: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, one order
 //! is one trace (its id the order id) across the four services, each
 //! handling's span a child of the publish of the event it handled.
+//!
+//! A test binary of its own: the ops tests assert exact saga counters of
+//! their process.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
