@@ -56,31 +56,13 @@ impl Peers {
     /// Every peer's steps for the order, or why they are missing.
     async fn step_logs(&self, order_id: Uuid) -> Vec<(&'static str, Result<Vec<Step>, String>)> {
         let asks = self.services.iter().map(|(name, url)| async move {
-            let mut request = self.http.get(format!("{url}/sagas/{order_id}/steps"));
-            if let Some(token) = &self.token {
-                request = request.bearer_auth(token.expose());
-            }
-            let answer = async {
-                let response = request
-                    .send()
-                    .await
-                    .map_err(|e| e.without_url().to_string())?;
-                if !response.status().is_success() {
-                    return Err(format!("HTTP {}", response.status()));
-                }
-                let log: StepLog = response
-                    .json()
-                    .await
-                    .map_err(|e| e.without_url().to_string())?;
-                Ok(log.steps)
-            };
-            (*name, answer.await)
+            let request = self.http.get(format!("{url}/sagas/{order_id}/steps"));
+            let answer: Result<StepLog, String> = self.ask(request).await;
+            (*name, answer.map(|log| log.steps))
         });
         futures_util::future::join_all(asks).await
     }
-}
 
-impl Peers {
     /// Every peer's steps for many orders (the reconciler's question), in
     /// requests of at most [`MAX_ORDERS_PER_QUERY`]; or why a peer's are
     /// missing.
@@ -91,7 +73,11 @@ impl Peers {
         let asks = self.services.iter().map(|(name, url)| async move {
             let mut all = HashMap::with_capacity(order_ids.len());
             for chunk in order_ids.chunks(MAX_ORDERS_PER_QUERY) {
-                match self.ask_steps(url, chunk).await {
+                let query = StepQuery {
+                    order_ids: chunk.to_vec(),
+                };
+                let request = self.http.post(format!("{url}/sagas/steps")).json(&query);
+                match self.ask::<StepLogs>(request).await {
                     Ok(logs) => all.extend(logs.logs.into_iter().map(|l| (l.order_id, l.steps))),
                     Err(why) => return (*name, Err(why)),
                 }
@@ -101,11 +87,11 @@ impl Peers {
         futures_util::future::join_all(asks).await
     }
 
-    async fn ask_steps(&self, url: &str, order_ids: &[Uuid]) -> Result<StepLogs, String> {
-        let query = StepQuery {
-            order_ids: order_ids.to_vec(),
-        };
-        let mut request = self.http.post(format!("{url}/sagas/steps")).json(&query);
+    /// Sends a request with the token; the JSON answer, or why there is none.
+    async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<T, String> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token.expose());
         }
