@@ -63,13 +63,18 @@ pub const ESCALATIONS_OPEN: &str = "escalations_open";
 /// Undecided sagas by `age` (`under_1s`, `1s_to_deadline`, `past_deadline`),
 /// order-svc (read every 5 s).
 pub const SAGAS_UNDECIDED: &str = "sagas_undecided";
+/// Undecided sagas waiting for an outside answer (3-D Secure) under their
+/// long deadline, order-svc (read every 5 s).
+pub const SAGAS_LONG_RUNNING: &str = "sagas_long_running";
+/// Age of the oldest of those, in seconds (0 when none).
+pub const SAGA_LONG_RUNNING_OLDEST_SECONDS: &str = "saga_long_running_oldest_seconds";
 /// Compensations of failed sagas not done past deadline + grace, by the
 /// `service` that owes them (order-svc's reconciler, after each pass).
 pub const COMPENSATIONS_PENDING: &str = "compensations_pending";
 /// Saga steps by `service`, `step` (`charge`, `reserve_stock`,
 /// `send_confirmation`, `commit_stock`, `refund`, `release_stock`,
 /// `send_cancellation`), `outcome` (`started`, `succeeded`, `failed`,
-/// `compensated`, `escalated`) and `reason` (why it failed, from a fixed
+/// `deferred` (waits for an outside answer), `compensated`, `escalated`) and `reason` (why it failed, from a fixed
 /// set, else `none`).
 pub const SAGA_STEPS: &str = "saga_steps_total";
 
@@ -92,7 +97,7 @@ pub fn step_outcome(service: &'static str, outcome: &'static str, n: u64) {
                 "service" => service, "step" => step, "outcome" => outcome, "reason" => reason)
             .increment(n);
         };
-        if matches!(result, "succeeded" | "failed") {
+        if matches!(result, "succeeded" | "failed" | "deferred") {
             count("started");
         }
         count(result);
@@ -104,6 +109,8 @@ fn saga_step(outcome: &str) -> Option<(&'static str, &'static str, &'static str)
     Some(match outcome {
         "charged" => ("charge", "succeeded", "none"),
         "declined" => ("charge", "failed", "declined"),
+        "action_required" => ("charge", "deferred", "action_required"),
+        "voided" => ("refund", "compensated", "authorisation_voided"),
         "refunded" => ("refund", "compensated", "none"),
         "cancelled_before_charge" => ("refund", "compensated", "before_charge"),
         "reserved" => ("reserve_stock", "succeeded", "none"),
@@ -142,6 +149,8 @@ mod tests {
         for outcome in [
             "charged",
             "declined",
+            "action_required",
+            "voided",
             "refunded",
             "cancelled_before_charge",
             "reserved",

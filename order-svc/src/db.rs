@@ -38,6 +38,9 @@ pub struct OrderRow {
     pub waiter: Option<String>,
     /// The timeline recorded with the decision.
     pub timeline: Json<Vec<StepRow>>,
+    /// What an undecided saga waits for under its long deadline
+    /// (`payment_confirmation`); `None` for an ordinary one.
+    pub awaiting: Option<String>,
 }
 
 impl OrderRow {
@@ -63,7 +66,7 @@ impl OrderRow {
 
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, items, amount_cents, currency, card_brand, \
      card_last4, idempotency_key, request_fingerprint, error, reason, created_at, deadline_at, \
-     decided_at, reply_to, reply_correlation_id, extra_reply_targets, waiter, timeline";
+     decided_at, reply_to, reply_correlation_id, extra_reply_targets, waiter, timeline, awaiting";
 
 pub async fn get_order(
     conn: &mut PgConnection,
@@ -444,6 +447,36 @@ pub async fn steps(conn: &mut PgConnection, order_id: Uuid) -> Result<Vec<StepRo
     .await
 }
 
+/// Sagas that now wait for an outside answer: marks each pending one with
+/// what it waits for and moves its deadline to its long deadline (`longs`,
+/// at most `cap` after its creation). Returns the ones changed, with their
+/// new deadline (a duplicate, or a saga already decided, changes nothing).
+pub async fn await_answers(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+    longs: &[DateTime<Utc>],
+    awaiting: &str,
+    cap: std::time::Duration,
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        update orders o
+        set awaiting = $3,
+            deadline_at = greatest(o.deadline_at,
+                                   least(x.long_at, o.created_at + make_interval(secs => $4)))
+        from unnest($1::uuid[], $2::timestamptz[]) as x(order_id, long_at)
+        where o.order_id = x.order_id and o.status = 'PENDING' and o.awaiting is null
+        returning o.*
+        "#,
+    )
+    .bind(order_ids)
+    .bind(longs)
+    .bind(awaiting)
+    .bind(cap.as_secs_f64())
+    .fetch_all(conn)
+    .await
+}
+
 /// Adds a reply target to an order placed earlier; false if it was already
 /// there.
 pub async fn add_reply_target(
@@ -525,6 +558,9 @@ pub struct SagaSummary {
     pub duration_ms: i64,
     /// Undecided past its deadline, or failed with a compensation not done.
     pub stuck: bool,
+    /// What a long-running saga waits for (`payment_confirmation`), if it
+    /// is one.
+    pub awaiting: Option<String>,
     /// Why it is stuck: `undecided past its deadline`, `compensation not
     /// done: <kind>` or `invariant violated: <kind>` (the reconciler's
     /// findings).
@@ -549,7 +585,7 @@ pub async fn search_sagas(
     sqlx::query_as(
         r#"
         select o.order_id, o.customer_id, o.status, o.amount_cents, o.error, o.reason,
-               o.created_at, o.deadline_at, o.decided_at,
+               o.created_at, o.deadline_at, o.decided_at, o.awaiting,
                (extract(epoch from coalesce(o.decided_at, now()) - o.created_at) * 1000)::bigint
                    as duration_ms,
                s.reason is not null as stuck,
@@ -604,6 +640,10 @@ pub struct SagaStats {
     pub confirmed: i64,
     pub failed: i64,
     pub pending: i64,
+    /// Long-running sagas (waiting for an outside answer, e.g. 3-D Secure):
+    /// still waiting, and decided. The percentiles leave them out.
+    pub long_running_pending: i64,
+    pub long_running_decided: i64,
     /// Failed sagas by their error (e.g. `"Payment failed"`).
     pub failed_by_reason: Json<std::collections::BTreeMap<String, i64>>,
     /// Median and 99th percentile of creation to decision, in ms (null
@@ -624,7 +664,7 @@ pub async fn saga_stats(conn: &mut PgConnection, minutes: i32) -> Result<SagaSta
     sqlx::query_as(
         r#"
         with recent as (
-            select status, error, created_at, decided_at
+            select status, error, created_at, decided_at, awaiting is not null as long_running
             from orders
             where order_id >= $1 and created_at >= $2
         ),
@@ -638,14 +678,18 @@ pub async fn saga_stats(conn: &mut PgConnection, minutes: i32) -> Result<SagaSta
                count(*) filter (where status = 'CONFIRMED') as confirmed,
                count(*) filter (where status = 'FAILED') as failed,
                count(*) filter (where status = 'PENDING') as pending,
+               count(*) filter (where long_running and status = 'PENDING')
+                   as long_running_pending,
+               count(*) filter (where long_running and status <> 'PENDING')
+                   as long_running_decided,
                (select coalesce(jsonb_object_agg(error, n), '{}'::jsonb) from reasons)
                    as failed_by_reason,
                percentile_cont(0.5) within group (
                    order by (extract(epoch from decided_at - created_at) * 1000)::float8
-               ) as p50_ms,
+               ) filter (where not long_running) as p50_ms,
                percentile_cont(0.99) within group (
                    order by (extract(epoch from decided_at - created_at) * 1000)::float8
-               ) as p99_ms
+               ) filter (where not long_running) as p99_ms
         from recent
         "#,
     )
@@ -692,9 +736,9 @@ pub async fn sagas_to_reconcile(
     settled: std::time::Duration,
     limit: i64,
 ) -> Result<ReconcileBatch, sqlx::Error> {
-    let next: Vec<(Uuid, String)> = sqlx::query_as(
+    let next: Vec<(Uuid, String, bool)> = sqlx::query_as(
         r#"
-        select order_id, status from orders
+        select order_id, status, awaiting is not null from orders
         where order_id > coalesce((select last_order_id from reconciler_progress),
                                   '00000000-0000-0000-0000-000000000000')
           and created_at < now() - make_interval(secs => $1)
@@ -706,18 +750,46 @@ pub async fn sagas_to_reconcile(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let mut sagas: Vec<(Uuid, OrderStatus)> = next
-        .iter()
-        .map(|(id, status)| {
-            (
-                *id,
-                OrderStatus::parse(status).unwrap_or(OrderStatus::Pending),
-            )
-        })
-        .take_while(|(_, status)| *status != OrderStatus::Pending)
-        .collect();
-    let watermark = sagas.last().map(|(id, _)| *id);
-    let new_sagas = sagas.len();
+    // Up to the first saga still undecided (the watcher decides it); one
+    // that waits under its long deadline is passed and checked once decided.
+    let mut sagas: Vec<(Uuid, OrderStatus)> = Vec::new();
+    let mut later: Vec<Uuid> = Vec::new();
+    let mut watermark = None;
+    for (id, status, waits) in &next {
+        match OrderStatus::parse(status).unwrap_or(OrderStatus::Pending) {
+            OrderStatus::Pending if *waits => later.push(*id),
+            OrderStatus::Pending => break,
+            decided => sagas.push((*id, decided)),
+        }
+        watermark = Some(*id);
+    }
+    if !later.is_empty() {
+        sqlx::query("insert into reconcile_later select unnest($1::uuid[]) on conflict do nothing")
+            .bind(&later)
+            .execute(&mut *conn)
+            .await?;
+    }
+    // How far the watermark moves (a full batch means more are waiting).
+    let passed = sagas.len() + later.len();
+    // Long-running sagas passed earlier, decided and settled since.
+    let settled_later: Vec<(Uuid, String)> = sqlx::query_as(
+        r#"
+        select o.order_id, o.status from reconcile_later l join orders o using (order_id)
+        where o.status <> 'PENDING' and o.decided_at < now() - make_interval(secs => $1)
+        limit $2
+        "#,
+    )
+    .bind(settled.as_secs_f64())
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, status) in settled_later {
+        sagas.push((
+            id,
+            OrderStatus::parse(&status).unwrap_or(OrderStatus::Pending),
+        ));
+    }
+    let new_sagas = passed;
     // The open findings checked longest ago first, as many as new sagas at
     // most: every one is seen again within a few passes.
     let open: Vec<(Uuid, String)> = sqlx::query_as(
@@ -810,6 +882,10 @@ pub async fn record_findings(
     .execute(&mut *conn)
     .await?
     .rows_affected();
+    sqlx::query("delete from reconcile_later where order_id = any($1)")
+        .bind(checked)
+        .execute(&mut *conn)
+        .await?;
     Ok(FindingsOutcome {
         new,
         resolved: resolved as usize,
@@ -839,14 +915,21 @@ pub async fn open_findings(conn: &mut PgConnection) -> Result<Vec<(String, i64)>
 }
 
 /// Undecided sagas by age: created under 1 s ago, older but not past the
-/// deadline, past the deadline (through the index of pending deadlines).
-pub async fn undecided_by_age(conn: &mut PgConnection) -> Result<(i64, i64, i64), sqlx::Error> {
+/// deadline, past the deadline; and the long-running ones (waiting for an
+/// outside answer) with the age of the oldest, in seconds (through the index
+/// of pending deadlines).
+pub async fn undecided_by_age(
+    conn: &mut PgConnection,
+) -> Result<(i64, i64, i64, i64, f64), sqlx::Error> {
     sqlx::query_as(
         r#"
         select count(*) filter (where created_at > now() - interval '1 second'),
                count(*) filter (where created_at <= now() - interval '1 second'
                                   and deadline_at > now()),
-               count(*) filter (where deadline_at <= now())
+               count(*) filter (where deadline_at <= now()),
+               count(*) filter (where awaiting is not null),
+               coalesce(extract(epoch from now() - min(created_at)
+                                filter (where awaiting is not null)), 0)::float8
         from orders where status = 'PENDING'
         "#,
     )

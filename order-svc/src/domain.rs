@@ -332,6 +332,21 @@ pub enum StepEffect {
     Confirm,
     /// A step failed: fail the saga.
     Fail(Decision),
+    /// A step waits for an outside answer: the saga goes on under its long
+    /// deadline, and whoever waits is told it is pending.
+    Await,
+}
+
+/// What a saga waiting for a 3-D Secure confirmation waits for (the
+/// `awaiting` column, the pending result's `next.step`).
+pub const AWAITING_PAYMENT: &str = "payment_confirmation";
+
+/// The reason of a long-running saga's timeout.
+pub fn long_timeout_reason(deadline_ms: i64) -> String {
+    format!(
+        "Long deadline of {deadline_ms} ms exceeded while waiting for the payment confirmation \
+         (3-D Secure)"
+    )
 }
 
 /// The decision table of the choreography, as seen by order-svc.
@@ -345,6 +360,7 @@ pub fn effect_of(event: EventType, failure: Option<&StepFailed>) -> StepEffect {
         EventType::InventoryFailed => fail(FailedStep::Inventory),
         EventType::NotificationFailed => fail(FailedStep::Notification),
         EventType::NotificationSent => StepEffect::Confirm,
+        EventType::PaymentActionRequired => StepEffect::Await,
         _ => StepEffect::Record,
     }
 }

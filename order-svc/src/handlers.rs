@@ -7,6 +7,8 @@
 //! - `payment.failed`, `inventory.failed`, `notification.failed`: decide FAILED.
 //! - `notification.sent`: decide CONFIRMED (FAILED if the deadline passed).
 //! - `payment.refunded`, `inventory.released`: added to the saga's timeline.
+//! - `payment.action_required`: the saga waits for the customer's 3-D Secure
+//!   confirmation under its long deadline; whoever waits is told "pending".
 //!
 //! A saga is decided exactly once: decisions are conditional updates on the
 //! order's row, so a duplicate or late outcome changes nothing.
@@ -44,6 +46,7 @@ impl MessageHandler for OrderHandler {
         let mut requested_by: Vec<usize> = Vec::new();
         let mut decisions: Vec<DecisionInput> = Vec::new();
         let mut timeline: Vec<NewStep> = Vec::new();
+        let mut awaits: Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>, String)> = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
             let result = if msg.routing_key == EventType::OrderRequested.routing_key() {
                 self.order_requested(uow, msg).map(|request| {
@@ -51,7 +54,7 @@ impl MessageHandler for OrderHandler {
                     requested_by.push(i);
                 })
             } else {
-                self.step(msg, &mut decisions, &mut timeline)
+                self.step(msg, &mut decisions, &mut timeline, &mut awaits)
             };
             results.push(result);
         }
@@ -81,6 +84,7 @@ impl MessageHandler for OrderHandler {
         if !decisions.is_empty() {
             self.saga.decide_batch(uow, decisions).await?;
         }
+        self.saga.await_answers(uow, &awaits).await?;
         db::record_steps(uow.conn(), &timeline).await?;
         Ok(results)
     }
@@ -155,6 +159,7 @@ impl OrderHandler {
         msg: &Incoming,
         decisions: &mut Vec<DecisionInput>,
         timeline: &mut Vec<NewStep>,
+        awaits: &mut Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>, String)>,
     ) -> MessageResult {
         let env = Envelope::decode(&msg.body)?;
         if !common::messaging::topology::ORDER_SVC.is_consumed(env.event_type) {
@@ -177,6 +182,20 @@ impl OrderHandler {
                     event_id: Some(env.event_id),
                     source: env.producer.clone(),
                     detail: None,
+                    occurred_at: env.occurred_at,
+                });
+                return Ok(());
+            }
+            StepEffect::Await => {
+                // Its long deadline is the event's (payment-svc has it from
+                // order.created), at most SAGA_LONG_DEADLINE_MS after creation.
+                awaits.push((env.order_id, env.deadline_at, env.event_id.to_string()));
+                timeline.push(NewStep {
+                    order_id: env.order_id,
+                    step: env.event_type.routing_key().to_owned(),
+                    event_id: Some(env.event_id),
+                    source: env.producer.clone(),
+                    detail: Some("awaiting the customer's 3-D Secure confirmation".to_owned()),
                     occurred_at: env.occurred_at,
                 });
                 return Ok(());

@@ -2,7 +2,9 @@
 //!
 //! - `POST /orders` — the order dict; optional `Idempotency-Key` header.
 //!   Answers once the saga is decided (within the deadline): 200 with the
-//!   result dict, `Location: /orders/{id}`. 400 with a failure dict for
+//!   result dict, `Location: /orders/{id}`; 202 with
+//!   `{"status": "pending", "order_id", "next"}` when a step waits for an
+//!   outside answer (3-D Secure) under the long deadline. 400 with a failure dict for
 //!   invalid input (nothing is created); 409 if the key was used for a
 //!   different order.
 //! - `GET /orders/{order_id}` — the order, its status and the saga timeline.
@@ -137,7 +139,13 @@ async fn place_order(
     match saga.wait_for_result(placement).await {
         Ok(Some(result)) => {
             let location = format!("/orders/{order_id}");
-            (StatusCode::OK, [(header::LOCATION, location)], Json(result)).into_response()
+            // Pending: accepted, decided later (a 3-D Secure confirmation).
+            let status = if matches!(result, SagaResult::Pending { .. }) {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            (status, [(header::LOCATION, location)], Json(result)).into_response()
         }
         Ok(None) => {
             ApiError::Internal(anyhow::anyhow!("order {order_id} vanished")).into_response()
@@ -323,6 +331,11 @@ async fn order_view(
         "deadline_at": order.deadline_at,
         "decided_at": order.decided_at,
         "result": order.result(),
+        // A saga that waits for an outside answer, and until when.
+        "awaiting": order.awaiting.as_ref().filter(|_| order.result().is_none()).map(|step| json!({
+            "step": step,
+            "deadline_at": order.deadline_at,
+        })),
         "steps": steps,
     }))
 }

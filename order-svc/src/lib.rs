@@ -71,6 +71,10 @@ pub struct Config {
     /// Saga deadline, from order creation, in ms.
     #[arg(long, env = "SAGA_DEADLINE_MS", default_value_t = 5000)]
     pub saga_deadline_ms: u64,
+    /// Deadline of a saga that waits for an outside answer (a payment's
+    /// 3-D Secure confirmation), from order creation, in ms.
+    #[arg(long, env = "SAGA_LONG_DEADLINE_MS", default_value_t = 900_000)]
+    pub saga_long_deadline_ms: u64,
     /// payment-svc's card-sealing public key (base64). Unset: the built-in
     /// development key pair (never use it in production).
     #[arg(long, env = "CARD_SEAL_PUBLIC_KEY")]
@@ -113,6 +117,7 @@ impl Config {
         Self {
             common,
             saga_deadline_ms: 5000,
+            saga_long_deadline_ms: 900_000,
             card_seal_public_key: None,
             timeout_scan_ms: 1000,
             payment_svc_url: "http://127.0.0.1:8081".into(),
@@ -177,6 +182,7 @@ impl Service for App {
             pool: runtime.pool.clone(),
             sealer,
             deadline: Duration::from_millis(config.saga_deadline_ms),
+            long_deadline: Duration::from_millis(config.saga_long_deadline_ms),
             waiters: Arc::new(DecisionWaiters::default()),
             progress: Arc::new(Progress::default()),
             publisher: runtime.publisher.clone(),

@@ -14,7 +14,7 @@ use common::messaging::publisher::Publisher;
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions as metric;
 use common::saga::card::{CardBinding, CardSealer};
-use common::saga::order::SagaResult;
+use common::saga::order::{PendingStep, SagaResult};
 use sqlx::PgPool;
 use sqlx::types::Json;
 use tracing::{debug, info};
@@ -118,6 +118,9 @@ pub struct OrderSaga {
     pub pool: PgPool,
     pub sealer: CardSealer,
     pub deadline: Duration,
+    /// The deadline of a saga that waits for an outside answer (3-D Secure),
+    /// from its creation.
+    pub long_deadline: Duration,
     pub waiters: Arc<DecisionWaiters>,
     pub progress: Arc<Progress>,
     pub publisher: Publisher,
@@ -370,6 +373,10 @@ impl OrderSaga {
                         amount_cents: *amount_cents,
                     },
                 ),
+                long_deadline_at: chrono::TimeDelta::from_std(self.long_deadline)
+                    .ok()
+                    .zip(chrono::TimeDelta::from_std(self.deadline).ok())
+                    .map(|(long, short)| deadline_at - short + long.max(short)),
             },
         )
     }
@@ -641,10 +648,67 @@ impl OrderSaga {
     /// A timeout failure, naming the step still awaited.
     fn timeout_decision(&self, row: &OrderRow) -> Decision {
         let deadline_ms = (row.deadline_at - row.created_at).num_milliseconds();
+        let reason = if row.awaiting.is_some() {
+            domain::long_timeout_reason(deadline_ms)
+        } else {
+            domain::timeout_reason(deadline_ms, &self.progress.steps_seen(row.order_id))
+        };
         Decision::Fail {
             step: FailedStep::Timeout,
-            reason: domain::timeout_reason(deadline_ms, &self.progress.steps_seen(row.order_id)),
+            reason,
         }
+    }
+
+    /// Sagas whose payment waits for the customer's confirmation: each goes
+    /// on under its long deadline (`long_at`, from the event), and whoever
+    /// waits for it — an HTTP request, an AMQP client's `reply_to` — is told
+    /// it is pending. Its final result follows when it is decided.
+    pub async fn await_answers(
+        &self,
+        uow: &mut UnitOfWork,
+        awaits: &[(Uuid, DateTime<Utc>, String)],
+    ) -> Result<(), sqlx::Error> {
+        if awaits.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = awaits.iter().map(|(id, _, _)| *id).collect();
+        let longs: Vec<DateTime<Utc>> = awaits.iter().map(|(_, at, _)| *at).collect();
+        let rows = db::await_answers(
+            uow.conn(),
+            &ids,
+            &longs,
+            domain::AWAITING_PAYMENT,
+            self.long_deadline.max(self.deadline),
+        )
+        .await?;
+        let mut told = Vec::with_capacity(rows.len());
+        for row in rows {
+            let result = pending_result(&row);
+            let cause = awaits
+                .iter()
+                .find(|(id, _, _)| *id == row.order_id)
+                .map_or_else(String::new, |(_, _, cause)| cause.clone());
+            if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
+                uow.emit(reply_message(&cause, to, corr, &result));
+            }
+            info!(order_id = %row.order_id, deadline_at = %row.deadline_at,
+                  "saga pending: the payment waits for the customer's confirmation");
+            told.push((row.order_id, row.waiter, result));
+        }
+        let waiters = self.waiters.clone();
+        let publisher = self.publisher.clone();
+        let me = self.replica_queue.clone();
+        uow.on_commit(move || {
+            for (order_id, waiter, result) in told {
+                match waiter {
+                    Some(queue) if queue != me => {
+                        publisher.publish_transient(decision_notice(order_id, &queue, &result));
+                    }
+                    _ => waiters.resolve(order_id, &result),
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Fails up to `limit` overdue sagas (the timeout watcher's pass);
@@ -724,7 +788,7 @@ impl OrderSaga {
                     return Ok(None);
                 };
                 drop(conn);
-                if let Some(result) = row.result() {
+                if let Some(result) = row.result().or_else(|| pending_of(&row)) {
                     return Ok(Some(result));
                 }
             }
@@ -819,6 +883,30 @@ fn timeline(input: &DecisionInput, row: Option<&OrderRow>) -> Vec<StepRow> {
         });
     }
     steps
+}
+
+/// The pending result of a saga that waits for an outside answer.
+pub fn pending_result(row: &OrderRow) -> SagaResult {
+    SagaResult::Pending {
+        order_id: row.order_id,
+        next: PendingStep {
+            step: row
+                .awaiting
+                .clone()
+                .unwrap_or_else(|| domain::AWAITING_PAYMENT.to_owned()),
+            deadline_at: row.deadline_at,
+            detail: format!(
+                "the payment needs the customer's 3-D Secure confirmation; the gateway answers \
+                 with POST /payments/{}/confirm or /decline on payment-svc",
+                row.order_id
+            ),
+        },
+    }
+}
+
+/// A pending result, for an undecided saga that waits for an answer.
+fn pending_of(row: &OrderRow) -> Option<SagaResult> {
+    (row.status() == OrderStatus::Pending && row.awaiting.is_some()).then(|| pending_result(row))
 }
 
 /// The timeline entry of an order's `order.created`.

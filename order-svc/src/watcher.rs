@@ -94,12 +94,16 @@ async fn next_deadline(saga: &OrderSaga) -> Result<Option<DateTime<Utc>>, sqlx::
     db::next_deadline(&mut conn).await
 }
 
-/// Reads the `sagas_undecided{age}` gauge every few seconds (one count over
+/// Reads the `sagas_undecided{age}`, `sagas_long_running` and
+/// `saga_long_running_oldest_seconds` gauges every few seconds (one count over
 /// the index of pending deadlines).
 pub async fn sample_undecided(pool: sqlx::PgPool, cancel: CancellationToken) {
     common::store::gauges::every_interval(cancel, || async {
         let mut conn = pool.acquire().await?;
-        let (fresh, running, overdue) = db::undecided_by_age(&mut conn).await?;
+        let (fresh, running, overdue, long_running, oldest) =
+            db::undecided_by_age(&mut conn).await?;
+        metrics::gauge!(metric::SAGAS_LONG_RUNNING).set(long_running as f64);
+        metrics::gauge!(metric::SAGA_LONG_RUNNING_OLDEST_SECONDS).set(oldest);
         for (age, n) in [
             ("under_1s", fresh),
             ("1s_to_deadline", running),

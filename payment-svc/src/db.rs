@@ -6,8 +6,11 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use common::messaging::envelope::TrailEntry;
+use common::messaging::events::{PaymentCompleted, StepFailed};
 use common::messaging::outbox::{OutboxRows, insert_cte};
 use serde::Serialize;
+use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 use uuid::Uuid;
 
@@ -26,6 +29,95 @@ pub struct PaymentRow {
     pub card_last4: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Until when a 3-D Secure confirmation is accepted.
+    pub action_deadline_at: Option<DateTime<Utc>>,
+    /// What `payment.completed` carries once confirmed.
+    #[serde(skip)]
+    pub completion: Option<Json<PendingCompletion>>,
+}
+
+/// What a payment waiting for its confirmation keeps for it: the saga's
+/// context and `payment.completed`'s payload (no card data).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PendingCompletion {
+    pub causation_id: String,
+    pub trail: Vec<TrailEntry>,
+    pub data: PaymentCompleted,
+}
+
+/// Keeps, for each payment that waits for its confirmation, until when it
+/// is accepted and what it will publish (one statement; none if empty).
+pub async fn await_confirmations(
+    conn: &mut PgConnection,
+    waiting: &[(Uuid, DateTime<Utc>, PendingCompletion)],
+) -> Result<(), sqlx::Error> {
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = waiting.iter().map(|(id, _, _)| *id).collect();
+    let deadlines: Vec<DateTime<Utc>> = waiting.iter().map(|(_, at, _)| *at).collect();
+    let completions: Vec<Json<&PendingCompletion>> =
+        waiting.iter().map(|(_, _, c)| Json(c)).collect();
+    sqlx::query(
+        r#"
+        update payments p set action_deadline_at = x.deadline_at, completion = x.completion
+        from unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) as x(order_id, deadline_at, completion)
+        where p.order_id = x.order_id
+        "#,
+    )
+    .bind(ids)
+    .bind(deadlines)
+    .bind(completions)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records the gateway's answer to a payment waiting for its confirmation:
+/// charged (the account debited) or declined. Returns what happened.
+pub async fn settle_confirmation(
+    conn: &mut PgConnection,
+    payment: &PaymentRow,
+    answer: Result<(), &StepFailed>,
+    default_balance: i64,
+) -> Result<Result<(), StepFailed>, sqlx::Error> {
+    let outcome = match answer {
+        Err(failure) => Err(failure.clone()),
+        Ok(()) => match debit(
+            conn,
+            &payment.customer_id,
+            payment.amount_cents,
+            default_balance,
+        )
+        .await?
+        {
+            Posting::Done => Ok(()),
+            Posting::Insufficient => Err(crate::domain::insufficient_funds()),
+            Posting::Frozen => Err(crate::domain::decline("account_frozen", "Account frozen")),
+        },
+    };
+    let (status, code, reason) = match &outcome {
+        Ok(()) => (PaymentStatus::Charged, None, None),
+        Err(f) => (
+            PaymentStatus::Declined,
+            Some(f.code.as_str()),
+            Some(f.reason.as_str()),
+        ),
+    };
+    sqlx::query(
+        r#"
+        update payments set status = $2, decline_code = $3, reason = $4, completion = null,
+                            updated_at = now()
+        where order_id = $1
+        "#,
+    )
+    .bind(payment.order_id)
+    .bind(status.as_str())
+    .bind(code)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(outcome)
 }
 
 impl PaymentRow {
@@ -300,6 +392,43 @@ pub enum Posting {
 }
 
 /// Credits the account unless it is frozen.
+/// Debits an account (opened with `default_balance` if new), unless frozen
+/// or short.
+pub async fn debit(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    amount: i64,
+    default_balance: i64,
+) -> Result<Posting, sqlx::Error> {
+    sqlx::query(
+        "insert into accounts (customer_id, balance_cents) values ($1, $2) on conflict do nothing",
+    )
+    .bind(customer_id)
+    .bind(default_balance)
+    .execute(&mut *conn)
+    .await?;
+    let (balance, frozen): (i64, bool) = sqlx::query_as(
+        "select balance_cents, frozen from accounts where customer_id = $1 for update",
+    )
+    .bind(customer_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if frozen {
+        return Ok(Posting::Frozen);
+    }
+    if balance < amount {
+        return Ok(Posting::Insufficient);
+    }
+    sqlx::query(
+        "update accounts set balance_cents = balance_cents - $2, updated_at = now() where customer_id = $1",
+    )
+    .bind(customer_id)
+    .bind(amount)
+    .execute(conn)
+    .await?;
+    Ok(Posting::Done)
+}
+
 pub async fn credit(
     conn: &mut PgConnection,
     customer_id: &str,

@@ -34,6 +34,38 @@ pub const DECLINING_TEST_CARDS: [(&str, &str, &str); 7] = [
     ("4000000000000119", "processing_error", "Processing error"),
 ];
 
+/// The well-known test card that needs 3-D Secure: the gateway answers
+/// "requires action" and the customer's confirmation arrives later
+/// (`POST /payments/{order_id}/confirm` or `/decline`).
+pub const THREE_D_SECURE_TEST_CARD: &str = "4000000000003220";
+
+/// What the gateway says about a card that passed its checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// Charge now.
+    Charge,
+    /// Needs the customer's 3-D Secure confirmation: nothing is charged
+    /// until it comes.
+    RequiresAction,
+}
+
+/// The gateway's answer for a card that passed [`screen_card`].
+pub fn approval(card: &CardDetails) -> Approval {
+    if card.card_number == THREE_D_SECURE_TEST_CARD {
+        Approval::RequiresAction
+    } else {
+        Approval::Charge
+    }
+}
+
+/// The decline of a payment whose 3-D Secure confirmation failed.
+pub fn authentication_declined() -> StepFailed {
+    decline(
+        "authentication_failed",
+        "3-D Secure authentication declined",
+    )
+}
+
 pub fn decline(code: &str, reason: &str) -> StepFailed {
     StepFailed {
         code: code.to_owned(),
@@ -69,6 +101,10 @@ pub enum PaymentStatus {
     Refunded,
     /// Tombstone: the saga was rolled back before any charge.
     Cancelled,
+    /// Waits for the customer's 3-D Secure confirmation; nothing charged.
+    ActionRequired,
+    /// An authorisation that waited and was rolled back: nothing charged.
+    Voided,
 }
 
 impl PaymentStatus {
@@ -78,6 +114,8 @@ impl PaymentStatus {
             PaymentStatus::Declined => "declined",
             PaymentStatus::Refunded => "refunded",
             PaymentStatus::Cancelled => "cancelled",
+            PaymentStatus::ActionRequired => "action_required",
+            PaymentStatus::Voided => "voided",
         }
     }
 
@@ -87,6 +125,8 @@ impl PaymentStatus {
             PaymentStatus::Declined,
             PaymentStatus::Refunded,
             PaymentStatus::Cancelled,
+            PaymentStatus::ActionRequired,
+            PaymentStatus::Voided,
         ]
         .into_iter()
         .find(|p| p.as_str() == s)
@@ -94,8 +134,10 @@ impl PaymentStatus {
 }
 
 impl StepState for PaymentStatus {
+    /// A charge is refunded; an authorisation waiting for its confirmation
+    /// is voided.
     fn needs_undo(self) -> bool {
-        self == PaymentStatus::Charged
+        matches!(self, PaymentStatus::Charged | PaymentStatus::ActionRequired)
     }
 }
 
@@ -125,6 +167,17 @@ mod tests {
     }
 
     #[test]
+    fn the_3d_secure_test_card_requires_action() {
+        let card = card("4000000000003220", "12/30");
+        assert_eq!(screen_card(&card, (2026, 11)), Ok(()));
+        assert_eq!(approval(&card), Approval::RequiresAction);
+        assert_eq!(
+            approval(&super::tests::card("4242424242424242", "12/30")),
+            Approval::Charge
+        );
+    }
+
+    #[test]
     fn a_card_is_valid_through_its_expiry_month() {
         assert_eq!(
             screen_card(&card("4242424242424242", "11/26"), (2026, 11)),
@@ -144,10 +197,15 @@ mod tests {
             compensation_for(Some(PaymentStatus::Charged)),
             Compensation::Undo
         );
+        assert_eq!(
+            compensation_for(Some(PaymentStatus::ActionRequired)),
+            Compensation::Undo
+        );
         for s in [
             PaymentStatus::Declined,
             PaymentStatus::Refunded,
             PaymentStatus::Cancelled,
+            PaymentStatus::Voided,
         ] {
             assert_eq!(compensation_for(Some(s)), Compensation::Nothing);
         }

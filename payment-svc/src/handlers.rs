@@ -17,7 +17,7 @@ use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, S
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{
-    EventType, OrderCreated, PaymentCompleted, PaymentRefunded, StepFailed,
+    EventType, OrderCreated, PaymentActionRequired, PaymentCompleted, PaymentRefunded, StepFailed,
 };
 use common::messaging::inbox;
 use common::messaging::outbox::{OutboxMessage, OutboxRows};
@@ -30,8 +30,8 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::SERVICE;
-use crate::db::{self, NewPayment, Posting};
-use crate::domain::{self, PaymentStatus};
+use crate::db::{self, NewPayment, PendingCompletion, Posting};
+use crate::domain::{self, Approval, PaymentStatus};
 
 pub struct PaymentHandler {
     pub pool: PgPool,
@@ -77,7 +77,7 @@ impl MessageHandler for PaymentHandler {
 }
 
 /// What the gateway and the ledger say about one charge.
-type Verdict = Result<(), StepFailed>;
+type Verdict = Result<Approval, StepFailed>;
 
 impl PaymentHandler {
     /// The gateway's verdict on a card, before any money moves.
@@ -102,6 +102,7 @@ impl PaymentHandler {
             Ok(card) => {
                 let today = Utc::now();
                 domain::screen_card(&card, (today.year(), today.month()))
+                    .map(|()| domain::approval(&card))
             }
             Err(CardError::WrongOrder) => {
                 warn!(order_id = %req.env.order_id, "sealed card bound to another order or amount refused");
@@ -169,7 +170,8 @@ impl PaymentHandler {
 
         // The ledger, in the batch's order, against the locked balances.
         for (req, verdict) in &mut fresh {
-            if verdict.is_err() {
+            // Declined, or waiting for the customer: no money moves now.
+            if *verdict != Ok(Approval::Charge) {
                 continue;
             }
             let amount = req.order.amount_cents;
@@ -179,7 +181,7 @@ impl PaymentHandler {
                 Some((balance, false)) if *balance < amount => Err(domain::insufficient_funds()),
                 Some((balance, false)) => {
                     *balance -= amount;
-                    Ok(())
+                    Ok(Approval::Charge)
                 }
             };
         }
@@ -189,7 +191,8 @@ impl PaymentHandler {
             .map(|(req, verdict)| {
                 let ctx = SagaContext::caused_by(&req.env, SERVICE);
                 match verdict {
-                    Ok(()) => ctx.event(
+                    Ok(Approval::RequiresAction) => action_required_event(req),
+                    Ok(Approval::Charge) => ctx.event(
                         EventType::PaymentCompleted,
                         &PaymentCompleted {
                             customer_id: req.order.customer_id.clone(),
@@ -210,10 +213,10 @@ impl PaymentHandler {
                 customer_id: &r.order.customer_id,
                 amount_cents: r.order.amount_cents,
                 currency: &r.order.currency,
-                status: if v.is_ok() {
-                    PaymentStatus::Charged
-                } else {
-                    PaymentStatus::Declined
+                status: match v {
+                    Ok(Approval::Charge) => PaymentStatus::Charged,
+                    Ok(Approval::RequiresAction) => PaymentStatus::ActionRequired,
+                    Err(_) => PaymentStatus::Declined,
                 },
                 decline_code: v.as_ref().err().map(|f| f.code.as_str()),
                 reason: v.as_ref().err().map(|f| f.reason.as_str()),
@@ -231,8 +234,19 @@ impl PaymentHandler {
             .into_iter()
             .collect();
         drop(records);
+        // What a confirmation needs later, for those that wait (rare: one
+        // more statement only when the batch has some).
+        let awaiting: Vec<(Uuid, chrono::DateTime<Utc>, PendingCompletion)> = fresh
+            .iter()
+            .filter(|(r, v)| {
+                *v == Ok(Approval::RequiresAction) && inserted.contains(&r.env.order_id)
+            })
+            .map(|(r, _)| (r.env.order_id, long_deadline(r), pending_completion(r)))
+            .collect();
+        db::await_confirmations(uow.conn(), &awaiting).await?;
 
         let (mut charged, mut declined, mut raced) = (Vec::new(), 0, 0);
+        let mut waiting = 0;
         let mut published = Vec::with_capacity(inserted.len());
         for ((req, verdict), event) in fresh.into_iter().zip(events) {
             if !inserted.contains(&req.env.order_id) {
@@ -240,7 +254,11 @@ impl PaymentHandler {
                 continue;
             }
             match verdict {
-                Ok(()) => charged.push((req.env.order_id, req.order.amount_cents)),
+                Ok(Approval::Charge) => charged.push((req.env.order_id, req.order.amount_cents)),
+                Ok(Approval::RequiresAction) => {
+                    waiting += 1;
+                    info!(order_id = %req.env.order_id, "3-D Secure confirmation required");
+                }
                 Err(failure) => {
                     declined += 1;
                     info!(order_id = %req.env.order_id, code = %failure.code, "declined");
@@ -252,6 +270,7 @@ impl PaymentHandler {
         uow.on_commit(move || {
             step_outcome(SERVICE, "charged", charged.len() as u64);
             step_outcome(SERVICE, "declined", declined);
+            step_outcome(SERVICE, "action_required", waiting);
             inbox::count_late(SERVICE, EventType::OrderCreated.routing_key(), raced);
             for (order_id, amount_cents) in charged {
                 info!(%order_id, amount_cents, "charged");
@@ -284,6 +303,17 @@ impl PaymentHandler {
         let current_status = current.as_ref().and_then(db::PaymentRow::status);
         let order_id = env.order_id;
         match (compensation_for(current_status), current) {
+            // Waiting for a confirmation: nothing was charged; the
+            // authorisation is voided and a late confirmation refused.
+            (Compensation::Undo, Some(_))
+                if current_status == Some(PaymentStatus::ActionRequired) =>
+            {
+                db::set_status(uow.conn(), order_id, PaymentStatus::Voided).await?;
+                uow.on_commit(move || {
+                    step_outcome(SERVICE, "voided", 1);
+                    info!(%order_id, "authorisation voided: the saga was rolled back");
+                });
+            }
             (Compensation::Undo, Some(payment)) => {
                 if db::credit(uow.conn(), &payment.customer_id, payment.amount_cents).await?
                     != Posting::Done
@@ -320,5 +350,46 @@ impl PaymentHandler {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// The saga's long deadline: the confirmation is accepted until then.
+fn long_deadline(req: &ChargeRequest) -> chrono::DateTime<Utc> {
+    req.order
+        .long_deadline_at
+        .map_or(req.env.deadline_at, |long| long.max(req.env.deadline_at))
+}
+
+/// `payment.action_required`, stamped with the long deadline: the saga
+/// goes on under it.
+fn action_required_event(req: &ChargeRequest) -> OutboxMessage {
+    let mut ctx = SagaContext::caused_by(&req.env, SERVICE);
+    ctx.deadline_at = long_deadline(req);
+    ctx.event(
+        EventType::PaymentActionRequired,
+        &PaymentActionRequired {
+            customer_id: req.order.customer_id.clone(),
+            amount_cents: req.order.amount_cents,
+            currency: req.order.currency.clone(),
+            card_last4: req.order.payment.last4.clone(),
+            action: "3ds_confirmation".to_owned(),
+        },
+    )
+}
+
+/// What `payment.completed` carries once the customer confirms: the
+/// saga's context (the trail through `order.created`) and the payload.
+fn pending_completion(req: &ChargeRequest) -> PendingCompletion {
+    let ctx = SagaContext::caused_by(&req.env, SERVICE);
+    PendingCompletion {
+        causation_id: ctx.causation_id,
+        trail: ctx.trail,
+        data: PaymentCompleted {
+            customer_id: req.order.customer_id.clone(),
+            items: req.order.items.clone(),
+            amount_cents: req.order.amount_cents,
+            currency: req.order.currency.clone(),
+            card_last4: req.order.payment.last4.clone(),
+        },
     }
 }

@@ -3,7 +3,10 @@
 //! - `PUT`/`GET /accounts/{customer_id}` — `{"balance_cents": N, "frozen": bool}`
 //!   (`frozen` optional; a frozen account can be neither charged nor refunded).
 //! - `GET /payments/{order_id}` — amount, status (`charged`, `declined`,
-//!   `refunded`, `cancelled`), decline code and reason, card brand and last 4.
+//!   `refunded`, `cancelled`, `action_required`, `voided`), decline code and
+//!   reason, card brand and last 4.
+//! - `POST /payments/{order_id}/confirm`, `/decline` — the gateway's answer
+//!   to a payment waiting for the customer's 3-D Secure confirmation.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -19,17 +22,141 @@ use sqlx::PgPool;
 
 use crate::SERVICE;
 use crate::db;
-use crate::domain::PaymentStatus;
+use crate::domain::{self, PaymentStatus};
+use axum::routing::post;
+use chrono::Utc;
+use common::messaging::envelope::SagaContext;
+use common::messaging::events::{EventType, StepFailed};
+use common::messaging::publisher::Publisher;
+use common::messaging::unit_of_work::UnitOfWork;
+use common::metric_definitions::step_outcome;
 use common::saga::timeline::{self, Step, StepKind, StepSource};
 use sqlx::PgConnection;
+use tracing::info;
 use uuid::Uuid;
 
-pub fn routes(pool: PgPool) -> Router {
+pub fn routes(pool: PgPool, publisher: Publisher, default_balance_cents: i64) -> Router {
+    let gateway = Gateway {
+        pool: pool.clone(),
+        publisher,
+        default_balance_cents,
+    };
     Router::new()
         .route("/accounts/{customer_id}", get(get_account).put(put_account))
         .route("/payments/{order_id}", get(get_payment))
         .with_state(pool.clone())
+        .merge(
+            Router::new()
+                .route("/payments/{order_id}/confirm", post(confirm_payment))
+                .route("/payments/{order_id}/decline", post(decline_payment))
+                .with_state(gateway),
+        )
         .merge(timeline::routes::<PaymentSteps>(pool, SERVICE))
+}
+
+/// What the gateway's answers need.
+#[derive(Clone)]
+struct Gateway {
+    pool: PgPool,
+    publisher: Publisher,
+    default_balance_cents: i64,
+}
+
+/// `POST /payments/{order_id}/confirm`: the customer passed 3-D Secure.
+async fn confirm_payment(
+    State(gateway): State<Gateway>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    gateway_answer(gateway, &order_id, Ok(())).await
+}
+
+/// `POST /payments/{order_id}/decline`: the customer failed (or abandoned)
+/// 3-D Secure.
+async fn decline_payment(
+    State(gateway): State<Gateway>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    gateway_answer(gateway, &order_id, Err(domain::authentication_declined())).await
+}
+
+/// Applies the gateway's answer to a payment waiting for it, once: charges
+/// (or declines) and publishes `payment.completed` (or `payment.failed`)
+/// under the saga's long deadline, in one transaction. 409 once the payment
+/// no longer waits (answered, or voided by the saga's rollback) or past the
+/// long deadline; 404 for an order with no payment.
+async fn gateway_answer(
+    gateway: Gateway,
+    order_id: &str,
+    answer: Result<(), StepFailed>,
+) -> Result<Response, ApiError> {
+    let order_id = parse_uuid(order_id, "order_id")?;
+    let mut uow = UnitOfWork::begin(&gateway.pool).await?;
+    let payment = db::lock_payment(uow.conn(), order_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))?;
+    if payment.status() != Some(PaymentStatus::ActionRequired) {
+        return Err(ApiError::Conflict(format!(
+            "the payment of order {order_id} is {}: it no longer waits for a confirmation",
+            payment.status
+        )));
+    }
+    let (Some(deadline_at), Some(completion)) =
+        (payment.action_deadline_at, payment.completion.clone())
+    else {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "payment of order {order_id} waits with no deadline or completion recorded"
+        )));
+    };
+    if Utc::now() >= deadline_at {
+        return Err(ApiError::Conflict(format!(
+            "the order {order_id} is past its long deadline ({deadline_at}): it is rolled back, \
+             not confirmed"
+        )));
+    }
+    let outcome = db::settle_confirmation(
+        uow.conn(),
+        &payment,
+        answer.as_ref().map(|_| ()),
+        gateway.default_balance_cents,
+    )
+    .await?;
+    let completion = completion.0;
+    let ctx = SagaContext {
+        order_id,
+        deadline_at,
+        causation_id: completion.causation_id,
+        producer: SERVICE,
+        trail: completion.trail,
+    };
+    let (status, event) = match &outcome {
+        Ok(()) => (
+            PaymentStatus::Charged,
+            ctx.event(EventType::PaymentCompleted, &completion.data),
+        ),
+        Err(failure) => (
+            PaymentStatus::Declined,
+            ctx.event(EventType::PaymentFailed, failure),
+        ),
+    };
+    uow.emit(event);
+    let outcome_label = if outcome.is_ok() {
+        "charged"
+    } else {
+        "declined"
+    };
+    uow.on_commit(move || {
+        step_outcome(SERVICE, outcome_label, 1);
+        info!(%order_id, outcome = outcome_label, "3-D Secure answer applied");
+    });
+    uow.commit(&gateway.publisher).await?;
+    let failure = outcome.err();
+    Ok(Json(json!({
+        "order_id": order_id,
+        "status": status.as_str(),
+        "decline_code": failure.as_ref().map(|f| f.code.clone()),
+        "reason": failure.map(|f| f.reason),
+    }))
+    .into_response())
 }
 
 /// payment-svc's steps of a saga, from its payment row.
@@ -46,9 +173,27 @@ impl StepSource for PaymentSteps {
 
 fn payment_steps(p: &db::PaymentRow) -> Vec<Step> {
     let amount = format!("{} {}", p.amount_cents, p.currency);
-    let charged = || {
+    // A payment that waited for 3-D Secure was charged when confirmed.
+    let waited = p.action_deadline_at.map(|until| {
         Step::new(
             p.created_at,
+            SERVICE,
+            "payment.action_required",
+            StepKind::Action,
+            "action_required",
+        )
+        .detail(Some(format!(
+            "3-D Secure confirmation accepted until {until}"
+        )))
+    });
+    let charged_at = if waited.is_some() {
+        p.updated_at
+    } else {
+        p.created_at
+    };
+    let charged = || {
+        Step::new(
+            charged_at,
             SERVICE,
             "payment.completed",
             StepKind::Action,
@@ -56,7 +201,8 @@ fn payment_steps(p: &db::PaymentRow) -> Vec<Step> {
         )
         .detail(Some(amount.clone()))
     };
-    match p.status() {
+    let mut steps: Vec<Step> = waited.into_iter().collect();
+    steps.extend(match p.status() {
         Some(PaymentStatus::Charged) => vec![charged()],
         Some(PaymentStatus::Refunded) => vec![
             charged(),
@@ -90,8 +236,19 @@ fn payment_steps(p: &db::PaymentRow) -> Vec<Step> {
             StepKind::Compensation,
             "cancelled before any charge",
         )],
-        None => Vec::new(),
-    }
+        Some(PaymentStatus::Voided) => vec![
+            Step::new(
+                p.updated_at,
+                SERVICE,
+                "order.failed",
+                StepKind::Compensation,
+                "voided",
+            )
+            .detail(Some("the authorisation was voided: nothing was charged")),
+        ],
+        Some(PaymentStatus::ActionRequired) | None => Vec::new(),
+    });
+    steps
 }
 
 #[derive(Deserialize)]

@@ -111,7 +111,11 @@ impl Service for App {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let routes = http::routes(self.runtime.pool.clone());
+        let routes = http::routes(
+            self.runtime.pool.clone(),
+            self.runtime.publisher.clone(),
+            self.handler.default_balance_cents,
+        );
         self.runtime
             .run(self.handler, routes, Tasks::default(), cancel)
             .await

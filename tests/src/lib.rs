@@ -88,6 +88,8 @@ fn pg_base() -> String {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub deadline_ms: u64,
+    /// order-svc's `SAGA_LONG_DEADLINE_MS` (unset: its default).
+    pub long_deadline_ms: Option<u64>,
     pub fault_delay: [Option<String>; 4],
     pub start: [bool; 4],
     pub pool_size: u32,
@@ -139,6 +141,7 @@ impl Default for Options {
             broker_user_per_service: false,
             http_header_timeout_ms: None,
             otlp_endpoint: None,
+            long_deadline_ms: None,
         }
     }
 }
@@ -186,6 +189,12 @@ impl Options {
     /// The services close a connection whose request head takes longer.
     pub fn http_header_timeout_ms(mut self, ms: u64) -> Self {
         self.http_header_timeout_ms = Some(ms);
+        self
+    }
+
+    /// order-svc's long deadline (sagas waiting for a 3-D Secure answer).
+    pub fn long_deadline_ms(mut self, ms: u64) -> Self {
+        self.long_deadline_ms = Some(ms);
         self
     }
 
@@ -479,6 +488,9 @@ impl TestSystem {
             Svc::Order => {
                 let mut c = order_svc::Config::new(common);
                 c.saga_deadline_ms = self.options.deadline_ms;
+                if let Some(ms) = self.options.long_deadline_ms {
+                    c.saga_long_deadline_ms = ms;
+                }
                 c.timeout_scan_ms = 50;
                 c.payment_svc_url = self.peer_url(Svc::Payment);
                 c.inventory_svc_url = self.peer_url(Svc::Inventory);

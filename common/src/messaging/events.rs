@@ -32,6 +32,11 @@ pub enum EventType {
     /// payment-svc refunded a charge (compensation).
     #[serde(rename = "payment.refunded")]
     PaymentRefunded,
+    /// The payment needs the customer's action (3-D Secure): nothing is
+    /// charged yet; the saga goes on, under its long deadline, when the
+    /// gateway's answer arrives (`POST /payments/{id}/confirm` or `/decline`).
+    #[serde(rename = "payment.action_required")]
+    PaymentActionRequired,
     /// inventory-svc holds stock for every line of the order.
     #[serde(rename = "inventory.reserved")]
     InventoryReserved,
@@ -62,12 +67,13 @@ pub enum EventType {
 
 impl EventType {
     /// Every event type, in saga order.
-    pub const ALL: [EventType; 13] = [
+    pub const ALL: [EventType; 14] = [
         EventType::OrderRequested,
         EventType::OrderCreated,
         EventType::PaymentCompleted,
         EventType::PaymentFailed,
         EventType::PaymentRefunded,
+        EventType::PaymentActionRequired,
         EventType::InventoryReserved,
         EventType::InventoryFailed,
         EventType::InventoryReleased,
@@ -86,6 +92,7 @@ impl EventType {
             EventType::PaymentCompleted => "payment.completed",
             EventType::PaymentFailed => "payment.failed",
             EventType::PaymentRefunded => "payment.refunded",
+            EventType::PaymentActionRequired => "payment.action_required",
             EventType::InventoryReserved => "inventory.reserved",
             EventType::InventoryFailed => "inventory.failed",
             EventType::InventoryReleased => "inventory.released",
@@ -124,6 +131,23 @@ pub struct OrderCreated {
     pub currency: String,
     /// Only payment-svc holds the key that opens this.
     pub payment: SealedCard,
+    /// The long deadline a step that needs an outside answer (a 3-D Secure
+    /// confirmation) may take until; absent from an order-svc that has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_deadline_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `payment.action_required`: the card needs the customer's confirmation
+/// (3-D Secure). Nothing is charged; the envelope's `deadline_at` is the
+/// saga's long deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentActionRequired {
+    pub customer_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub card_last4: String,
+    /// What is awaited: `3ds_confirmation`.
+    pub action: String,
 }
 
 /// `payment.completed`: the charge succeeded; carries what the next steps need.

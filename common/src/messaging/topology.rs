@@ -434,6 +434,7 @@ mod tests {
                 "notification.failed",
                 "notification.sent",
                 "order.requested",
+                "payment.action_required",
                 "payment.failed",
                 "payment.refunded"
             ]

@@ -44,9 +44,10 @@ pub fn owner(event: EventType) -> Option<&'static str> {
         | EventType::OrderConfirmed
         | EventType::OrderFailed
         | EventType::OrderCancelled => Some("order-svc"),
-        EventType::PaymentCompleted | EventType::PaymentFailed | EventType::PaymentRefunded => {
-            Some("payment-svc")
-        }
+        EventType::PaymentCompleted
+        | EventType::PaymentFailed
+        | EventType::PaymentRefunded
+        | EventType::PaymentActionRequired => Some("payment-svc"),
         EventType::InventoryReserved
         | EventType::InventoryFailed
         | EventType::InventoryReleased => Some("inventory-svc"),

@@ -22,6 +22,9 @@ pub enum Trigger {
     Event(EventType),
     /// The saga's deadline passing (order-svc's timeout watcher).
     Deadline,
+    /// An outside answer (an HTTP call to the service) to the step that
+    /// emitted this event, e.g. the gateway's 3-D Secure result.
+    Callback(EventType),
 }
 
 /// How the reacting service receives its trigger.
@@ -35,6 +38,8 @@ pub enum Delivery {
     Observed,
     /// Not a message: a timer of the service's own.
     Timer,
+    /// Not a message: an HTTP request to the service.
+    Request,
 }
 
 /// The role of a reaction in the saga.
@@ -49,6 +54,8 @@ pub enum StepKind {
     Compensation,
     /// Only recorded (the saga's timeline); no effect.
     Record,
+    /// The saga waits for an outside answer, under its long deadline.
+    Wait,
 }
 
 /// What a reaction's side effect needs when the saga fails.
@@ -76,6 +83,9 @@ pub struct Reaction {
     /// The alternative outcomes, each the events it emits together; the
     /// first is the success path. An empty alternative emits nothing.
     pub outcomes: &'static [&'static [EventType]],
+    /// The step whose deferred outcome this one completes (the confirmation
+    /// of a charge that needed the customer's action).
+    pub completes: Option<&'static str>,
     pub undo: Undo,
 }
 
@@ -96,6 +106,7 @@ pub const REACTIONS: &[Reaction] = &[
         outcomes: &[&[OrderCreated]],
         // The order row is the saga's own state: every failure path ends it
         // FAILED (the decision), which is its undoing.
+        completes: None,
         undo: Undo::Nothing,
     },
     Reaction {
@@ -104,7 +115,14 @@ pub const REACTIONS: &[Reaction] = &[
         on: &[Trigger::Event(OrderCreated)],
         delivery: Delivery::Durable,
         kind: StepKind::Action,
-        outcomes: &[&[PaymentCompleted], &[PaymentFailed]],
+        // A card that needs 3-D Secure is not charged yet: the outcome is
+        // deferred to "confirm payment".
+        outcomes: &[
+            &[PaymentCompleted],
+            &[PaymentFailed],
+            &[PaymentActionRequired],
+        ],
+        completes: None,
         undo: Undo::CompensatedBy { step: "refund" },
     },
     Reaction {
@@ -114,6 +132,7 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Durable,
         kind: StepKind::Action,
         outcomes: &[&[InventoryReserved], &[InventoryFailed]],
+        completes: None,
         undo: Undo::CompensatedBy {
             step: "release stock",
         },
@@ -125,6 +144,7 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Durable,
         kind: StepKind::Action,
         outcomes: &[&[NotificationSent], &[NotificationFailed]],
+        completes: None,
         undo: Undo::Irreversible {
             why: "an email cannot be unsent: it is the last step, and if the saga still fails \
                   (its deadline passed) a cancellation email follows",
@@ -138,6 +158,7 @@ pub const REACTIONS: &[Reaction] = &[
         kind: StepKind::Decision,
         // Past the deadline the saga is already failed and this is ignored.
         outcomes: &[&[OrderConfirmed]],
+        completes: None,
         undo: Undo::Irreversible {
             why: "the pivot: once confirmed, the saga only goes forward",
         },
@@ -153,6 +174,7 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Durable,
         kind: StepKind::Decision,
         outcomes: &[&[OrderFailed]],
+        completes: None,
         undo: Undo::Nothing,
     },
     Reaction {
@@ -162,6 +184,7 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Timer,
         kind: StepKind::Decision,
         outcomes: &[&[OrderCancelled, OrderFailed]],
+        completes: None,
         undo: Undo::Nothing,
     },
     Reaction {
@@ -174,6 +197,7 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Observed,
         kind: StepKind::Record,
         outcomes: &[&[]],
+        completes: None,
         undo: Undo::Nothing,
     },
     Reaction {
@@ -183,6 +207,7 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Durable,
         kind: StepKind::Action,
         outcomes: &[&[]],
+        completes: None,
         undo: Undo::Irreversible {
             why: "the saga is confirmed: the held units are sold",
         },
@@ -196,6 +221,7 @@ pub const REACTIONS: &[Reaction] = &[
         // Nothing to refund when the charge never happened (a tombstone
         // then refuses a late charge).
         outcomes: &[&[PaymentRefunded], &[]],
+        completes: None,
         undo: Undo::Nothing,
     },
     Reaction {
@@ -205,6 +231,7 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Durable,
         kind: StepKind::Compensation,
         outcomes: &[&[InventoryReleased], &[]],
+        completes: None,
         undo: Undo::Nothing,
     },
     Reaction {
@@ -215,6 +242,7 @@ pub const REACTIONS: &[Reaction] = &[
         kind: StepKind::Compensation,
         // Only if a confirmation went out; otherwise a tombstone stops it.
         outcomes: &[&[]],
+        completes: None,
         undo: Undo::Nothing,
     },
     Reaction {
@@ -227,7 +255,30 @@ pub const REACTIONS: &[Reaction] = &[
         delivery: Delivery::Durable,
         kind: StepKind::Record,
         outcomes: &[&[]],
+        completes: None,
         undo: Undo::Nothing,
+    },
+    Reaction {
+        service: "order-svc",
+        step: "await confirmation",
+        on: &[Trigger::Event(PaymentActionRequired)],
+        delivery: Delivery::Durable,
+        kind: StepKind::Wait,
+        // The client is answered "pending"; the saga's deadline becomes its
+        // long deadline (the timeout watcher covers both).
+        outcomes: &[&[]],
+        completes: None,
+        undo: Undo::Nothing,
+    },
+    Reaction {
+        service: "payment-svc",
+        step: "confirm payment",
+        on: &[Trigger::Callback(PaymentActionRequired)],
+        delivery: Delivery::Request,
+        kind: StepKind::Action,
+        outcomes: &[&[PaymentCompleted], &[PaymentFailed]],
+        completes: Some("charge"),
+        undo: Undo::CompensatedBy { step: "refund" },
     },
 ];
 
@@ -312,9 +363,10 @@ pub fn mermaid() -> String {
             _ => "-->",
         };
         for t in r.on {
-            let from = match t {
-                Trigger::Event(e) => event_node(*e),
-                Trigger::Deadline => "deadline".to_owned(),
+            let (from, arrow) = match t {
+                Trigger::Event(e) => (event_node(*e), arrow),
+                Trigger::Deadline => ("deadline".to_owned(), arrow),
+                Trigger::Callback(e) => (event_node(*e), "-.->|outside answer|"),
             };
             let _ = writeln!(out, "    {from} {arrow} r{i}");
         }
@@ -371,10 +423,13 @@ mod tests {
     }
 
     impl Walk {
+        /// Ran with its success outcome, or deferred it to a step that did.
         fn ran_successfully(&self, service: &str, step: &str) -> bool {
-            self.ran
-                .iter()
-                .any(|(s, st, outcome)| *s == service && *st == step && *outcome == 0)
+            self.ran.iter().any(|(s, st, outcome)| {
+                *s == service
+                    && *outcome == 0
+                    && (*st == step || reaction(s, st).and_then(|r| r.completes) == Some(step))
+            })
         }
     }
 
@@ -404,10 +459,15 @@ mod tests {
         done
     }
 
-    /// Runs every reaction to `trigger`, branching on their outcomes.
+    /// Runs every reaction to `trigger` (and the outside answer an event
+    /// awaits), branching on their outcomes.
     fn fire(walk: &mut Walk, trigger: Trigger, todo: &mut Vec<(Walk, usize)>, next: usize) {
         let mut branches = vec![walk.clone()];
-        for r in reactions_to(trigger) {
+        let callbacks = match trigger {
+            Trigger::Event(e) => Some(reactions_to(Trigger::Callback(e))),
+            _ => None,
+        };
+        for r in reactions_to(trigger).chain(callbacks.into_iter().flatten()) {
             let mut grown = Vec::new();
             for b in &branches {
                 // A decision taken once is not taken again.
@@ -458,8 +518,10 @@ mod tests {
             .iter()
             .filter(|w| w.decision == Some(OrderConfirmed))
         {
+            // (A step that completes a deferred one runs only when deferred.)
             for r in REACTIONS.iter().filter(|r| {
                 r.kind == StepKind::Action
+                    && r.completes.is_none()
                     && r.on
                         .iter()
                         .all(|t| !matches!(t, Trigger::Event(OrderConfirmed)))

@@ -61,6 +61,24 @@ pub enum SagaResult {
         error: String,
         reason: String,
     },
+    /// Not decided yet, by design: a step waits for an outside answer (a
+    /// 3-D Secure confirmation) under the saga's long deadline. The final
+    /// result follows (`GET /orders/{id}`, `reply_to`, `order.confirmed` /
+    /// `order.failed`).
+    Pending {
+        order_id: Uuid,
+        next: PendingStep,
+    },
+}
+
+/// What a pending saga waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingStep {
+    /// `payment_confirmation`.
+    pub step: String,
+    /// When the saga is rolled back if the answer has not come.
+    pub deadline_at: chrono::DateTime<chrono::Utc>,
+    pub detail: String,
 }
 
 impl SagaResult {

@@ -110,11 +110,19 @@
     return spareColour.get(service);
   }
 
-  function statusBadge(status, stuck) {
+  function statusBadge(status, stuck, awaiting) {
     const known = ["PENDING", "CONFIRMED", "FAILED"].includes(status) ? status : "";
     const span = h("span", { class: `status ${known}` }, status || "?");
-    if (!stuck) return span;
-    return h("span", {}, span, h("span", { class: "status stuck", title: "undecided past its deadline" }, "STUCK"));
+    const extra = [];
+    // A long-running saga (waiting for an outside answer, e.g. 3-D Secure).
+    if (awaiting) {
+      extra.push(h("span", { class: "status long", title: `long-running: ${awaiting}` }, "LONG"));
+    }
+    if (stuck) {
+      extra.push(h("span", { class: "status stuck", title: "undecided past its deadline, or a compensation not done" }, "STUCK"));
+    }
+    if (extra.length === 0) return span;
+    return h("span", {}, span, ...extra);
   }
 
   // ----- API -----
@@ -227,7 +235,7 @@
         { "data-order-id": saga.order_id, "data-status": saga.status, class: classes.join(" ").trim(), tabindex: "0" },
         // UUIDv7: the leading digits are the time, the trailing ones tell orders apart.
         h("td", { class: "mono", title: saga.order_id }, `…${String(saga.order_id).slice(-12)}`),
-        h("td", {}, statusBadge(saga.status, saga.stuck)),
+        h("td", {}, statusBadge(saga.status, saga.stuck, saga.awaiting)),
         h("td", { class: "wrap" }, saga.customer_id),
         h("td", { class: "num" }, fmtMoney(saga.amount_cents)),
         h("td", { class: "num" }, fmtMs(saga.duration_ms)),
@@ -257,7 +265,7 @@
 
   function renderStats(stats) {
     const minutes = num(stats.window_minutes) || 1;
-    for (const key of ["started", "confirmed", "failed", "pending"]) {
+    for (const key of ["started", "confirmed", "failed", "pending", "long_running_pending"]) {
       const node = document.querySelector(`[data-stat="${key}"]`);
       if (node) setText(node, stats[key] ?? "–");
     }

@@ -8,6 +8,7 @@ mod failures;
 mod happy_path;
 mod idempotency;
 mod isolation;
+mod long_running;
 mod ordering;
 mod poison;
 mod recovery;

@@ -1,0 +1,216 @@
+//! Long-running sagas: a payment that needs the customer's 3-D Secure
+//! confirmation is answered "pending" within the deadline, goes on under the
+//! long deadline, and is confirmed or rolled back like any other saga.
+
+use std::time::{Duration, Instant};
+
+use saga_tests::{Svc, TestSystem, eventually, order_dict, order_with_card};
+use serde_json::Value;
+
+use crate::{SETTLE, stock_the_shop};
+
+const THREE_D_SECURE: &str = "4000 0000 0000 3220";
+
+async fn gateway(sys: &TestSystem, order_id: &str, answer: &str) -> (u16, Value) {
+    let r = sys
+        .http
+        .post(format!(
+            "{}/payments/{order_id}/{answer}",
+            sys.url(Svc::Payment)
+        ))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Places a 3-D Secure order; returns its id once answered "pending".
+async fn place_pending(sys: &TestSystem, customer: &str) -> String {
+    let started = Instant::now();
+    let (status, result) = sys
+        .post_order(&order_with_card(
+            customer,
+            &[("productA", 2)],
+            THREE_D_SECURE,
+        ))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered within the ordinary deadline"
+    );
+    assert_eq!(status, 202, "{result}");
+    assert_eq!(result["status"], "pending", "{result}");
+    assert_eq!(result["next"]["step"], "payment_confirmation", "{result}");
+    result["order_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_3d_secure_payment_confirmed_after_8_s_confirms_the_order() {
+    let sys = TestSystem::builder().long_deadline_ms(20_000).spawn().await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("tess", 100_000).await;
+    let placed_at = Instant::now();
+    let id = place_pending(&sys, "tess").await;
+
+    let order = sys.order(&id).await;
+    assert_eq!(order["status"], "PENDING");
+    assert_eq!(order["awaiting"]["step"], "payment_confirmation", "{order}");
+    assert_eq!(sys.payment(&id).await.unwrap()["status"], "action_required");
+    assert_eq!(
+        sys.balance("tess").await,
+        Some(100_000),
+        "nothing charged yet"
+    );
+
+    // The customer confirms 8 s after placing: past the ordinary deadline.
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(placed_at.elapsed())).await;
+    let (status, answer) = gateway(&sys, &id, "confirm").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "charged");
+
+    let order = eventually(SETTLE, "the order confirmed", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "CONFIRMED").then_some(order)
+    })
+    .await;
+    assert_eq!(order["result"]["status"], "success");
+    assert!(order["awaiting"].is_null(), "{order}");
+    assert_eq!(sys.balance("tess").await, Some(100_000 - 3000));
+    sys.wait_for_stock("productA", (8, 0)).await;
+    assert_eq!(sys.email_kinds(&id).await, ["confirmation"]);
+    // The reconciler, which passed it while it waited, checks it once
+    // decided, and finds its promises kept.
+    eventually(SETTLE, "the long saga reconciled", || async {
+        let mut pg = sys.pg(Svc::Order).await;
+        let later: i64 = sqlx::query_scalar("select count(*) from reconcile_later")
+            .fetch_one(&mut pg)
+            .await
+            .ok()?;
+        (later == 0).then_some(())
+    })
+    .await;
+    let found = sys
+        .get(Svc::Order, "/sagas/violations?all=true")
+        .await
+        .unwrap();
+    assert!(
+        found["violations"].as_array().unwrap().is_empty(),
+        "{found}"
+    );
+    // A second answer changes nothing.
+    let (status, again) = gateway(&sys, &id, "confirm").await;
+    assert_eq!(status, 409, "{again}");
+    assert_eq!(sys.balance("tess").await, Some(100_000 - 3000));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_never_confirmed_is_rolled_back_at_its_long_deadline_and_a_late_confirmation_refused() {
+    let sys = TestSystem::builder().long_deadline_ms(7_000).spawn().await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("lars", 100_000).await;
+    let placed_at = Instant::now();
+    let id = place_pending(&sys, "lars").await;
+
+    let order = eventually(Duration::from_secs(15), "the long deadline", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "FAILED").then_some(order)
+    })
+    .await;
+    let took = placed_at.elapsed();
+    assert!(
+        took >= Duration::from_secs(7) && took < Duration::from_secs(10),
+        "rolled back at its long deadline, after {took:?}"
+    );
+    assert_eq!(order["result"]["error"], "Order timed out");
+    assert!(
+        order["result"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("payment confirmation"),
+        "{order}"
+    );
+    eventually(SETTLE, "the authorisation voided", || async {
+        (sys.payment(&id).await?["status"] == "voided").then_some(())
+    })
+    .await;
+
+    // The gateway's answer comes too late: refused, nothing applied.
+    let (status, answer) = gateway(&sys, &id, "confirm").await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(sys.payment(&id).await.unwrap()["status"], "voided");
+    assert_eq!(sys.balance("lars").await, Some(100_000));
+    assert_eq!(
+        sys.stock("productA").await,
+        (10, 0),
+        "no stock held or lost"
+    );
+    assert!(sys.email_kinds(&id).await.is_empty());
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declined_3d_secure_fails_the_order_and_answers_are_checked() {
+    let sys = TestSystem::builder().long_deadline_ms(20_000).spawn().await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("dana", 100_000).await;
+    let id = place_pending(&sys, "dana").await;
+
+    let (status, answer) = gateway(&sys, &id, "decline").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "declined");
+    let order = eventually(SETTLE, "the order failed", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "FAILED").then_some(order)
+    })
+    .await;
+    assert_eq!(order["result"]["error"], "Payment failed");
+    assert_eq!(
+        order["result"]["reason"],
+        "3-D Secure authentication declined"
+    );
+    assert_eq!(sys.balance("dana").await, Some(100_000));
+
+    let (status, _) = gateway(&sys, &id, "confirm").await;
+    assert_eq!(status, 409, "decided: no second answer");
+    let (status, _) = gateway(&sys, "0190f5c0-0000-7000-8000-000000000000", "confirm").await;
+    assert_eq!(status, 404);
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ordinary_orders_keep_their_5_s_bound_while_long_ones_are_pending() {
+    let sys = TestSystem::builder()
+        .long_deadline_ms(60_000)
+        .fault_delay(Svc::Notification, "6000")
+        .spawn()
+        .await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("long", 100_000).await;
+    sys.set_balance("short", 100_000).await;
+    let long = place_pending(&sys, "long").await;
+
+    // An ordinary order whose confirmation email is slow: failed at 5 s, as
+    // always, while the long one waits.
+    let started = Instant::now();
+    let (_, result) = sys
+        .post_order(&order_dict("short", &[("productB", 1)]))
+        .await;
+    assert_eq!(result["error"], "Order timed out", "{result}");
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+    let short = sys.order(result["order_id"].as_str().unwrap()).await;
+    assert!(short["awaiting"].is_null());
+
+    assert_eq!(sys.order(&long).await["status"], "PENDING");
+    let stuck = sys.get(Svc::Order, "/sagas?stuck=true").await.unwrap();
+    assert!(
+        stuck["sagas"].as_array().unwrap().is_empty(),
+        "a long saga within its long deadline is not stuck: {stuck}"
+    );
+    sys.shutdown().await;
+}
