@@ -244,12 +244,61 @@ pub struct ReservationRow {
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Held for a payment still waiting for its confirmation.
+    pub awaiting_payment: bool,
+    /// Until when such a hold lasts (the saga's long deadline).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl ReservationRow {
     pub fn status(&self) -> Option<ReservationStatus> {
         ReservationStatus::parse(&self.status)
     }
+}
+
+/// Marks new holds as waiting for their payment's confirmation, held until
+/// `expires_at` (one statement; none if empty).
+pub async fn mark_holds(
+    conn: &mut PgConnection,
+    holds: &[(Uuid, DateTime<Utc>)],
+) -> Result<(), sqlx::Error> {
+    if holds.is_empty() {
+        return Ok(());
+    }
+    let (ids, until): (Vec<Uuid>, Vec<DateTime<Utc>>) = holds.iter().copied().unzip();
+    sqlx::query(
+        r#"
+        update reservations r set awaiting_payment = true, expires_at = x.until
+        from unnest($1::uuid[], $2::timestamptz[]) as x(order_id, until)
+        where r.order_id = x.order_id and r.status = 'held'
+        "#,
+    )
+    .bind(ids)
+    .bind(until)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The holds among `order_ids` whose payment is now confirmed: no longer
+/// waiting, each returned once (so announced once).
+pub async fn claim_holds(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if order_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        r#"
+        update reservations set awaiting_payment = false, updated_at = now()
+        where order_id = any($1) and awaiting_payment and status = 'held'
+        returning order_id
+        "#,
+    )
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await
 }
 
 pub async fn get_reservation(

@@ -22,7 +22,8 @@ use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, S
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{
-    EventType, InventoryReleased, InventoryReserved, PaymentCompleted, StepFailed,
+    EventType, InventoryReleased, InventoryReserved, PaymentActionRequired, PaymentCompleted,
+    StepFailed,
 };
 use common::messaging::inbox;
 use common::messaging::outbox::{OutboxMessage, OutboxRows};
@@ -68,11 +69,37 @@ impl MessageHandler for InventoryHandler {
             SERVICE,
             batch,
             EventType::PaymentCompleted,
-            &[EventType::OrderConfirmed],
+            &[EventType::OrderConfirmed, EventType::PaymentActionRequired],
         );
+        // A payment waiting for its 3-D Secure confirmation: its lines are
+        // held like a reservation's, and announced once it is confirmed.
+        let mut reserve = forward;
+        let mut holds = HashSet::new();
+        let mut confirm = Vec::new();
+        for (i, env) in others {
+            if env.event_type != EventType::PaymentActionRequired {
+                confirm.push((i, env));
+                continue;
+            }
+            match env.data_as::<PaymentActionRequired>() {
+                Ok(waiting) => {
+                    holds.insert(env.order_id);
+                    let as_paid = PaymentCompleted {
+                        customer_id: waiting.customer_id,
+                        items: waiting.items,
+                        amount_cents: waiting.amount_cents,
+                        currency: waiting.currency,
+                        card_last4: waiting.card_last4,
+                    };
+                    reserve.push((i, env, as_paid));
+                }
+                Err(e) => results[i] = Err(e.into()),
+            }
+        }
         let work = Work {
-            reserve: forward,
-            confirm: others,
+            reserve,
+            holds,
+            confirm,
             abort: rollbacks,
         };
         if !work.is_empty() {
@@ -85,6 +112,8 @@ impl MessageHandler for InventoryHandler {
 /// The batch's messages, sorted by what they ask for.
 struct Work {
     reserve: Vec<(usize, Envelope, PaymentCompleted)>,
+    /// The orders of `reserve` only to hold (their payment waits).
+    holds: HashSet<Uuid>,
     confirm: Vec<(usize, Envelope)>,
     abort: Vec<(usize, Envelope)>,
 }
@@ -101,6 +130,7 @@ impl Work {
     ) -> Result<(), HandlerError> {
         let Work {
             reserve,
+            holds,
             confirm,
             abort,
         } = self;
@@ -135,6 +165,8 @@ impl Work {
         // recognised by the record it finds.
         let mut seen = HashSet::new();
         let (mut duplicates, mut late) = (0u64, 0u64);
+        // Confirmed payments of orders whose stock is already held.
+        let mut confirmed_holds: Vec<(Envelope, PaymentCompleted)> = Vec::new();
         let fresh: Vec<(Envelope, PaymentCompleted)> = reserve
             .into_iter()
             .filter_map(|(_, env, paid)| match status_of(&env.order_id) {
@@ -142,8 +174,21 @@ impl Work {
                     late += 1;
                     None
                 }
+                Some(ReservationStatus::Held) if env.event_type == EventType::PaymentCompleted => {
+                    confirmed_holds.push((env, paid));
+                    None
+                }
                 Some(_) => {
                     duplicates += 1;
+                    None
+                }
+                // The confirmation of a hold in this very batch: announced
+                // once the hold is recorded.
+                None if env.event_type == EventType::PaymentCompleted
+                    && holds.contains(&env.order_id)
+                    && seen.contains(&env.order_id) =>
+                {
+                    confirmed_holds.push((env, paid));
                     None
                 }
                 None if !seen.insert(env.order_id) => {
@@ -252,6 +297,10 @@ impl Work {
         // The events, and everything in one statement.
         let mut events: Vec<(Uuid, OutboxMessage)> = Vec::new();
         for ((env, paid), verdict) in fresh.iter().zip(&verdicts) {
+            // A hold is not announced: nothing for notification-svc yet.
+            if verdict.is_ok() && holds.contains(&env.order_id) {
+                continue;
+            }
             let ctx = SagaContext::caused_by(env, SERVICE);
             let event = match verdict {
                 Ok(()) => ctx.event(
@@ -267,6 +316,7 @@ impl Work {
             };
             events.push((env.order_id, event));
         }
+        let n_reserve = events.len();
         for env in &releases {
             let items = held_lines.get(&env.order_id).cloned().unwrap_or_default();
             let event = SagaContext::caused_by(env, SERVICE)
@@ -297,15 +347,42 @@ impl Work {
             }
         }
         let (mut reserved, mut rejected) = (Vec::new(), 0u64);
+        let mut held: Vec<(Uuid, chrono::DateTime<Utc>)> = Vec::new();
         for ((env, _), verdict) in fresh.iter().zip(&verdicts) {
             if !recorded.inserted.contains(&env.order_id) {
                 late += 1;
+            } else if verdict.is_ok() && holds.contains(&env.order_id) {
+                held.push((env.order_id, env.deadline_at));
             } else if verdict.is_ok() {
                 reserved.push(env.order_id);
             } else {
                 rejected += 1;
             }
         }
+        db::mark_holds(uow.conn(), &held).await?;
+        // Held stock whose payment is now confirmed: announced, once.
+        let candidates: Vec<Uuid> = confirmed_holds.iter().map(|(e, _)| e.order_id).collect();
+        let claimed: HashSet<Uuid> = db::claim_holds(uow.conn(), &candidates)
+            .await?
+            .into_iter()
+            .collect();
+        for (env, paid) in &confirmed_holds {
+            if !claimed.contains(&env.order_id) {
+                duplicates += 1;
+                continue;
+            }
+            reserved.push(env.order_id);
+            uow.emit(SagaContext::caused_by(env, SERVICE).event(
+                EventType::InventoryReserved,
+                &InventoryReserved {
+                    customer_id: paid.customer_id.clone(),
+                    items: paid.items.clone(),
+                    amount_cents: paid.amount_cents,
+                    currency: paid.currency.clone(),
+                },
+            ));
+        }
+        let n_held = held.len() as u64;
         let committed = finish
             .iter()
             .filter(|(id, s)| *s == ReservationStatus::Committed && recorded.finished.contains(id))
@@ -315,7 +392,6 @@ impl Work {
             .map(|e| e.order_id)
             .filter(|id| recorded.finished.contains(id))
             .collect();
-        let n_reserve = fresh.len();
         uow.enqueued(events.into_iter().enumerate().filter_map(|(n, (id, e))| {
             let kept = if n < n_reserve {
                 recorded.inserted.contains(&id)
@@ -329,6 +405,7 @@ impl Work {
             inbox::count_duplicates(SERVICE, key, duplicates);
             inbox::count_late(SERVICE, key, late);
             step_outcome(SERVICE, "reserved", reserved.len() as u64);
+            step_outcome(SERVICE, "held", n_held);
             step_outcome(SERVICE, "rejected", rejected);
             step_outcome(SERVICE, "committed", committed);
             step_outcome(SERVICE, "released", released.len() as u64);

@@ -161,6 +161,8 @@ async fn get_reservation(
         "status": r.status,
         "reason": r.reason,
         "lines": lines,
+        "awaiting_payment": r.awaiting_payment,
+        "expires_at": r.expires_at,
         "created_at": r.created_at,
         "updated_at": r.updated_at,
     }))

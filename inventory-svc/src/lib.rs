@@ -10,6 +10,7 @@
 
 pub mod db;
 pub mod domain;
+pub mod expiry;
 pub mod handlers;
 pub mod http;
 
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 
 use common::messaging::topology::INVENTORY_SVC;
 use common::runtime::config::CommonConfig;
-use common::runtime::service::{Service, ServiceRuntime, Tasks};
+use common::runtime::service::{BackgroundTask, Service, ServiceRuntime, Tasks};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -39,16 +40,25 @@ pub static MIGRATOR: Migrator = sqlx::migrate!();
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
+    /// Stock held for a payment waiting for its confirmation, still held this
+    /// long after its expiry (the saga's long deadline), is released by
+    /// inventory-svc itself, in ms.
+    #[arg(long, env = "HOLD_EXPIRY_GRACE_MS", default_value_t = 60_000)]
+    pub hold_expiry_grace_ms: u64,
 }
 
 impl Config {
     pub fn new(common: CommonConfig) -> Self {
-        Self { common }
+        Self {
+            common,
+            hold_expiry_grace_ms: 60_000,
+        }
     }
 }
 
 pub struct App {
     runtime: ServiceRuntime,
+    hold_expiry_grace: std::time::Duration,
 }
 
 impl Service for App {
@@ -56,7 +66,10 @@ impl Service for App {
 
     async fn build(config: Config) -> anyhow::Result<Self> {
         let runtime = ServiceRuntime::build(INVENTORY_SVC, config.common, &MIGRATOR).await?;
-        Ok(Self { runtime })
+        Ok(Self {
+            runtime,
+            hold_expiry_grace: std::time::Duration::from_millis(config.hold_expiry_grace_ms),
+        })
     }
 
     fn local_addr(&self) -> SocketAddr {
@@ -66,8 +79,16 @@ impl Service for App {
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let pool = self.runtime.pool.clone();
         let handler = InventoryHandler { pool: pool.clone() };
+        let expiry: BackgroundTask = {
+            let (pool, grace) = (pool.clone(), self.hold_expiry_grace);
+            Box::new(move |stop| Box::pin(expiry::run(pool, grace, stop)))
+        };
+        let tasks = Tasks {
+            intake: vec![expiry],
+            support: Vec::new(),
+        };
         self.runtime
-            .run(handler, http::routes(pool), Tasks::default(), cancel)
+            .run(handler, http::routes(pool), tasks, cancel)
             .await
     }
 }

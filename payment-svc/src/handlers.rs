@@ -369,6 +369,7 @@ fn action_required_event(req: &ChargeRequest) -> OutboxMessage {
         EventType::PaymentActionRequired,
         &PaymentActionRequired {
             customer_id: req.order.customer_id.clone(),
+            items: req.order.items.clone(),
             amount_cents: req.order.amount_cents,
             currency: req.order.currency.clone(),
             card_last4: req.order.payment.last4.clone(),

@@ -90,6 +90,8 @@ pub struct Options {
     pub deadline_ms: u64,
     /// order-svc's `SAGA_LONG_DEADLINE_MS` (unset: its default).
     pub long_deadline_ms: Option<u64>,
+    /// inventory-svc's `HOLD_EXPIRY_GRACE_MS` (unset: its default).
+    pub hold_expiry_grace_ms: Option<u64>,
     pub fault_delay: [Option<String>; 4],
     pub start: [bool; 4],
     pub pool_size: u32,
@@ -142,6 +144,7 @@ impl Default for Options {
             http_header_timeout_ms: None,
             otlp_endpoint: None,
             long_deadline_ms: None,
+            hold_expiry_grace_ms: None,
         }
     }
 }
@@ -195,6 +198,12 @@ impl Options {
     /// order-svc's long deadline (sagas waiting for a 3-D Secure answer).
     pub fn long_deadline_ms(mut self, ms: u64) -> Self {
         self.long_deadline_ms = Some(ms);
+        self
+    }
+
+    /// inventory-svc releases expired holds this long after their expiry.
+    pub fn hold_expiry_grace_ms(mut self, ms: u64) -> Self {
+        self.hold_expiry_grace_ms = Some(ms);
         self
     }
 
@@ -502,7 +511,11 @@ impl TestSystem {
             }
             Svc::Payment => launch::<payment_svc::App>(payment_svc::Config::new(common)).await,
             Svc::Inventory => {
-                launch::<inventory_svc::App>(inventory_svc::Config::new(common)).await
+                let mut c = inventory_svc::Config::new(common);
+                if let Some(ms) = self.options.hold_expiry_grace_ms {
+                    c.hold_expiry_grace_ms = ms;
+                }
+                launch::<inventory_svc::App>(c).await
             }
             Svc::Notification => {
                 let mut c = notification_svc::Config::new(common);

@@ -143,6 +143,8 @@ pub struct OrderCreated {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PaymentActionRequired {
     pub customer_id: String,
+    /// The lines: inventory-svc holds them while the confirmation is awaited.
+    pub items: Vec<OrderLine>,
     pub amount_cents: i64,
     pub currency: String,
     pub card_last4: String,

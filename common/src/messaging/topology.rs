@@ -453,6 +453,7 @@ mod tests {
                 "order.cancelled",
                 "order.confirmed",
                 "order.failed",
+                "payment.action_required",
                 "payment.completed"
             ]
         );

@@ -271,6 +271,20 @@ pub const REACTIONS: &[Reaction] = &[
         undo: Undo::Nothing,
     },
     Reaction {
+        service: "inventory-svc",
+        step: "hold stock",
+        on: &[Trigger::Event(PaymentActionRequired)],
+        delivery: Delivery::Durable,
+        kind: StepKind::Action,
+        // Held (until the long deadline) without announcing it: the
+        // reservation is announced once the payment is confirmed.
+        outcomes: &[&[], &[InventoryFailed]],
+        completes: None,
+        undo: Undo::CompensatedBy {
+            step: "release stock",
+        },
+    },
+    Reaction {
         service: "payment-svc",
         step: "confirm payment",
         on: &[Trigger::Callback(PaymentActionRequired)],
@@ -518,13 +532,16 @@ mod tests {
             .iter()
             .filter(|w| w.decision == Some(OrderConfirmed))
         {
-            // (A step that completes a deferred one runs only when deferred.)
+            // Every forward step whose trigger happened on this path.
             for r in REACTIONS.iter().filter(|r| {
                 r.kind == StepKind::Action
-                    && r.completes.is_none()
                     && r.on
                         .iter()
                         .all(|t| !matches!(t, Trigger::Event(OrderConfirmed)))
+                    && r.on.iter().any(|t| match t {
+                        Trigger::Event(e) | Trigger::Callback(e) => w.published.contains(e),
+                        Trigger::Deadline => false,
+                    })
             }) {
                 assert!(
                     w.ran_successfully(r.service, r.step),

@@ -62,6 +62,13 @@ async fn a_3d_secure_payment_confirmed_after_8_s_confirms_the_order() {
         Some(100_000),
         "nothing charged yet"
     );
+    // The stock is held for it, until its long deadline, and not announced.
+    sys.wait_for_stock("productA", (8, 2)).await;
+    let hold = sys.reservation(&id).await.unwrap();
+    assert_eq!(hold["status"], "held", "{hold}");
+    assert_eq!(hold["awaiting_payment"], true, "{hold}");
+    assert!(hold["expires_at"].is_string(), "{hold}");
+    assert!(sys.email_kinds(&id).await.is_empty());
 
     // The customer confirms 8 s after placing: past the ordinary deadline.
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(placed_at.elapsed())).await;
@@ -112,6 +119,7 @@ async fn one_never_confirmed_is_rolled_back_at_its_long_deadline_and_a_late_conf
     sys.set_balance("lars", 100_000).await;
     let placed_at = Instant::now();
     let id = place_pending(&sys, "lars").await;
+    sys.wait_for_stock("productA", (8, 2)).await;
 
     let order = eventually(Duration::from_secs(15), "the long deadline", || async {
         let order = sys.order(&id).await;
@@ -141,11 +149,8 @@ async fn one_never_confirmed_is_rolled_back_at_its_long_deadline_and_a_late_conf
     assert_eq!(status, 409, "{answer}");
     assert_eq!(sys.payment(&id).await.unwrap()["status"], "voided");
     assert_eq!(sys.balance("lars").await, Some(100_000));
-    assert_eq!(
-        sys.stock("productA").await,
-        (10, 0),
-        "no stock held or lost"
-    );
+    sys.wait_for_stock("productA", (10, 0)).await;
+    assert_eq!(sys.reservation(&id).await.unwrap()["status"], "released");
     assert!(sys.email_kinds(&id).await.is_empty());
     sys.shutdown().await;
 }
@@ -171,6 +176,7 @@ async fn a_declined_3d_secure_fails_the_order_and_answers_are_checked() {
         "3-D Secure authentication declined"
     );
     assert_eq!(sys.balance("dana").await, Some(100_000));
+    sys.wait_for_stock("productA", (10, 0)).await;
 
     let (status, _) = gateway(&sys, &id, "confirm").await;
     assert_eq!(status, 409, "decided: no second answer");
@@ -212,5 +218,116 @@ async fn ordinary_orders_keep_their_5_s_bound_while_long_ones_are_pending() {
         stuck["sagas"].as_array().unwrap().is_empty(),
         "a long saga within its long deadline is not stuck: {stuck}"
     );
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_3d_secure_order_for_stock_that_is_not_there_fails_at_once() {
+    let sys = TestSystem::builder().long_deadline_ms(60_000).spawn().await;
+    sys.set_price("productA", 1500).await;
+    sys.set_stock("productA", 1).await;
+    sys.set_balance("omar", 100_000).await;
+    let (status, result) = sys
+        .post_order(&order_with_card("omar", &[("productA", 2)], THREE_D_SECURE))
+        .await;
+    // Pending first, or failed outright if the shortage was found in time.
+    let id = result["order_id"].as_str().unwrap().to_owned();
+    assert!(status == 202 || result["status"] == "failure", "{result}");
+    let order = eventually(SETTLE, "the order failed", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "FAILED").then_some(order)
+    })
+    .await;
+    assert_eq!(order["result"]["error"], "Inventory reservation failed");
+    eventually(SETTLE, "the authorisation voided", || async {
+        (sys.payment(&id).await?["status"] == "voided").then_some(())
+    })
+    .await;
+    assert_eq!(sys.balance("omar").await, Some(100_000));
+    assert_eq!(sys.stock("productA").await, (1, 0));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hold_outliving_its_saga_is_released_by_inventory_itself() {
+    let mut sys = TestSystem::builder()
+        .long_deadline_ms(3_000)
+        .hold_expiry_grace_ms(300)
+        .spawn()
+        .await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("hana", 100_000).await;
+    let id = place_pending(&sys, "hana").await;
+    sys.wait_for_stock("productA", (8, 2)).await;
+    // No order-svc: no timeout watcher, no rollback.
+    sys.stop(Svc::Order).await;
+
+    sys.wait_for_stock("productA", (10, 0)).await;
+    let hold = sys.reservation(&id).await.unwrap();
+    assert_eq!(hold["status"], "released", "{hold}");
+    assert!(
+        hold["reason"].as_str().unwrap().contains("hold expired"),
+        "{hold}"
+    );
+
+    // order-svc back: the saga is failed at once, the authorisation voided,
+    // and the released stock is not released twice.
+    sys.start(Svc::Order).await;
+    sys.wait_healthy(Svc::Order).await;
+    let order = eventually(SETTLE, "the order failed", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "FAILED").then_some(order)
+    })
+    .await;
+    assert_eq!(order["result"]["error"], "Order timed out");
+    eventually(SETTLE, "the authorisation voided", || async {
+        (sys.payment(&id).await?["status"] == "voided").then_some(())
+    })
+    .await;
+    assert_eq!(sys.stock("productA").await, (10, 0));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_amqp_reply_to_hears_pending_then_the_final_result() {
+    let sys = TestSystem::builder().long_deadline_ms(20_000).spawn().await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("ama", 100_000).await;
+    let conn = sys.amqp().await;
+    let (reply_queue, mut replies) = saga_tests::Tap::reply_queue(&conn).await;
+    let body =
+        serde_json::to_vec(&order_with_card("ama", &[("productB", 1)], THREE_D_SECURE)).unwrap();
+    sys.publish(
+        &conn,
+        "order.requested",
+        &body,
+        lapin::BasicProperties::default()
+            .with_message_id("ama-3ds-1".into())
+            .with_correlation_id("ama-corr".into())
+            .with_reply_to(reply_queue.as_str().into()),
+    )
+    .await;
+
+    let first = replies
+        .next(Duration::from_secs(5))
+        .await
+        .expect("a pending reply");
+    let pending: Value = serde_json::from_slice(&first.data).unwrap();
+    assert_eq!(pending["status"], "pending", "{pending}");
+    assert_eq!(
+        first.properties.correlation_id().as_ref().unwrap().as_str(),
+        "ama-corr"
+    );
+    let id = pending["order_id"].as_str().unwrap().to_owned();
+
+    let (status, _) = gateway(&sys, &id, "confirm").await;
+    assert_eq!(status, 200);
+    let last = replies
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the final reply");
+    let result: Value = serde_json::from_slice(&last.data).unwrap();
+    assert_eq!(result["status"], "success", "{result}");
+    assert_eq!(result["order_id"], id.as_str());
     sys.shutdown().await;
 }
