@@ -122,6 +122,7 @@ fn saga_step(outcome: &str) -> Option<(&'static str, &'static str, &'static str)
         "hold_expired" => ("release_stock", "compensated", "hold_expired"),
         "sent" => ("send_confirmation", "succeeded", "none"),
         "bounced" => ("send_confirmation", "failed", "bounced"),
+        "deferred" => ("send_confirmation", "deferred", "relay_unavailable"),
         "cancellation_sent" => ("send_cancellation", "compensated", "none"),
         "cancelled_before_email" => ("send_cancellation", "compensated", "before_email"),
         _ => return None,
@@ -164,6 +165,7 @@ mod tests {
             "hold_expired",
             "sent",
             "bounced",
+            "deferred",
             "cancellation_sent",
             "cancelled_before_email",
         ] {

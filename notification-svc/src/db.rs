@@ -359,3 +359,133 @@ pub async fn emails_for(
         .fetch_all(conn)
         .await
 }
+
+// ----- confirmations queued while the mail relay is down -----
+
+/// Queues the confirmations the relay could not take and marks their
+/// notifications `deferred` (one statement each; none if empty).
+pub async fn defer_emails(conn: &mut PgConnection, emails: &[Email]) -> Result<(), sqlx::Error> {
+    if emails.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = emails.iter().map(|e| e.order_id).collect();
+    let email_ids: Vec<Uuid> = emails.iter().map(|e| e.id).collect();
+    let kinds: Vec<&str> = emails.iter().map(|e| e.kind.as_str()).collect();
+    let recipients: Vec<&str> = emails.iter().map(|e| e.recipient.as_str()).collect();
+    let subjects: Vec<&str> = emails.iter().map(|e| e.subject.as_str()).collect();
+    let bodies: Vec<&str> = emails.iter().map(|e| e.body.as_str()).collect();
+    sqlx::query(
+        r#"
+        insert into deferred_emails (order_id, email_id, kind, recipient, subject, body)
+        select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+        on conflict (order_id) do nothing
+        "#,
+    )
+    .bind(&ids)
+    .bind(email_ids)
+    .bind(kinds)
+    .bind(recipients)
+    .bind(subjects)
+    .bind(bodies)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "update notifications set status = 'deferred', updated_at = now() where order_id = any($1)",
+    )
+    .bind(&ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Queued confirmations due for another attempt, locked with their
+/// notification (skipping any a rollback holds), oldest due first.
+pub async fn due_emails(conn: &mut PgConnection, limit: i64) -> Result<Vec<Email>, sqlx::Error> {
+    let rows: Vec<(Uuid, Uuid, String, String, String)> = sqlx::query_as(
+        r#"
+        select d.order_id, d.email_id, d.recipient, d.subject, d.body
+        from deferred_emails d join notifications n using (order_id)
+        where d.next_attempt_at <= now() and n.status = 'deferred'
+        order by d.next_attempt_at
+        limit $1
+        for update of d, n skip locked
+        "#,
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(order_id, id, recipient, subject, body)| Email {
+            id,
+            order_id,
+            kind: crate::domain::EmailKind::Confirmation,
+            recipient,
+            subject,
+            body,
+        })
+        .collect())
+}
+
+/// A queued confirmation went out (or was refused for good): off the queue,
+/// its notification `sent` (or `bounced`).
+pub async fn dequeue_email(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    status: NotificationStatus,
+    reason: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from deferred_emails where order_id = $1")
+        .bind(order_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "update notifications set status = $2, reason = coalesce($3, reason), updated_at = now() where order_id = $1",
+    )
+    .bind(order_id)
+    .bind(status.as_str())
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Attempts so far of a queued confirmation.
+pub async fn queued_attempts(conn: &mut PgConnection, order_id: Uuid) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("select attempts from deferred_emails where order_id = $1")
+        .bind(order_id)
+        .fetch_one(conn)
+        .await
+}
+
+/// A queued confirmation the relay still cannot take: tried again later.
+pub async fn postpone_email(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    delay: std::time::Duration,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        update deferred_emails
+        set attempts = attempts + 1, last_error = $3,
+            next_attempt_at = now() + make_interval(secs => $2)
+        where order_id = $1
+        "#,
+    )
+    .bind(order_id)
+    .bind(delay.as_secs_f64())
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A rollback drops a queued confirmation (it never went out).
+pub async fn drop_queued_email(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from deferred_emails where order_id = $1")
+        .bind(order_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -156,6 +156,9 @@ pub enum NotificationStatus {
     Cancelled,
     /// The confirmation went out, then a cancellation followed it.
     Retracted,
+    /// The mail relay was down: the confirmation is queued and retried (the
+    /// saga is confirmed: past the pivot).
+    Deferred,
 }
 
 impl NotificationStatus {
@@ -167,6 +170,7 @@ impl NotificationStatus {
             NotificationStatus::Expired => "expired",
             NotificationStatus::Cancelled => "cancelled",
             NotificationStatus::Retracted => "retracted",
+            NotificationStatus::Deferred => "deferred",
         }
     }
 
@@ -178,6 +182,7 @@ impl NotificationStatus {
             NotificationStatus::Expired,
             NotificationStatus::Cancelled,
             NotificationStatus::Retracted,
+            NotificationStatus::Deferred,
         ]
         .into_iter()
         .find(|n| n.as_str() == s)
@@ -186,9 +191,12 @@ impl NotificationStatus {
 
 impl StepState for NotificationStatus {
     /// A sent confirmation is "undone" by a cancellation email, and so is
-    /// one that may have been sent.
+    /// one that may have been sent; a queued one is dropped from the queue.
     fn needs_undo(self) -> bool {
-        matches!(self, NotificationStatus::Sent | NotificationStatus::Sending)
+        matches!(
+            self,
+            NotificationStatus::Sent | NotificationStatus::Sending | NotificationStatus::Deferred
+        )
     }
 }
 

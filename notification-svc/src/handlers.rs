@@ -224,6 +224,7 @@ impl NotificationHandler {
         drop(records);
 
         let mut sent_emails: Vec<Email> = Vec::new();
+        let mut queued: Vec<Email> = Vec::new();
         let mut refused: Vec<Uuid> = Vec::new();
         let mut events = Vec::new();
         for p in planned {
@@ -248,10 +249,21 @@ impl NotificationHandler {
                             reason: format!("Email rejected: {reason}"),
                         })
                     }
-                    // The relay is down: nothing of this batch is kept, and
-                    // each message is retried.
-                    Err(e @ SendError::Unavailable(_)) => {
-                        return Err(HandlerError::Transient(e.into()));
+                    // The relay is down: the email is queued and retried
+                    // (crate::queue), the saga goes on past the pivot.
+                    Err(SendError::Unavailable(why)) => {
+                        info!(order_id = %p.env.order_id, %why,
+                              "mail relay unavailable: the confirmation is queued");
+                        let ctx = SagaContext::caused_by(&p.env, SERVICE);
+                        events.push(ctx.event(
+                            EventType::NotificationDeferred,
+                            &NotificationSent {
+                                email_id: email.id,
+                                kind: email.kind.as_str().to_owned(),
+                            },
+                        ));
+                        queued.push(email);
+                        continue;
                     }
                 },
                 Err(f) => Err(f),
@@ -279,7 +291,8 @@ impl NotificationHandler {
                 "failpoint notification::after_send: the batch fails after its emails went out",
             ));
         }
-        let bounced = (events.len() - sent_emails.len()) as u64;
+        let bounced = (events.len() - sent_emails.len() - queued.len()) as u64;
+        db::defer_emails(uow.conn(), &queued).await?;
         if !events.is_empty() {
             // The emails sent, the ones the relay refused after all, and the
             // events: one statement.
@@ -302,12 +315,14 @@ impl NotificationHandler {
             uow.enqueued(events);
         }
         let sent = sent_emails.len() as u64;
+        let queued_n = queued.len() as u64;
         uow.on_commit(move || {
             let key = EventType::InventoryReserved.routing_key();
             inbox::count_duplicates(SERVICE, key, duplicates);
             inbox::count_late(SERVICE, key, late);
             step_outcome(SERVICE, "sent", sent);
             step_outcome(SERVICE, "bounced", bounced);
+            step_outcome(SERVICE, "deferred", queued_n);
         });
         Ok(())
     }
@@ -335,6 +350,17 @@ impl NotificationHandler {
             compensation_for(current.as_ref().and_then(db::NotificationRow::status)),
             current,
         ) {
+            // Queued, never sent: dropped from the queue; nothing to retract.
+            (Compensation::Undo, Some(row))
+                if row.status() == Some(NotificationStatus::Deferred) =>
+            {
+                db::drop_queued_email(uow.conn(), order_id).await?;
+                db::set_status(uow.conn(), order_id, NotificationStatus::Cancelled).await?;
+                uow.on_commit(move || {
+                    step_outcome(SERVICE, "cancelled_before_email", 1);
+                    info!(%order_id, "rollback: the queued confirmation is dropped");
+                });
+            }
             (Compensation::Undo, Some(row)) => {
                 let reason = abort_reason(env);
                 let recipient = row.recipient.unwrap_or_default();

@@ -88,6 +88,12 @@ impl StepSource for NotificationSteps {
                     "sending",
                     "being handed to the mail relay",
                 ),
+                Some(NotificationStatus::Deferred) => outcome(
+                    StepKind::Action,
+                    "notification.deferred",
+                    "deferred",
+                    "the mail relay was unavailable: the confirmation is queued and retried",
+                ),
                 Some(NotificationStatus::Cancelled) => outcome(
                     StepKind::Compensation,
                     "order.failed",

@@ -13,6 +13,7 @@ pub mod db;
 pub mod domain;
 pub mod handlers;
 pub mod http;
+pub mod queue;
 pub mod transport;
 
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use common::messaging::topology::NOTIFICATION_SVC;
 use common::runtime::config::CommonConfig;
-use common::runtime::service::{Service, ServiceRuntime, Tasks};
+use common::runtime::service::{BackgroundTask, Service, ServiceRuntime, Tasks};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +54,10 @@ pub struct Config {
     /// Customers without an address on file get `<customer_id>@<this>`.
     #[arg(long, env = "DEFAULT_EMAIL_DOMAIN", default_value = "example.com")]
     pub default_email_domain: String,
+    /// How often confirmations queued while the mail relay was down are
+    /// tried again (each with its own back-off), in ms.
+    #[arg(long, env = "EMAIL_RETRY_MS", default_value_t = 2000)]
+    pub email_retry_ms: u64,
 }
 
 impl Config {
@@ -62,6 +67,7 @@ impl Config {
             smtp_url: None,
             email_from: "orders@shop.example".into(),
             default_email_domain: "example.com".into(),
+            email_retry_ms: 2000,
         }
     }
 }
@@ -69,6 +75,7 @@ impl Config {
 pub struct App {
     runtime: ServiceRuntime,
     handler: NotificationHandler,
+    email_retry: std::time::Duration,
 }
 
 impl Service for App {
@@ -85,7 +92,11 @@ impl Service for App {
             transport,
             default_email_domain: config.default_email_domain,
         };
-        Ok(Self { runtime, handler })
+        Ok(Self {
+            runtime,
+            handler,
+            email_retry: std::time::Duration::from_millis(config.email_retry_ms.max(100)),
+        })
     }
 
     fn local_addr(&self) -> SocketAddr {
@@ -97,8 +108,15 @@ impl Service for App {
             self.runtime.pool.clone(),
             &self.handler.default_email_domain,
         );
-        self.runtime
-            .run(self.handler, routes, Tasks::default(), cancel)
-            .await
+        let queue: BackgroundTask = {
+            let (pool, transport) = (self.runtime.pool.clone(), self.handler.transport.clone());
+            let every = self.email_retry;
+            Box::new(move |stop| Box::pin(queue::run(pool, transport, every, stop)))
+        };
+        let tasks = Tasks {
+            intake: vec![queue],
+            support: Vec::new(),
+        };
+        self.runtime.run(self.handler, routes, tasks, cancel).await
     }
 }

@@ -359,7 +359,9 @@ pub fn effect_of(event: EventType, failure: Option<&StepFailed>) -> StepEffect {
         EventType::PaymentFailed => fail(FailedStep::Payment),
         EventType::InventoryFailed => fail(FailedStep::Inventory),
         EventType::NotificationFailed => fail(FailedStep::Notification),
-        EventType::NotificationSent => StepEffect::Confirm,
+        // Sent, or queued while the mail relay is down: past the pivot
+        // either way (a queued email is retried, never undone).
+        EventType::NotificationSent | EventType::NotificationDeferred => StepEffect::Confirm,
         EventType::PaymentActionRequired => StepEffect::Await,
         _ => StepEffect::Record,
     }

@@ -36,7 +36,13 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     pub async fn start() -> SmtpSink {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// A sink on a given address (`127.0.0.1:<port>`): a relay that comes
+    /// back where it was.
+    pub async fn start_on(addr: &str) -> SmtpSink {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let url = format!("smtp://{}", listener.local_addr().expect("local addr"));
         let received = Arc::new(Mutex::new(Vec::new()));
         let inbox = received.clone();

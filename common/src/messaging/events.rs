@@ -52,6 +52,10 @@ pub enum EventType {
     /// notification-svc could not send the confirmation (the saga fails).
     #[serde(rename = "notification.failed")]
     NotificationFailed,
+    /// The mail relay is down: the confirmation is queued and sent once it is
+    /// back. Past the pivot: the saga is confirmed, the email retried.
+    #[serde(rename = "notification.deferred")]
+    NotificationDeferred,
     /// Terminal: the saga succeeded (data carries the result dict).
     #[serde(rename = "order.confirmed")]
     OrderConfirmed,
@@ -67,7 +71,7 @@ pub enum EventType {
 
 impl EventType {
     /// Every event type, in saga order.
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 15] = [
         EventType::OrderRequested,
         EventType::OrderCreated,
         EventType::PaymentCompleted,
@@ -79,6 +83,7 @@ impl EventType {
         EventType::InventoryReleased,
         EventType::NotificationSent,
         EventType::NotificationFailed,
+        EventType::NotificationDeferred,
         EventType::OrderConfirmed,
         EventType::OrderFailed,
         EventType::OrderCancelled,
@@ -98,6 +103,7 @@ impl EventType {
             EventType::InventoryReleased => "inventory.released",
             EventType::NotificationSent => "notification.sent",
             EventType::NotificationFailed => "notification.failed",
+            EventType::NotificationDeferred => "notification.deferred",
             EventType::OrderConfirmed => "order.confirmed",
             EventType::OrderFailed => "order.failed",
             EventType::OrderCancelled => "order.cancelled",

@@ -431,6 +431,7 @@ mod tests {
             [
                 "inventory.failed",
                 "inventory.released",
+                "notification.deferred",
                 "notification.failed",
                 "notification.sent",
                 "order.requested",

@@ -51,7 +51,9 @@ pub fn owner(event: EventType) -> Option<&'static str> {
         EventType::InventoryReserved
         | EventType::InventoryFailed
         | EventType::InventoryReleased => Some("inventory-svc"),
-        EventType::NotificationSent | EventType::NotificationFailed => Some("notification-svc"),
+        EventType::NotificationSent
+        | EventType::NotificationFailed
+        | EventType::NotificationDeferred => Some("notification-svc"),
     }
 }
 

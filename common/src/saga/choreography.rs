@@ -143,7 +143,13 @@ pub const REACTIONS: &[Reaction] = &[
         on: &[Trigger::Event(InventoryReserved)],
         delivery: Delivery::Durable,
         kind: StepKind::Action,
-        outcomes: &[&[NotificationSent], &[NotificationFailed]],
+        // The mail relay down: the email is queued and the saga confirmed
+        // (past the pivot the email is retried, never undone).
+        outcomes: &[
+            &[NotificationSent],
+            &[NotificationFailed],
+            &[NotificationDeferred],
+        ],
         completes: None,
         undo: Undo::Irreversible {
             why: "an email cannot be unsent: it is the last step, and if the saga still fails \
@@ -153,7 +159,10 @@ pub const REACTIONS: &[Reaction] = &[
     Reaction {
         service: "order-svc",
         step: "confirm",
-        on: &[Trigger::Event(NotificationSent)],
+        on: &[
+            Trigger::Event(NotificationSent),
+            Trigger::Event(NotificationDeferred),
+        ],
         delivery: Delivery::Durable,
         kind: StepKind::Decision,
         // Past the deadline the saga is already failed and this is ignored.
@@ -282,6 +291,20 @@ pub const REACTIONS: &[Reaction] = &[
         completes: None,
         undo: Undo::CompensatedBy {
             step: "release stock",
+        },
+    },
+    Reaction {
+        service: "notification-svc",
+        step: "send queued email",
+        // The relay back: a queued confirmation goes out (retried with
+        // back-off until it does).
+        on: &[Trigger::Callback(NotificationDeferred)],
+        delivery: Delivery::Timer,
+        kind: StepKind::Action,
+        outcomes: &[&[]],
+        completes: Some("send confirmation email"),
+        undo: Undo::Irreversible {
+            why: "the saga is confirmed: the email is retried until it goes out",
         },
     },
     Reaction {

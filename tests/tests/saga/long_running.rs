@@ -331,3 +331,47 @@ async fn over_amqp_reply_to_hears_pending_then_the_final_result() {
     assert_eq!(result["order_id"], id.as_str());
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_mail_relay_down_the_order_is_confirmed_and_its_email_sent_when_it_is_back() {
+    // A relay address where nothing listens yet.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let sys = TestSystem::builder()
+        .smtp_url(&format!("smtp://{addr}"))
+        .spawn()
+        .await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("mia", 100_000).await;
+    let started = Instant::now();
+    let (_, result) = sys.post_order(&order_dict("mia", &[("productA", 1)])).await;
+    assert_eq!(result["status"], "success", "{result}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let id = result["order_id"].as_str().unwrap().to_owned();
+    // Past the pivot: confirmed, stock committed, the email queued.
+    sys.wait_for_stock("productA", (9, 0)).await;
+    assert!(sys.email_kinds(&id).await.is_empty());
+    let view = sys.get(Svc::Order, &format!("/sagas/{id}")).await.unwrap();
+    assert!(
+        view["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["event"] == "notification.deferred"),
+        "{view}"
+    );
+
+    // The relay is back: the queued confirmation goes out, once.
+    let smtp = saga_tests::smtp::SmtpSink::start_on(&addr.to_string()).await;
+    eventually(SETTLE, "the queued email sent", || async {
+        (sys.email_kinds(&id).await == ["confirmation"]).then_some(())
+    })
+    .await;
+    let received = smtp.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(received[0].subject().contains("is confirmed"));
+    assert_eq!(sys.order(&id).await["status"], "CONFIRMED");
+    sys.shutdown().await;
+}
