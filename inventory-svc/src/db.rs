@@ -334,16 +334,20 @@ pub struct StockRow {
     pub available: i32,
     pub held: i32,
     pub frozen: bool,
+    /// Sold while out of stock: an order short of it waits for it.
+    pub backorderable: bool,
 }
 
 pub async fn get_item(
     conn: &mut PgConnection,
     item_id: &str,
 ) -> Result<Option<StockRow>, sqlx::Error> {
-    sqlx::query_as("select item_id, available, held, frozen from stock where item_id = $1")
-        .bind(item_id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_as(
+        "select item_id, available, held, frozen, backorderable from stock where item_id = $1",
+    )
+    .bind(item_id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Sets the units on sale, and the frozen flag if given (new items: not frozen).
@@ -352,20 +356,173 @@ pub async fn put_item(
     item_id: &str,
     available: i32,
     frozen: Option<bool>,
+    backorderable: Option<bool>,
 ) -> Result<StockRow, sqlx::Error> {
     sqlx::query_as(
         r#"
-        insert into stock (item_id, available, frozen) values ($1, $2, coalesce($3, false))
+        insert into stock (item_id, available, frozen, backorderable)
+        values ($1, $2, coalesce($3, false), coalesce($4, false))
         on conflict (item_id) do update
             set available = excluded.available,
                 frozen = coalesce($3, stock.frozen),
+                backorderable = coalesce($4, stock.backorderable),
                 updated_at = now()
-        returning item_id, available, held, frozen
+        returning item_id, available, held, frozen, backorderable
         "#,
     )
     .bind(item_id)
     .bind(available)
     .bind(frozen)
+    .bind(backorderable)
     .fetch_one(conn)
     .await
+}
+
+// ----- backorders -----
+
+/// What a backordered reservation publishes once its stock arrives: the
+/// saga's context (long deadline, trail) and `inventory.reserved`'s payload.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PendingReservation {
+    pub causation_id: String,
+    pub deadline_at: DateTime<Utc>,
+    pub trail: Vec<common::messaging::envelope::TrailEntry>,
+    pub data: common::messaging::events::InventoryReserved,
+}
+
+/// The items among `item_ids` flagged backorderable.
+pub async fn backorderable(
+    conn: &mut PgConnection,
+    item_ids: &[String],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<String> =
+        sqlx::query_scalar("select item_id from stock where item_id = any($1) and backorderable")
+            .bind(item_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Records a backordered reservation's lines (nothing held) and what it
+/// will publish.
+pub async fn record_backorder(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    lines: &[OrderLine],
+    pending: &PendingReservation,
+) -> Result<(), sqlx::Error> {
+    let items: Vec<&str> = lines.iter().map(|l| l.item_id.as_str()).collect();
+    let qtys: Vec<i32> = lines.iter().map(|l| l.quantity).collect();
+    sqlx::query(
+        r#"
+        insert into reservation_lines (order_id, item_id, quantity)
+        select $1, * from unnest($2::text[], $3::int[])
+        on conflict do nothing
+        "#,
+    )
+    .bind(order_id)
+    .bind(items)
+    .bind(qtys)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("update reservations set pending = $2 where order_id = $1")
+        .bind(order_id)
+        .bind(sqlx::types::Json(pending))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Rolled back while waiting: nothing was held, nothing to return.
+pub async fn cancel_backorders(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    if order_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        r#"
+        update reservations
+        set status = 'released', pending = null, updated_at = now(),
+            reason = 'backorder cancelled: the saga was rolled back'
+        where order_id = any($1) and status = 'backordered'
+        "#,
+    )
+    .bind(order_ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Backordered reservations waiting for `item_id`, oldest first, locked.
+pub async fn backorders_for(
+    conn: &mut PgConnection,
+    item_id: &str,
+) -> Result<Vec<(Uuid, sqlx::types::Json<PendingReservation>)>, sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        select r.order_id, r.pending from reservations r
+        where r.status = 'backordered' and r.pending is not null
+          and exists (select 1 from reservation_lines l
+                      where l.order_id = r.order_id and l.item_id = $1)
+        order by r.created_at
+        limit 100
+        for update skip locked
+        "#,
+    )
+    .bind(item_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Locks the stock of `item_ids` (in one global order) and reads it.
+pub async fn lock_stock(
+    conn: &mut PgConnection,
+    item_ids: &[&str],
+) -> Result<HashMap<String, StockLevel>, sqlx::Error> {
+    let rows: Vec<(String, i32, bool)> = sqlx::query_as(
+        r#"
+        select item_id, available, frozen from stock where item_id = any($1)
+        order by item_id for update
+        "#,
+    )
+    .bind(item_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, available, frozen)| (id, StockLevel { available, frozen }))
+        .collect())
+}
+
+/// Holds a backordered reservation's lines now that they are in stock.
+pub async fn fill_backorder(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    lines: &[OrderLine],
+) -> Result<(), sqlx::Error> {
+    let items: Vec<&str> = lines.iter().map(|l| l.item_id.as_str()).collect();
+    let qtys: Vec<i32> = lines.iter().map(|l| l.quantity).collect();
+    sqlx::query(
+        r#"
+        update stock s set available = s.available - m.q, held = s.held + m.q, updated_at = now()
+        from unnest($1::text[], $2::int[]) as m(item_id, q)
+        where s.item_id = m.item_id
+        "#,
+    )
+    .bind(items)
+    .bind(qtys)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        r#"
+        update reservations set status = 'held', pending = null, reason = null, updated_at = now()
+        where order_id = $1 and status = 'backordered'
+        "#,
+    )
+    .bind(order_id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -26,6 +26,15 @@ pub struct StockLevel {
     pub frozen: bool,
 }
 
+/// The items of `lines` that `stock` cannot cover.
+pub fn short_items(lines: &[OrderLine], stock: &HashMap<String, StockLevel>) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| stock.get(&l.item_id).map_or(0, |s| s.available) < l.quantity)
+        .map(|l| l.item_id.clone())
+        .collect()
+}
+
 /// Checks every line against the stock (items not stocked count as 0). The
 /// error names every short item, or the frozen ones.
 pub fn check_availability(
@@ -82,6 +91,8 @@ pub enum ReservationStatus {
     Rejected,
     /// Tombstone: the saga was rolled back before any reservation.
     Cancelled,
+    /// Short of backorderable items: waits for them (nothing held yet).
+    Backordered,
 }
 
 impl ReservationStatus {
@@ -92,6 +103,7 @@ impl ReservationStatus {
             ReservationStatus::Released => "released",
             ReservationStatus::Rejected => "rejected",
             ReservationStatus::Cancelled => "cancelled",
+            ReservationStatus::Backordered => "backordered",
         }
     }
 
@@ -102,6 +114,7 @@ impl ReservationStatus {
             ReservationStatus::Released,
             ReservationStatus::Rejected,
             ReservationStatus::Cancelled,
+            ReservationStatus::Backordered,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

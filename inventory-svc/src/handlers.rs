@@ -15,15 +15,15 @@
 //! changes and one net update per item. Duplicates are recognised by the
 //! natural key: one reservation record per order, ever.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
 use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{
-    EventType, InventoryReleased, InventoryReserved, PaymentActionRequired, PaymentCompleted,
-    StepFailed,
+    EventType, InventoryBackordered, InventoryReleased, InventoryReserved, PaymentActionRequired,
+    PaymentCompleted, StepFailed,
 };
 use common::messaging::inbox;
 use common::messaging::outbox::{OutboxMessage, OutboxRows};
@@ -90,6 +90,7 @@ impl MessageHandler for InventoryHandler {
                         amount_cents: waiting.amount_cents,
                         currency: waiting.currency,
                         card_last4: waiting.card_last4,
+                        long_deadline_at: Some(env.deadline_at),
                     };
                     reserve.push((i, env, as_paid));
                 }
@@ -226,10 +227,35 @@ impl Work {
             .filter(|(_, e)| !existing.contains_key(&e.order_id))
             .map(|(i, e)| (*i, e.order_id))
             .collect();
+        // Short only of items flagged backorderable (and not a 3-D Secure
+        // hold): the order waits for them. One more read, only when short.
+        let short: Vec<(Uuid, Vec<String>)> = fresh
+            .iter()
+            .zip(&verdicts)
+            .filter(|((env, _), v)| {
+                !holds.contains(&env.order_id) && matches!(v, Err(f) if f.code == "out_of_stock")
+            })
+            .map(|((env, paid), _)| (env.order_id, domain::short_items(&paid.items, &levels)))
+            .collect();
+        let backordered: HashMap<Uuid, Vec<String>> = if short.is_empty() {
+            HashMap::new()
+        } else {
+            let mut items: Vec<String> = short.iter().flat_map(|(_, i)| i.clone()).collect();
+            items.sort_unstable();
+            items.dedup();
+            let flagged = db::backorderable(uow.conn(), &items).await?;
+            short
+                .into_iter()
+                .filter(|(_, items)| !items.is_empty() && items.iter().all(|i| flagged.contains(i)))
+                .collect()
+        };
         let mut records: Vec<(Uuid, ReservationStatus, Option<&str>)> = fresh
             .iter()
             .zip(&verdicts)
             .map(|((env, _), v)| match v {
+                _ if backordered.contains_key(&env.order_id) => {
+                    (env.order_id, ReservationStatus::Backordered, None)
+                }
                 Ok(()) => (env.order_id, ReservationStatus::Held, None),
                 Err(f) => (
                     env.order_id,
@@ -273,7 +299,12 @@ impl Work {
             }
         }
         let mut releases: Vec<&Envelope> = Vec::new();
+        let mut cancelled_backorders: Vec<Uuid> = Vec::new();
         for (i, env) in &abort {
+            if status_of(&env.order_id) == Some(ReservationStatus::Backordered) {
+                cancelled_backorders.push(env.order_id);
+                continue;
+            }
             if status_of(&env.order_id) != Some(ReservationStatus::Held) {
                 continue;
             }
@@ -312,6 +343,17 @@ impl Work {
                         currency: paid.currency.clone(),
                     },
                 ),
+                Err(_) if backordered.contains_key(&env.order_id) => {
+                    let mut ctx = ctx;
+                    ctx.deadline_at = paid.long_deadline_at.unwrap_or(env.deadline_at);
+                    ctx.event(
+                        EventType::InventoryBackordered,
+                        &InventoryBackordered {
+                            customer_id: paid.customer_id.clone(),
+                            backordered: backordered[&env.order_id].clone(),
+                        },
+                    )
+                }
                 Err(failure) => ctx.event(EventType::InventoryFailed, failure),
             };
             events.push((env.order_id, event));
@@ -355,11 +397,35 @@ impl Work {
                 held.push((env.order_id, env.deadline_at));
             } else if verdict.is_ok() {
                 reserved.push(env.order_id);
-            } else {
+            } else if !backordered.contains_key(&env.order_id) {
                 rejected += 1;
             }
         }
         db::mark_holds(uow.conn(), &held).await?;
+        db::cancel_backorders(uow.conn(), &cancelled_backorders).await?;
+        let mut waiting = 0u64;
+        for (env, paid) in &fresh {
+            if !backordered.contains_key(&env.order_id)
+                || !recorded.inserted.contains(&env.order_id)
+            {
+                continue;
+            }
+            let ctx = SagaContext::caused_by(env, SERVICE);
+            let pending = db::PendingReservation {
+                causation_id: ctx.causation_id,
+                deadline_at: paid.long_deadline_at.unwrap_or(env.deadline_at),
+                trail: ctx.trail,
+                data: InventoryReserved {
+                    customer_id: paid.customer_id.clone(),
+                    items: paid.items.clone(),
+                    amount_cents: paid.amount_cents,
+                    currency: paid.currency.clone(),
+                },
+            };
+            db::record_backorder(uow.conn(), env.order_id, &paid.items, &pending).await?;
+            waiting += 1;
+            info!(order_id = %env.order_id, "backordered: the order waits for its items");
+        }
         // Held stock whose payment is now confirmed: announced, once.
         let candidates: Vec<Uuid> = confirmed_holds.iter().map(|(e, _)| e.order_id).collect();
         let claimed: HashSet<Uuid> = db::claim_holds(uow.conn(), &candidates)
@@ -406,6 +472,7 @@ impl Work {
             inbox::count_late(SERVICE, key, late);
             step_outcome(SERVICE, "reserved", reserved.len() as u64);
             step_outcome(SERVICE, "held", n_held);
+            step_outcome(SERVICE, "backordered", waiting);
             step_outcome(SERVICE, "rejected", rejected);
             step_outcome(SERVICE, "committed", committed);
             step_outcome(SERVICE, "released", released.len() as u64);

@@ -1,7 +1,9 @@
 //! inventory-svc's HTTP API.
 //!
-//! - `PUT /items/{item_id}` — `{"available": N, "frozen": bool}` sets the units
-//!   on sale (`frozen`, optional: a stocktake; nothing is reserved or released).
+//! - `PUT /items/{item_id}` — `{"available": N, "frozen": bool, "backorderable":
+//!   bool}` sets the units on sale (`frozen`, optional: a stocktake; nothing is
+//!   reserved or released; `backorderable`, optional: an order short of it
+//!   waits for it). New stock fills waiting backorders, oldest first.
 //! - `GET /items/{item_id}` — `{"item_id", "available", "held"}`: `held`
 //!   counts units reserved by sagas not yet decided.
 //! - `GET /reservations/{order_id}` — status (`held`, `committed`,
@@ -19,18 +21,41 @@ use sqlx::PgPool;
 
 use crate::SERVICE;
 use crate::db;
-use crate::domain::MAX_STOCK;
 use crate::domain::ReservationStatus;
+use crate::domain::{self, MAX_STOCK};
+use axum::routing::put;
+use chrono::Utc;
+use common::messaging::envelope::SagaContext;
+use common::messaging::events::EventType;
+use common::messaging::publisher::Publisher;
+use common::messaging::unit_of_work::UnitOfWork;
+use common::metric_definitions::step_outcome;
 use common::saga::order::OrderLine;
 use common::saga::timeline::{self, Step, StepKind, StepSource};
 use sqlx::PgConnection;
+use tracing::info;
 use uuid::Uuid;
 
-pub fn routes(pool: PgPool) -> Router {
+/// What setting the stock needs: it may fill backorders.
+#[derive(Clone)]
+struct ItemsState {
+    pool: PgPool,
+    publisher: Publisher,
+}
+
+pub fn routes(pool: PgPool, publisher: Publisher) -> Router {
     Router::new()
-        .route("/items/{item_id}", get(get_item).put(put_item))
-        .route("/reservations/{order_id}", get(get_reservation))
-        .with_state(pool.clone())
+        .route("/items/{item_id}", put(put_item))
+        .with_state(ItemsState {
+            pool: pool.clone(),
+            publisher,
+        })
+        .merge(
+            Router::new()
+                .route("/items/{item_id}", get(get_item))
+                .route("/reservations/{order_id}", get(get_reservation))
+                .with_state(pool.clone()),
+        )
         .merge(timeline::routes::<InventorySteps>(pool, SERVICE))
 }
 
@@ -103,6 +128,16 @@ fn reservation_steps(r: &db::ReservationRow, lines: &[OrderLine]) -> Vec<Step> {
             StepKind::Compensation,
             "cancelled before any reservation",
         )],
+        Some(ReservationStatus::Backordered) => vec![
+            Step::new(
+                r.created_at,
+                SERVICE,
+                "inventory.backordered",
+                StepKind::Action,
+                "backordered",
+            )
+            .detail(Some(format!("waiting for {held}"))),
+        ],
         None => Vec::new(),
     }
 }
@@ -112,22 +147,69 @@ fn reservation_steps(r: &db::ReservationRow, lines: &[OrderLine]) -> Vec<Step> {
 struct ItemBody {
     available: i32,
     frozen: Option<bool>,
+    backorderable: Option<bool>,
 }
 
 async fn put_item(
-    State(pool): State<PgPool>,
+    State(state): State<ItemsState>,
     Path(item_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let item_id = parse_id(&item_id, "item_id")?;
-    let ItemBody { available, frozen } = json_body(&body, r#"{"available": N, "frozen": bool?}"#)?;
+    let ItemBody {
+        available,
+        frozen,
+        backorderable,
+    } = json_body(
+        &body,
+        r#"{"available": N, "frozen": bool?, "backorderable": bool?}"#,
+    )?;
     if !(0..=MAX_STOCK).contains(&available) {
         return Err(ApiError::BadRequest(format!(
             "available must be from 0 to {MAX_STOCK}"
         )));
     }
-    let mut conn = pool.acquire().await?;
-    Ok(Json(db::put_item(&mut conn, &item_id, available, frozen).await?).into_response())
+    // The new stock, and the backorders it fills, in one transaction.
+    let mut uow = UnitOfWork::begin(&state.pool).await?;
+    let item = db::put_item(uow.conn(), &item_id, available, frozen, backorderable).await?;
+    let filled = fill_backorders(&mut uow, &item_id).await?;
+    uow.commit(&state.publisher).await?;
+    if filled > 0 {
+        step_outcome(SERVICE, "backorder_filled", filled);
+    }
+    Ok(Json(item).into_response())
+}
+
+/// Reserves, oldest first, the backorders waiting for `item_id` that the
+/// stock now covers, and announces each (`inventory.reserved`, under the
+/// saga's long deadline). Returns how many.
+async fn fill_backorders(uow: &mut UnitOfWork, item_id: &str) -> Result<u64, sqlx::Error> {
+    let mut filled = 0;
+    for (order_id, pending) in db::backorders_for(uow.conn(), item_id).await? {
+        let pending = pending.0;
+        if Utc::now() >= pending.deadline_at {
+            // Its rollback is on its way.
+            continue;
+        }
+        let lines = db::lines(uow.conn(), order_id).await?;
+        let items: Vec<&str> = lines.iter().map(|l| l.item_id.as_str()).collect();
+        let levels = db::lock_stock(uow.conn(), &items).await?;
+        if domain::check_availability(&lines, &levels).is_err() {
+            continue;
+        }
+        db::fill_backorder(uow.conn(), order_id, &lines).await?;
+        let ctx = SagaContext {
+            order_id,
+            deadline_at: pending.deadline_at,
+            causation_id: pending.causation_id,
+            producer: SERVICE,
+            trail: pending.trail,
+        };
+        uow.emit(ctx.event(EventType::InventoryReserved, &pending.data));
+        info!(%order_id, "backorder filled: stock reserved");
+        filled += 1;
+    }
+    Ok(filled)
 }
 
 async fn get_item(

@@ -83,12 +83,11 @@ impl Service for App {
             let (pool, grace) = (pool.clone(), self.hold_expiry_grace);
             Box::new(move |stop| Box::pin(expiry::run(pool, grace, stop)))
         };
+        let routes = http::routes(pool, self.runtime.publisher.clone());
         let tasks = Tasks {
             intake: vec![expiry],
             support: Vec::new(),
         };
-        self.runtime
-            .run(handler, http::routes(pool), tasks, cancel)
-            .await
+        self.runtime.run(handler, routes, tasks, cancel).await
     }
 }

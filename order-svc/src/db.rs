@@ -455,16 +455,16 @@ pub async fn await_answers(
     conn: &mut PgConnection,
     order_ids: &[Uuid],
     longs: &[DateTime<Utc>],
-    awaiting: &str,
+    awaiting: &[&str],
     cap: std::time::Duration,
 ) -> Result<Vec<OrderRow>, sqlx::Error> {
     sqlx::query_as(
         r#"
         update orders o
-        set awaiting = $3,
+        set awaiting = x.awaiting,
             deadline_at = greatest(o.deadline_at,
                                    least(x.long_at, o.created_at + make_interval(secs => $4)))
-        from unnest($1::uuid[], $2::timestamptz[]) as x(order_id, long_at)
+        from unnest($1::uuid[], $2::timestamptz[], $3::text[]) as x(order_id, long_at, awaiting)
         where o.order_id = x.order_id and o.status = 'PENDING' and o.awaiting is null
         returning o.*
         "#,

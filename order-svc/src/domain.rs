@@ -340,13 +340,36 @@ pub enum StepEffect {
 /// What a saga waiting for a 3-D Secure confirmation waits for (the
 /// `awaiting` column, the pending result's `next.step`).
 pub const AWAITING_PAYMENT: &str = "payment_confirmation";
+/// What a saga short of backordered items waits for.
+pub const AWAITING_STOCK: &str = "stock_arrival";
+
+/// What a saga waits for after `event`, if it is an outside answer.
+pub fn awaited_after(event: EventType) -> Option<&'static str> {
+    match event {
+        EventType::PaymentActionRequired => Some(AWAITING_PAYMENT),
+        EventType::InventoryBackordered => Some(AWAITING_STOCK),
+        _ => None,
+    }
+}
+
+/// What a pending saga's client is told it waits for.
+pub fn awaiting_detail(awaiting: &str) -> &'static str {
+    if awaiting == AWAITING_STOCK {
+        "items of the order are backordered; it is confirmed when they arrive"
+    } else {
+        "the payment needs the customer's 3-D Secure confirmation; the gateway answers with \
+         POST /payments/{order_id}/confirm or /decline on payment-svc"
+    }
+}
 
 /// The reason of a long-running saga's timeout.
-pub fn long_timeout_reason(deadline_ms: i64) -> String {
-    format!(
-        "Long deadline of {deadline_ms} ms exceeded while waiting for the payment confirmation \
-         (3-D Secure)"
-    )
+pub fn long_timeout_reason(deadline_ms: i64, awaiting: &str) -> String {
+    let what = if awaiting == AWAITING_STOCK {
+        "the backordered items"
+    } else {
+        "the payment confirmation (3-D Secure)"
+    };
+    format!("Long deadline of {deadline_ms} ms exceeded while waiting for {what}")
 }
 
 /// The decision table of the choreography, as seen by order-svc.
@@ -362,7 +385,7 @@ pub fn effect_of(event: EventType, failure: Option<&StepFailed>) -> StepEffect {
         // Sent, or queued while the mail relay is down: past the pivot
         // either way (a queued email is retried, never undone).
         EventType::NotificationSent | EventType::NotificationDeferred => StepEffect::Confirm,
-        EventType::PaymentActionRequired => StepEffect::Await,
+        EventType::PaymentActionRequired | EventType::InventoryBackordered => StepEffect::Await,
         _ => StepEffect::Record,
     }
 }

@@ -7,8 +7,9 @@
 //! - `payment.failed`, `inventory.failed`, `notification.failed`: decide FAILED.
 //! - `notification.sent`: decide CONFIRMED (FAILED if the deadline passed).
 //! - `payment.refunded`, `inventory.released`: added to the saga's timeline.
-//! - `payment.action_required`: the saga waits for the customer's 3-D Secure
-//!   confirmation under its long deadline; whoever waits is told "pending".
+//! - `payment.action_required`, `inventory.backordered`: the saga waits for an
+//!   outside answer (a 3-D Secure confirmation, the items) under its long
+//!   deadline; whoever waits is told "pending".
 //!
 //! A saga is decided exactly once: decisions are conditional updates on the
 //! order's row, so a duplicate or late outcome changes nothing.
@@ -30,6 +31,15 @@ use crate::saga::{
     DecisionInput, OrderSaga, PlaceError, PlaceRequest, ReplyTarget, rejection_reply,
 };
 
+/// A saga that now waits for an outside answer: (order, long deadline,
+/// cause, what it waits for).
+type Await = (
+    uuid::Uuid,
+    chrono::DateTime<chrono::Utc>,
+    String,
+    &'static str,
+);
+
 pub struct OrderHandler {
     pub saga: Arc<OrderSaga>,
 }
@@ -46,7 +56,7 @@ impl MessageHandler for OrderHandler {
         let mut requested_by: Vec<usize> = Vec::new();
         let mut decisions: Vec<DecisionInput> = Vec::new();
         let mut timeline: Vec<NewStep> = Vec::new();
-        let mut awaits: Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>, String)> = Vec::new();
+        let mut awaits: Vec<Await> = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
             let result = if msg.routing_key == EventType::OrderRequested.routing_key() {
                 self.order_requested(uow, msg).map(|request| {
@@ -159,7 +169,7 @@ impl OrderHandler {
         msg: &Incoming,
         decisions: &mut Vec<DecisionInput>,
         timeline: &mut Vec<NewStep>,
-        awaits: &mut Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>, String)>,
+        awaits: &mut Vec<Await>,
     ) -> MessageResult {
         let env = Envelope::decode(&msg.body)?;
         if !common::messaging::topology::ORDER_SVC.is_consumed(env.event_type) {
@@ -189,13 +199,20 @@ impl OrderHandler {
             StepEffect::Await => {
                 // Its long deadline is the event's (payment-svc has it from
                 // order.created), at most SAGA_LONG_DEADLINE_MS after creation.
-                awaits.push((env.order_id, env.deadline_at, env.event_id.to_string()));
+                let what =
+                    domain::awaited_after(env.event_type).unwrap_or(domain::AWAITING_PAYMENT);
+                awaits.push((
+                    env.order_id,
+                    env.deadline_at,
+                    env.event_id.to_string(),
+                    what,
+                ));
                 timeline.push(NewStep {
                     order_id: env.order_id,
                     step: env.event_type.routing_key().to_owned(),
                     event_id: Some(env.event_id),
                     source: env.producer.clone(),
-                    detail: Some("awaiting the customer's 3-D Secure confirmation".to_owned()),
+                    detail: Some(format!("awaiting {what}")),
                     occurred_at: env.occurred_at,
                 });
                 return Ok(());

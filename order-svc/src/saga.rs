@@ -648,8 +648,8 @@ impl OrderSaga {
     /// A timeout failure, naming the step still awaited.
     fn timeout_decision(&self, row: &OrderRow) -> Decision {
         let deadline_ms = (row.deadline_at - row.created_at).num_milliseconds();
-        let reason = if row.awaiting.is_some() {
-            domain::long_timeout_reason(deadline_ms)
+        let reason = if let Some(awaiting) = &row.awaiting {
+            domain::long_timeout_reason(deadline_ms, awaiting)
         } else {
             domain::timeout_reason(deadline_ms, &self.progress.steps_seen(row.order_id))
         };
@@ -659,25 +659,27 @@ impl OrderSaga {
         }
     }
 
-    /// Sagas whose payment waits for the customer's confirmation: each goes
-    /// on under its long deadline (`long_at`, from the event), and whoever
-    /// waits for it — an HTTP request, an AMQP client's `reply_to` — is told
-    /// it is pending. Its final result follows when it is decided.
+    /// Sagas that wait for an outside answer (a payment's 3-D Secure
+    /// confirmation, backordered items): each goes on under its long
+    /// deadline (`long_at`, from the event), and whoever waits for it — an
+    /// HTTP request, an AMQP client's `reply_to` — is told it is pending. Its
+    /// final result follows when it is decided.
     pub async fn await_answers(
         &self,
         uow: &mut UnitOfWork,
-        awaits: &[(Uuid, DateTime<Utc>, String)],
+        awaits: &[(Uuid, DateTime<Utc>, String, &'static str)],
     ) -> Result<(), sqlx::Error> {
         if awaits.is_empty() {
             return Ok(());
         }
-        let ids: Vec<Uuid> = awaits.iter().map(|(id, _, _)| *id).collect();
-        let longs: Vec<DateTime<Utc>> = awaits.iter().map(|(_, at, _)| *at).collect();
+        let ids: Vec<Uuid> = awaits.iter().map(|(id, _, _, _)| *id).collect();
+        let longs: Vec<DateTime<Utc>> = awaits.iter().map(|(_, at, _, _)| *at).collect();
+        let what: Vec<&str> = awaits.iter().map(|(_, _, _, what)| *what).collect();
         let rows = db::await_answers(
             uow.conn(),
             &ids,
             &longs,
-            domain::AWAITING_PAYMENT,
+            &what,
             self.long_deadline.max(self.deadline),
         )
         .await?;
@@ -686,13 +688,13 @@ impl OrderSaga {
             let result = pending_result(&row);
             let cause = awaits
                 .iter()
-                .find(|(id, _, _)| *id == row.order_id)
-                .map_or_else(String::new, |(_, _, cause)| cause.clone());
+                .find(|(id, _, _, _)| *id == row.order_id)
+                .map_or_else(String::new, |(_, _, cause, _)| cause.clone());
             if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
                 uow.emit(reply_message(&cause, to, corr, &result));
             }
             info!(order_id = %row.order_id, deadline_at = %row.deadline_at,
-                  "saga pending: the payment waits for the customer's confirmation");
+                  awaiting = ?row.awaiting, "saga pending: it waits for an outside answer");
             told.push((row.order_id, row.waiter, result));
         }
         let waiters = self.waiters.clone();
@@ -895,11 +897,8 @@ pub fn pending_result(row: &OrderRow) -> SagaResult {
                 .clone()
                 .unwrap_or_else(|| domain::AWAITING_PAYMENT.to_owned()),
             deadline_at: row.deadline_at,
-            detail: format!(
-                "the payment needs the customer's 3-D Secure confirmation; the gateway answers \
-                 with POST /payments/{}/confirm or /decline on payment-svc",
-                row.order_id
-            ),
+            detail: domain::awaiting_detail(row.awaiting.as_deref().unwrap_or_default())
+                .replace("{order_id}", &row.order_id.to_string()),
         },
     }
 }

@@ -200,6 +200,7 @@ impl PaymentHandler {
                             amount_cents: req.order.amount_cents,
                             currency: req.order.currency.clone(),
                             card_last4: req.order.payment.last4.clone(),
+                            long_deadline_at: req.order.long_deadline_at,
                         },
                     ),
                     Err(failure) => ctx.event(EventType::PaymentFailed, failure),
@@ -391,6 +392,7 @@ fn pending_completion(req: &ChargeRequest) -> PendingCompletion {
             amount_cents: req.order.amount_cents,
             currency: req.order.currency.clone(),
             card_last4: req.order.payment.last4.clone(),
+            long_deadline_at: req.order.long_deadline_at,
         },
     }
 }

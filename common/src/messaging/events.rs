@@ -46,6 +46,11 @@ pub enum EventType {
     /// inventory-svc released a reservation (compensation).
     #[serde(rename = "inventory.released")]
     InventoryReleased,
+    /// Items flagged backorderable are short: the order waits for them
+    /// under its long deadline; inventory-svc reserves them when they arrive
+    /// (`PUT /items/{id}`) and publishes `inventory.reserved`.
+    #[serde(rename = "inventory.backordered")]
+    InventoryBackordered,
     /// notification-svc sent the confirmation email.
     #[serde(rename = "notification.sent")]
     NotificationSent,
@@ -71,7 +76,7 @@ pub enum EventType {
 
 impl EventType {
     /// Every event type, in saga order.
-    pub const ALL: [EventType; 15] = [
+    pub const ALL: [EventType; 16] = [
         EventType::OrderRequested,
         EventType::OrderCreated,
         EventType::PaymentCompleted,
@@ -81,6 +86,7 @@ impl EventType {
         EventType::InventoryReserved,
         EventType::InventoryFailed,
         EventType::InventoryReleased,
+        EventType::InventoryBackordered,
         EventType::NotificationSent,
         EventType::NotificationFailed,
         EventType::NotificationDeferred,
@@ -101,6 +107,7 @@ impl EventType {
             EventType::InventoryReserved => "inventory.reserved",
             EventType::InventoryFailed => "inventory.failed",
             EventType::InventoryReleased => "inventory.released",
+            EventType::InventoryBackordered => "inventory.backordered",
             EventType::NotificationSent => "notification.sent",
             EventType::NotificationFailed => "notification.failed",
             EventType::NotificationDeferred => "notification.deferred",
@@ -166,6 +173,19 @@ pub struct PaymentCompleted {
     pub amount_cents: i64,
     pub currency: String,
     pub card_last4: String,
+    /// The saga's long deadline (from `order.created`): a backordered item
+    /// may take until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_deadline_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `inventory.backordered`: short items flagged backorderable; the order
+/// waits for them (the envelope's `deadline_at` is the long deadline).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InventoryBackordered {
+    pub customer_id: String,
+    /// The items awaited.
+    pub backordered: Vec<String>,
 }
 
 /// A step's failure: a stable machine code and a human reason. Used by

@@ -429,6 +429,7 @@ mod tests {
         assert_eq!(
             keys(ORDER_SVC.consumes()),
             [
+                "inventory.backordered",
                 "inventory.failed",
                 "inventory.released",
                 "notification.deferred",

@@ -50,7 +50,8 @@ pub fn owner(event: EventType) -> Option<&'static str> {
         | EventType::PaymentActionRequired => Some("payment-svc"),
         EventType::InventoryReserved
         | EventType::InventoryFailed
-        | EventType::InventoryReleased => Some("inventory-svc"),
+        | EventType::InventoryReleased
+        | EventType::InventoryBackordered => Some("inventory-svc"),
         EventType::NotificationSent
         | EventType::NotificationFailed
         | EventType::NotificationDeferred => Some("notification-svc"),

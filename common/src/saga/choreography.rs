@@ -131,7 +131,12 @@ pub const REACTIONS: &[Reaction] = &[
         on: &[Trigger::Event(PaymentCompleted)],
         delivery: Delivery::Durable,
         kind: StepKind::Action,
-        outcomes: &[&[InventoryReserved], &[InventoryFailed]],
+        // Short of a backorderable item: deferred to "fulfil backorder".
+        outcomes: &[
+            &[InventoryReserved],
+            &[InventoryFailed],
+            &[InventoryBackordered],
+        ],
         completes: None,
         undo: Undo::CompensatedBy {
             step: "release stock",
@@ -269,8 +274,11 @@ pub const REACTIONS: &[Reaction] = &[
     },
     Reaction {
         service: "order-svc",
-        step: "await confirmation",
-        on: &[Trigger::Event(PaymentActionRequired)],
+        step: "await outside answer",
+        on: &[
+            Trigger::Event(PaymentActionRequired),
+            Trigger::Event(InventoryBackordered),
+        ],
         delivery: Delivery::Durable,
         kind: StepKind::Wait,
         // The client is answered "pending"; the saga's deadline becomes its
@@ -305,6 +313,19 @@ pub const REACTIONS: &[Reaction] = &[
         completes: Some("send confirmation email"),
         undo: Undo::Irreversible {
             why: "the saga is confirmed: the email is retried until it goes out",
+        },
+    },
+    Reaction {
+        service: "inventory-svc",
+        step: "fulfil backorder",
+        // The stock arriving (`PUT /items/{id}`).
+        on: &[Trigger::Callback(InventoryBackordered)],
+        delivery: Delivery::Request,
+        kind: StepKind::Action,
+        outcomes: &[&[InventoryReserved]],
+        completes: Some("reserve stock"),
+        undo: Undo::CompensatedBy {
+            step: "release stock",
         },
     },
     Reaction {

@@ -375,3 +375,89 @@ async fn with_the_mail_relay_down_the_order_is_confirmed_and_its_email_sent_when
     assert_eq!(sys.order(&id).await["status"], "CONFIRMED");
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backordered_item_keeps_the_order_pending_until_it_arrives() {
+    let sys = TestSystem::builder().long_deadline_ms(30_000).spawn().await;
+    sys.set_price("productC", 2500).await;
+    sys.put(
+        Svc::Inventory,
+        "/items/productC",
+        serde_json::json!({"available": 0, "backorderable": true}),
+    )
+    .await;
+    sys.set_balance("bo", 100_000).await;
+    let started = Instant::now();
+    let (status, result) = sys.post_order(&order_dict("bo", &[("productC", 2)])).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(status, 202, "{result}");
+    assert_eq!(result["next"]["step"], "stock_arrival", "{result}");
+    let id = result["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(sys.reservation(&id).await.unwrap()["status"], "backordered");
+    assert!(sys.email_kinds(&id).await.is_empty());
+
+    // The items arrive: the backorder is reserved, the saga confirmed.
+    let item = sys
+        .put(
+            Svc::Inventory,
+            "/items/productC",
+            serde_json::json!({"available": 5}),
+        )
+        .await;
+    assert_eq!(item["backorderable"], true, "{item}");
+    let order = eventually(SETTLE, "the order confirmed", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "CONFIRMED").then_some(order)
+    })
+    .await;
+    assert_eq!(order["result"]["status"], "success");
+    sys.wait_for_stock("productC", (3, 0)).await;
+    assert_eq!(sys.email_kinds(&id).await, ["confirmation"]);
+    assert_eq!(sys.balance("bo").await, Some(100_000 - 5000));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backorder_that_never_arrives_is_rolled_back_at_the_long_deadline() {
+    let sys = TestSystem::builder().long_deadline_ms(6_000).spawn().await;
+    sys.set_price("productC", 2500).await;
+    sys.put(
+        Svc::Inventory,
+        "/items/productC",
+        serde_json::json!({"available": 1, "backorderable": true}),
+    )
+    .await;
+    sys.set_balance("bx", 100_000).await;
+    let (status, result) = sys.post_order(&order_dict("bx", &[("productC", 2)])).await;
+    assert_eq!(status, 202, "{result}");
+    let id = result["order_id"].as_str().unwrap().to_owned();
+    let order = eventually(Duration::from_secs(15), "the long deadline", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "FAILED").then_some(order)
+    })
+    .await;
+    assert!(
+        order["result"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("backordered items"),
+        "{order}"
+    );
+    eventually(SETTLE, "refunded and released", || async {
+        let refunded = sys.payment(&id).await?["status"] == "refunded";
+        let released = sys.reservation(&id).await?["status"] == "released";
+        (refunded && released).then_some(())
+    })
+    .await;
+    assert_eq!(sys.balance("bx").await, Some(100_000));
+    // Stock arriving now fills nothing.
+    sys.put(
+        Svc::Inventory,
+        "/items/productC",
+        serde_json::json!({"available": 5}),
+    )
+    .await;
+    assert_eq!(sys.stock("productC").await, (5, 0));
+    assert_eq!(sys.order(&id).await["status"], "FAILED");
+    sys.shutdown().await;
+}
