@@ -433,26 +433,46 @@ pub async fn record_backorder(
     Ok(())
 }
 
-/// Rolled back while waiting: nothing was held, nothing to return.
+/// Rolled back while waiting: nothing was held, nothing to return. Returns
+/// the ones cancelled (one filled meanwhile is not).
 pub async fn cancel_backorders(
     conn: &mut PgConnection,
     order_ids: &[Uuid],
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<Uuid>, sqlx::Error> {
     if order_ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    sqlx::query(
+    sqlx::query_scalar(
         r#"
         update reservations
         set status = 'released', pending = null, updated_at = now(),
             reason = 'backorder cancelled: the saga was rolled back'
         where order_id = any($1) and status = 'backordered'
+        returning order_id
         "#,
     )
     .bind(order_ids)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_all(conn)
+    .await
+}
+
+/// The items of the backordered reservations waiting for `item_id` (read
+/// without locks: the caller locks stock first, in item order).
+pub async fn backorder_items(
+    conn: &mut PgConnection,
+    item_id: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        select distinct l2.item_id from reservations r
+        join reservation_lines l on l.order_id = r.order_id and l.item_id = $1
+        join reservation_lines l2 on l2.order_id = r.order_id
+        where r.status = 'backordered'
+        "#,
+    )
+    .bind(item_id)
+    .fetch_all(conn)
+    .await
 }
 
 /// Backordered reservations waiting for `item_id`, oldest first, locked.

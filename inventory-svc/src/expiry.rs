@@ -41,6 +41,26 @@ pub async fn run(pool: PgPool, grace: Duration, cancel: CancellationToken) {
 }
 
 async fn release_expired(pool: &PgPool, grace: Duration) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Stock rows first, in item order (as every batch locks them), then the
+    // reservations: no deadlock with a batch or a PUT /items.
+    let items: Vec<String> = sqlx::query_scalar(
+        r#"
+        select distinct l.item_id from reservations r join reservation_lines l using (order_id)
+        where r.awaiting_payment and r.status = 'held'
+          and r.expires_at < now() - make_interval(secs => $1)
+        "#,
+    )
+    .bind(grace.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    if items.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query("select 1 from stock where item_id = any($1) order by item_id for update")
+        .bind(&items)
+        .execute(&mut *tx)
+        .await?;
     let released: i64 = sqlx::query_scalar(
         r#"
         with expired as (
@@ -66,7 +86,8 @@ async fn release_expired(pool: &PgPool, grace: Duration) -> Result<u64, sqlx::Er
         "#,
     )
     .bind(grace.as_secs_f64())
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(released as u64)
 }

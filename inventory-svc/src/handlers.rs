@@ -73,7 +73,9 @@ impl MessageHandler for InventoryHandler {
         );
         // A payment waiting for its 3-D Secure confirmation: its lines are
         // held like a reservation's, and announced once it is confirmed.
-        let mut reserve = forward;
+        // Holds first: a confirmation of a hold in the same batch then finds
+        // it and announces it (below), whatever the order they arrived in.
+        let mut reserve = Vec::new();
         let mut holds = HashSet::new();
         let mut confirm = Vec::new();
         for (i, env) in others {
@@ -97,6 +99,7 @@ impl MessageHandler for InventoryHandler {
                 Err(e) => results[i] = Err(e.into()),
             }
         }
+        reserve.extend(forward);
         let work = Work {
             reserve,
             holds,
@@ -299,10 +302,10 @@ impl Work {
             }
         }
         let mut releases: Vec<&Envelope> = Vec::new();
-        let mut cancelled_backorders: Vec<Uuid> = Vec::new();
+        let mut cancelled_backorders: Vec<(usize, Uuid)> = Vec::new();
         for (i, env) in &abort {
             if status_of(&env.order_id) == Some(ReservationStatus::Backordered) {
-                cancelled_backorders.push(env.order_id);
+                cancelled_backorders.push((*i, env.order_id));
                 continue;
             }
             if status_of(&env.order_id) != Some(ReservationStatus::Held) {
@@ -402,7 +405,20 @@ impl Work {
             }
         }
         db::mark_holds(uow.conn(), &held).await?;
-        db::cancel_backorders(uow.conn(), &cancelled_backorders).await?;
+        let to_cancel: Vec<Uuid> = cancelled_backorders.iter().map(|(_, id)| *id).collect();
+        let cancelled: HashSet<Uuid> = db::cancel_backorders(uow.conn(), &to_cancel)
+            .await?
+            .into_iter()
+            .collect();
+        for (i, id) in &cancelled_backorders {
+            if !cancelled.contains(id) {
+                // Filled by arriving stock since we looked: now held, so
+                // the retry releases it.
+                results[*i] = Err(HandlerError::transient(format!(
+                    "the backorder of order {id} was filled while rolling it back; retrying"
+                )));
+            }
+        }
         let mut waiting = 0u64;
         for (env, paid) in &fresh {
             if !backordered.contains_key(&env.order_id)

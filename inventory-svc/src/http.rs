@@ -169,8 +169,16 @@ async fn put_item(
             "available must be from 0 to {MAX_STOCK}"
         )));
     }
-    // The new stock, and the backorders it fills, in one transaction.
+    // The new stock, and the backorders it fills, in one transaction. Stock
+    // rows are locked first, in item order — the order every batch locks
+    // them in — then reservations, so the two cannot deadlock.
     let mut uow = UnitOfWork::begin(&state.pool).await?;
+    let mut items = db::backorder_items(uow.conn(), &item_id).await?;
+    items.push(item_id.clone());
+    items.sort_unstable();
+    items.dedup();
+    let refs: Vec<&str> = items.iter().map(String::as_str).collect();
+    db::lock_stock(uow.conn(), &refs).await?;
     let item = db::put_item(uow.conn(), &item_id, available, frozen, backorderable).await?;
     let filled = fill_backorders(&mut uow, &item_id).await?;
     uow.commit(&state.publisher).await?;

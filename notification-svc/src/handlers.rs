@@ -225,6 +225,9 @@ impl NotificationHandler {
 
         let mut sent_emails: Vec<Email> = Vec::new();
         let mut queued: Vec<Email> = Vec::new();
+        // Once the relay is found down, the rest of the batch is queued
+        // without trying it again (each try may take its whole timeout).
+        let mut relay_down = false;
         let mut refused: Vec<Uuid> = Vec::new();
         let mut events = Vec::new();
         for p in planned {
@@ -239,8 +242,17 @@ impl NotificationHandler {
                 p.reserved.amount_cents,
                 &p.reserved.currency,
             );
+            let sent = if relay_down && p.precheck.is_ok() {
+                Err(SendError::Unavailable(
+                    "the relay was down earlier in this batch".into(),
+                ))
+            } else if p.precheck.is_ok() {
+                self.transport.send(&email).await
+            } else {
+                Ok(())
+            };
             let outcome = match p.precheck {
-                Ok(()) => match self.transport.send(&email).await {
+                Ok(()) => match sent {
                     Ok(()) => Ok(()),
                     Err(SendError::Rejected(reason)) => {
                         refused.push(p.env.order_id);
@@ -252,6 +264,7 @@ impl NotificationHandler {
                     // The relay is down: the email is queued and retried
                     // (crate::queue), the saga goes on past the pivot.
                     Err(SendError::Unavailable(why)) => {
+                        relay_down = true;
                         info!(order_id = %p.env.order_id, %why,
                               "mail relay unavailable: the confirmation is queued");
                         let ctx = SagaContext::caused_by(&p.env, SERVICE);

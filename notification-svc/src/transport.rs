@@ -52,6 +52,9 @@ impl EmailTransport for LogTransport {
     }
 }
 
+/// How long an SMTP exchange may take before the relay counts as down.
+pub const SMTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Plain SMTP to a relay (no TLS: meant for a local MTA or mail sink).
 pub struct SmtpTransport {
     from: Mailbox,
@@ -69,8 +72,11 @@ impl SmtpTransport {
             Some((h, p)) => (h, p.parse()?),
             None => (rest, 25),
         };
+        // Short: a relay that does not answer must not hold a confirmation
+        // past the saga's deadline (it is queued instead, see crate::queue).
         let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
+            .timeout(Some(SMTP_TIMEOUT))
             .build();
         Ok(Self {
             from: from.parse()?,

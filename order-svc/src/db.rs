@@ -465,7 +465,8 @@ pub async fn await_answers(
             deadline_at = greatest(o.deadline_at,
                                    least(x.long_at, o.created_at + make_interval(secs => $4)))
         from unnest($1::uuid[], $2::timestamptz[], $3::text[]) as x(order_id, long_at, awaiting)
-        where o.order_id = x.order_id and o.status = 'PENDING' and o.awaiting is null
+        where o.order_id = x.order_id and o.status = 'PENDING'
+          and o.awaiting is distinct from x.awaiting
         returning o.*
         "#,
     )
@@ -882,14 +883,22 @@ pub async fn record_findings(
     .execute(&mut *conn)
     .await?
     .rows_affected();
-    sqlx::query("delete from reconcile_later where order_id = any($1)")
-        .bind(checked)
-        .execute(&mut *conn)
-        .await?;
     Ok(FindingsOutcome {
         new,
         resolved: resolved as usize,
     })
+}
+
+/// Long-running sagas checked by every service: not checked again.
+pub async fn forget_checked_later(
+    conn: &mut PgConnection,
+    checked: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from reconcile_later where order_id = any($1)")
+        .bind(checked)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 pub async fn advance_reconciler(conn: &mut PgConnection, last: Uuid) -> Result<(), sqlx::Error> {

@@ -249,6 +249,9 @@ impl Reconciler {
         if let (Some(last), true) = (batch.watermark, report.advanced) {
             db::advance_reconciler(&mut tx, last).await?;
         }
+        if unanswered.is_empty() {
+            db::forget_checked_later(&mut tx, &ids).await?;
+        }
         tx.commit().await?;
         report.open = self.count_open(conn).await?;
         report.new_findings = outcome.new.len();

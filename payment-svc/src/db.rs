@@ -43,6 +43,26 @@ pub struct PendingCompletion {
     pub causation_id: String,
     pub trail: Vec<TrailEntry>,
     pub data: PaymentCompleted,
+    /// The last moment a confirmation is taken: the long deadline less the
+    /// time the rest of the saga needs (its ordinary deadline), so that a
+    /// confirmed payment can still be decided in time.
+    #[serde(default)]
+    pub confirm_by: Option<DateTime<Utc>>,
+}
+
+/// Voids a waiting authorisation (nothing was charged) and forgets what it
+/// would have published.
+pub async fn void(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        update payments set status = 'voided', completion = null, updated_at = now()
+        where order_id = $1 and status = 'action_required'
+        "#,
+    )
+    .bind(order_id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Keeps, for each payment that waits for its confirmation, until when it
@@ -391,7 +411,6 @@ pub enum Posting {
     Frozen,
 }
 
-/// Credits the account unless it is frozen.
 /// Debits an account (opened with `default_balance` if new), unless frozen
 /// or short.
 pub async fn debit(
@@ -429,6 +448,7 @@ pub async fn debit(
     Ok(Posting::Done)
 }
 
+/// Credits the account unless it is frozen.
 pub async fn credit(
     conn: &mut PgConnection,
     customer_id: &str,

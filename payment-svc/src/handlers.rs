@@ -309,7 +309,7 @@ impl PaymentHandler {
             (Compensation::Undo, Some(_))
                 if current_status == Some(PaymentStatus::ActionRequired) =>
             {
-                db::set_status(uow.conn(), order_id, PaymentStatus::Voided).await?;
+                db::void(uow.conn(), order_id).await?;
                 uow.on_commit(move || {
                     step_outcome(SERVICE, "voided", 1);
                     info!(%order_id, "authorisation voided: the saga was rolled back");
@@ -383,7 +383,10 @@ fn action_required_event(req: &ChargeRequest) -> OutboxMessage {
 /// saga's context (the trail through `order.created`) and the payload.
 fn pending_completion(req: &ChargeRequest) -> PendingCompletion {
     let ctx = SagaContext::caused_by(&req.env, SERVICE);
+    // The ordinary deadline is what the rest of the saga needs after it.
+    let rest = (req.env.deadline_at - req.env.occurred_at).max(chrono::TimeDelta::zero());
     PendingCompletion {
+        confirm_by: Some(long_deadline(req) - rest),
         causation_id: ctx.causation_id,
         trail: ctx.trail,
         data: PaymentCompleted {

@@ -113,6 +113,15 @@ async fn gateway_answer(
              not confirmed"
         )));
     }
+    // A confirmation must leave the rest of the saga its ordinary time.
+    let confirm_by = completion.0.confirm_by.unwrap_or(deadline_at);
+    if answer.is_ok() && Utc::now() >= confirm_by {
+        return Err(ApiError::Conflict(format!(
+            "the order {order_id} can no longer be confirmed: confirmations are taken until \
+             {confirm_by}, to leave the rest of the saga its time before the long deadline \
+             ({deadline_at}); it will be rolled back"
+        )));
+    }
     let outcome = db::settle_confirmation(
         uow.conn(),
         &payment,

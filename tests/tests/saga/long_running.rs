@@ -461,3 +461,29 @@ async fn a_backorder_that_never_arrives_is_rolled_back_at_the_long_deadline() {
     assert_eq!(sys.order(&id).await["status"], "FAILED");
     sys.shutdown().await;
 }
+
+/// The hold and the confirmation of one order reaching inventory-svc in one
+/// batch (it was down while the customer confirmed): the hold is recorded
+/// and announced, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hold_and_its_confirmation_in_one_batch_are_reserved_and_announced() {
+    let mut sys = TestSystem::builder().long_deadline_ms(30_000).spawn().await;
+    stock_the_shop(&sys).await;
+    sys.set_balance("ines", 100_000).await;
+    sys.stop(Svc::Inventory).await;
+    let id = place_pending(&sys, "ines").await;
+    let (status, answer) = gateway(&sys, &id, "confirm").await;
+    assert_eq!(status, 200, "{answer}");
+
+    sys.start(Svc::Inventory).await;
+    sys.wait_healthy(Svc::Inventory).await;
+    let order = eventually(SETTLE, "the order confirmed", || async {
+        let order = sys.order(&id).await;
+        (order["status"] == "CONFIRMED").then_some(order)
+    })
+    .await;
+    assert_eq!(order["result"]["status"], "success");
+    sys.wait_for_stock("productA", (8, 0)).await;
+    assert_eq!(sys.email_kinds(&id).await, ["confirmation"]);
+    sys.shutdown().await;
+}
