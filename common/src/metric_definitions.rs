@@ -97,7 +97,9 @@ pub fn step_outcome(service: &'static str, outcome: &'static str, n: u64) {
                 "service" => service, "step" => step, "outcome" => outcome, "reason" => reason)
             .increment(n);
         };
-        if matches!(result, "succeeded" | "failed" | "deferred") {
+        // A step starts once: an outcome that completes a deferred one
+        // (reason `after_*`) does not start it again.
+        if matches!(result, "succeeded" | "failed" | "deferred") && !reason.starts_with("after_") {
             count("started");
         }
         count(result);
@@ -110,6 +112,8 @@ fn saga_step(outcome: &str) -> Option<(&'static str, &'static str, &'static str)
         "charged" => ("charge", "succeeded", "none"),
         "declined" => ("charge", "failed", "declined"),
         "action_required" => ("charge", "deferred", "action_required"),
+        "charged_after_action" => ("charge", "succeeded", "after_action"),
+        "declined_after_action" => ("charge", "failed", "after_action"),
         "voided" => ("refund", "compensated", "authorisation_voided"),
         "refunded" => ("refund", "compensated", "none"),
         "cancelled_before_charge" => ("refund", "compensated", "before_charge"),
@@ -119,12 +123,15 @@ fn saga_step(outcome: &str) -> Option<(&'static str, &'static str, &'static str)
         "released" => ("release_stock", "compensated", "none"),
         "cancelled_before_reservation" => ("release_stock", "compensated", "before_reservation"),
         "held" => ("reserve_stock", "deferred", "action_required"),
+        "hold_confirmed" => ("reserve_stock", "succeeded", "after_action"),
         "backordered" => ("reserve_stock", "deferred", "backordered"),
-        "backorder_filled" => ("reserve_stock", "succeeded", "backorder_filled"),
+        "backorder_filled" => ("reserve_stock", "succeeded", "after_backorder"),
         "hold_expired" => ("release_stock", "compensated", "hold_expired"),
         "sent" => ("send_confirmation", "succeeded", "none"),
         "bounced" => ("send_confirmation", "failed", "bounced"),
         "deferred" => ("send_confirmation", "deferred", "relay_unavailable"),
+        "queued_sent" => ("send_confirmation", "succeeded", "after_relay_back"),
+        "queued_bounced" => ("send_confirmation", "failed", "after_relay_back"),
         "cancellation_sent" => ("send_cancellation", "compensated", "none"),
         "cancelled_before_email" => ("send_cancellation", "compensated", "before_email"),
         _ => return None,
@@ -155,6 +162,8 @@ mod tests {
             "charged",
             "declined",
             "action_required",
+            "charged_after_action",
+            "declined_after_action",
             "voided",
             "refunded",
             "cancelled_before_charge",
@@ -164,12 +173,15 @@ mod tests {
             "released",
             "cancelled_before_reservation",
             "held",
+            "hold_confirmed",
             "backordered",
             "backorder_filled",
             "hold_expired",
             "sent",
             "bounced",
             "deferred",
+            "queued_sent",
+            "queued_bounced",
             "cancellation_sent",
             "cancelled_before_email",
         ] {

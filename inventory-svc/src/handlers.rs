@@ -443,6 +443,7 @@ impl Work {
             info!(order_id = %env.order_id, "backordered: the order waits for its items");
         }
         // Held stock whose payment is now confirmed: announced, once.
+        let mut confirmed_n = 0u64;
         let candidates: Vec<Uuid> = confirmed_holds.iter().map(|(e, _)| e.order_id).collect();
         let claimed: HashSet<Uuid> = db::claim_holds(uow.conn(), &candidates)
             .await?
@@ -453,7 +454,8 @@ impl Work {
                 duplicates += 1;
                 continue;
             }
-            reserved.push(env.order_id);
+            confirmed_n += 1;
+            info!(order_id = %env.order_id, "held stock announced: the payment is confirmed");
             uow.emit(SagaContext::caused_by(env, SERVICE).event(
                 EventType::InventoryReserved,
                 &InventoryReserved {
@@ -488,6 +490,7 @@ impl Work {
             inbox::count_late(SERVICE, key, late);
             step_outcome(SERVICE, "reserved", reserved.len() as u64);
             step_outcome(SERVICE, "held", n_held);
+            step_outcome(SERVICE, "hold_confirmed", confirmed_n);
             step_outcome(SERVICE, "backordered", waiting);
             step_outcome(SERVICE, "rejected", rejected);
             step_outcome(SERVICE, "committed", committed);

@@ -61,7 +61,7 @@ async fn send_due(pool: &PgPool, transport: &dyn EmailTransport) -> Result<u64, 
                 db::dequeue_email(&mut tx, order_id, NotificationStatus::Sent, None).await?;
                 tx.commit().await?;
                 sent += 1;
-                step_outcome(SERVICE, "sent", 1);
+                step_outcome(SERVICE, "queued_sent", 1);
             }
             Err(SendError::Unavailable(why)) => {
                 let attempts = db::queued_attempts(&mut tx, order_id).await?;
@@ -82,7 +82,7 @@ async fn send_due(pool: &PgPool, transport: &dyn EmailTransport) -> Result<u64, 
                 )
                 .await?;
                 tx.commit().await?;
-                step_outcome(SERVICE, "bounced", 1);
+                step_outcome(SERVICE, "queued_bounced", 1);
                 error!(%order_id, reason = ?why,
                        "a queued confirmation was refused for good: the order stands, tell the customer");
             }

@@ -149,9 +149,9 @@ async fn gateway_answer(
     };
     uow.emit(event);
     let outcome_label = if outcome.is_ok() {
-        "charged"
+        "charged_after_action"
     } else {
-        "declined"
+        "declined_after_action"
     };
     uow.on_commit(move || {
         step_outcome(SERVICE, outcome_label, 1);
