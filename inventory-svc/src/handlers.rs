@@ -337,15 +337,7 @@ impl Work {
             }
             let ctx = SagaContext::caused_by(env, SERVICE);
             let event = match verdict {
-                Ok(()) => ctx.event(
-                    EventType::InventoryReserved,
-                    &InventoryReserved {
-                        customer_id: paid.customer_id.clone(),
-                        items: paid.items.clone(),
-                        amount_cents: paid.amount_cents,
-                        currency: paid.currency.clone(),
-                    },
-                ),
+                Ok(()) => ctx.event(EventType::InventoryReserved, &reserved_of(paid)),
                 Err(_) if backordered.contains_key(&env.order_id) => {
                     let mut ctx = ctx;
                     ctx.deadline_at = paid.long_deadline_at.unwrap_or(env.deadline_at);
@@ -431,12 +423,7 @@ impl Work {
                 causation_id: ctx.causation_id,
                 deadline_at: paid.long_deadline_at.unwrap_or(env.deadline_at),
                 trail: ctx.trail,
-                data: InventoryReserved {
-                    customer_id: paid.customer_id.clone(),
-                    items: paid.items.clone(),
-                    amount_cents: paid.amount_cents,
-                    currency: paid.currency.clone(),
-                },
+                data: reserved_of(paid),
             };
             db::record_backorder(uow.conn(), env.order_id, &paid.items, &pending).await?;
             waiting += 1;
@@ -456,15 +443,10 @@ impl Work {
             }
             confirmed_n += 1;
             info!(order_id = %env.order_id, "held stock announced: the payment is confirmed");
-            uow.emit(SagaContext::caused_by(env, SERVICE).event(
-                EventType::InventoryReserved,
-                &InventoryReserved {
-                    customer_id: paid.customer_id.clone(),
-                    items: paid.items.clone(),
-                    amount_cents: paid.amount_cents,
-                    currency: paid.currency.clone(),
-                },
-            ));
+            uow.emit(
+                SagaContext::caused_by(env, SERVICE)
+                    .event(EventType::InventoryReserved, &reserved_of(paid)),
+            );
         }
         let n_held = held.len() as u64;
         let committed = finish
@@ -504,5 +486,15 @@ impl Work {
             }
         });
         Ok(())
+    }
+}
+
+/// What `inventory.reserved` carries for a paid order.
+fn reserved_of(paid: &PaymentCompleted) -> InventoryReserved {
+    InventoryReserved {
+        customer_id: paid.customer_id.clone(),
+        items: paid.items.clone(),
+        amount_cents: paid.amount_cents,
+        currency: paid.currency.clone(),
     }
 }

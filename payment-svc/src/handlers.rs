@@ -192,17 +192,9 @@ impl PaymentHandler {
                 let ctx = SagaContext::caused_by(&req.env, SERVICE);
                 match verdict {
                     Ok(Approval::RequiresAction) => action_required_event(req),
-                    Ok(Approval::Charge) => ctx.event(
-                        EventType::PaymentCompleted,
-                        &PaymentCompleted {
-                            customer_id: req.order.customer_id.clone(),
-                            items: req.order.items.clone(),
-                            amount_cents: req.order.amount_cents,
-                            currency: req.order.currency.clone(),
-                            card_last4: req.order.payment.last4.clone(),
-                            long_deadline_at: req.order.long_deadline_at,
-                        },
-                    ),
+                    Ok(Approval::Charge) => {
+                        ctx.event(EventType::PaymentCompleted, &completed_of(req))
+                    }
                     Err(failure) => ctx.event(EventType::PaymentFailed, failure),
                 }
             })
@@ -389,13 +381,18 @@ fn pending_completion(req: &ChargeRequest) -> PendingCompletion {
         confirm_by: Some(long_deadline(req) - rest),
         causation_id: ctx.causation_id,
         trail: ctx.trail,
-        data: PaymentCompleted {
-            customer_id: req.order.customer_id.clone(),
-            items: req.order.items.clone(),
-            amount_cents: req.order.amount_cents,
-            currency: req.order.currency.clone(),
-            card_last4: req.order.payment.last4.clone(),
-            long_deadline_at: req.order.long_deadline_at,
-        },
+        data: completed_of(req),
+    }
+}
+
+/// What `payment.completed` carries for a charged order.
+fn completed_of(req: &ChargeRequest) -> PaymentCompleted {
+    PaymentCompleted {
+        customer_id: req.order.customer_id.clone(),
+        items: req.order.items.clone(),
+        amount_cents: req.order.amount_cents,
+        currency: req.order.currency.clone(),
+        card_last4: req.order.payment.last4.clone(),
+        long_deadline_at: req.order.long_deadline_at,
     }
 }
