@@ -16,6 +16,8 @@
 
 use std::sync::Arc;
 
+use sha2::Digest as _;
+
 use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::Envelope;
@@ -107,10 +109,29 @@ impl OrderHandler {
         uow: &mut UnitOfWork,
         msg: &Incoming,
     ) -> Result<PlaceRequest, HandlerError> {
+        const NO_KEY: &str =
+            "order.requested must carry an AMQP message_id (it is the order's idempotency key)";
         let Some(message_id) = msg.message_id.as_deref().filter(|id| !id.is_empty()) else {
-            return Err(HandlerError::permanent(
-                "order.requested must carry an AMQP message_id (it is the order's idempotency key)",
-            ));
+            // Told why (as easily happens publishing from the management
+            // UI), then parked. The reply's id comes from the message itself,
+            // so a redelivery answers with the same one.
+            if let Some(reply_to) = msg.reply_to.as_deref().filter(|r| !r.is_empty()) {
+                let digest = sha2::Sha256::digest(&msg.body);
+                let cause: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+                let reply = ReplyTarget {
+                    reply_to: reply_to.to_owned(),
+                    correlation_id: msg.correlation_id.clone().unwrap_or_default(),
+                };
+                let invalid =
+                    domain::InvalidOrder(format!("the message has no message_id: {NO_KEY}"));
+                self.reject(
+                    uow,
+                    &format!("no-message-id:{reply_to}:{cause}"),
+                    Some(&reply),
+                    &invalid,
+                );
+            }
+            return Err(HandlerError::permanent(NO_KEY));
         };
         if message_id.len() > domain::MAX_KEY_LEN || message_id.chars().any(char::is_control) {
             return Err(HandlerError::permanent(format!(

@@ -96,3 +96,48 @@ async fn poison_messages_are_parked_with_their_reason_and_orders_keep_flowing() 
     );
     sys.shutdown().await;
 }
+
+/// An order.requested published without a message_id (as from the
+/// management UI) gets a failure dict naming the missing idempotency key on
+/// its reply_to, and is parked.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_without_a_message_id_is_told_why_on_its_reply_to() {
+    let sys = saga_tests::TestSystem::spawn().await;
+    let conn = sys.amqp().await;
+    let (reply_queue, mut replies) = saga_tests::Tap::reply_queue(&conn).await;
+    let body = serde_json::to_vec(&saga_tests::order_dict("ui-user", &[("productA", 1)])).unwrap();
+    sys.publish(
+        &conn,
+        "order.requested",
+        &body,
+        lapin::BasicProperties::default()
+            .with_correlation_id("from-the-ui".into())
+            .with_reply_to(reply_queue.as_str().into()),
+    )
+    .await;
+    let reply = replies
+        .next(std::time::Duration::from_secs(10))
+        .await
+        .expect("a reply");
+    let result: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(result["status"], "failure", "{result}");
+    assert_eq!(result["error"], "Invalid order");
+    assert!(
+        result["reason"].as_str().unwrap().contains("message_id"),
+        "{result}"
+    );
+    assert!(
+        result.get("order_id").is_none(),
+        "no order was created: {result}"
+    );
+    assert_eq!(
+        reply.properties.correlation_id().as_ref().unwrap().as_str(),
+        "from-the-ui"
+    );
+    let parked = saga_tests::drain_parked(&conn, "order-svc.parking", 1).await;
+    assert!(
+        parked[0].1.contains("must carry an AMQP message_id"),
+        "{parked:?}"
+    );
+    sys.shutdown().await;
+}
