@@ -94,13 +94,15 @@ start() {
   local id
   id=$(printf '%s' "$result" | sed -n 's/.*"order_id":"\([^"]*\)".*/\1/p')
   if [ -n "$id" ]; then
-    log "the saga's timeline:    curl http://127.0.0.1:8080/orders/$id"
+    log "the saga's timeline:    curl http://127.0.0.1:8080/sagas/$id   (all four services)"
+    log "the order:              curl http://127.0.0.1:8080/orders/$id"
     log "the payment:            curl http://127.0.0.1:8081/payments/$id"
     log "the confirmation email: curl 'http://127.0.0.1:8083/emails?order_id=$id'"
   fi
   log "stock:                  curl http://127.0.0.1:8082/items/productA"
   log "metrics:                curl http://127.0.0.1:808{0,1,2,3}/metrics"
   log "queues:                 http://127.0.0.1:15672 (guest/guest)"
+log "Saga Explorer:          http://127.0.0.1:8080/explorer"
   log "logs in $RUN_DIR/logs/; stop with: scripts/run-system.sh stop"
 }
 
