@@ -102,7 +102,7 @@ start() {
   log "stock:                  curl http://127.0.0.1:8082/items/productA"
   log "metrics:                curl http://127.0.0.1:808{0,1,2,3}/metrics"
   log "queues:                 http://127.0.0.1:15672 (guest/guest)"
-log "Saga Explorer:          http://127.0.0.1:8080/explorer"
+  log "Saga Explorer:          http://127.0.0.1:8080/explorer"
   log "logs in $RUN_DIR/logs/; stop with: scripts/run-system.sh stop"
 }
 
