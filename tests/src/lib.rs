@@ -92,6 +92,8 @@ pub struct Options {
     pub long_deadline_ms: Option<u64>,
     /// inventory-svc's `HOLD_EXPIRY_GRACE_MS` (unset: its default).
     pub hold_expiry_grace_ms: Option<u64>,
+    /// `AMQP_URL` lists a node where nothing listens before the real one.
+    pub dead_broker_node_first: bool,
     pub fault_delay: [Option<String>; 4],
     pub start: [bool; 4],
     pub pool_size: u32,
@@ -145,6 +147,7 @@ impl Default for Options {
             otlp_endpoint: None,
             long_deadline_ms: None,
             hold_expiry_grace_ms: None,
+            dead_broker_node_first: false,
         }
     }
 }
@@ -198,6 +201,13 @@ impl Options {
     /// order-svc's long deadline (sagas waiting for a 3-D Secure answer).
     pub fn long_deadline_ms(mut self, ms: u64) -> Self {
         self.long_deadline_ms = Some(ms);
+        self
+    }
+
+    /// Every service's `AMQP_URL` lists a dead node first (a cluster node
+    /// down): they must fail over to the live one.
+    pub fn dead_broker_node_first(mut self) -> Self {
+        self.dead_broker_node_first = true;
         self
     }
 
@@ -444,7 +454,13 @@ impl TestSystem {
     }
 
     fn common_config(&self, svc: Svc) -> CommonConfig {
-        let mut c = CommonConfig::new(self.broker_url(svc), self.database_url(svc));
+        let mut amqp_url = self.broker_url(svc);
+        if self.options.dead_broker_node_first {
+            // Same user and vhost, a port where nothing listens.
+            let dead = amqp_url.replacen(":5672/", &format!(":{}/", free_port()), 1);
+            amqp_url = format!("{dead},{amqp_url}");
+        }
+        let mut c = CommonConfig::new(amqp_url, self.database_url(svc));
         c.producer_users = self.broker_users.as_ref().map(|users| {
             Svc::ALL
                 .iter()

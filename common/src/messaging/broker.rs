@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::messaging::topology::{self, QueueType};
 use crate::metric_definitions as metric;
+use crate::runtime::config::redact_url;
 
 /// The longest a connection or channel set-up may take before it is
 /// abandoned (and the connection recycled).
@@ -46,7 +47,11 @@ pub struct Broker {
 }
 
 struct Inner {
-    url: String,
+    /// The broker's nodes (`AMQP_URL`, comma-separated): tried in turn,
+    /// starting from the last one that worked.
+    urls: Vec<String>,
+    /// Index in `urls` of the node to try first.
+    preferred: std::sync::atomic::AtomicUsize,
     /// The user the connection logs in as: every publish is stamped with it
     /// as the AMQP `user_id`, which the broker validates.
     user: String,
@@ -66,11 +71,13 @@ impl Broker {
         queue_type: QueueType,
     ) -> Self {
         let (current, _) = watch::channel(None);
-        let url = url.into();
+        let urls = node_urls(&url.into());
         Self {
             inner: Arc::new(Inner {
-                user: crate::messaging::trust::amqp_user(&url),
-                url,
+                // Every node of a cluster knows the same users.
+                user: crate::messaging::trust::amqp_user(&urls[0]),
+                urls,
+                preferred: std::sync::atomic::AtomicUsize::new(0),
                 connection_name: connection_name.into(),
                 queue_type,
                 current,
@@ -200,19 +207,65 @@ impl Broker {
         }
     }
 
-    /// Connects and declares the topology, within [`SETUP_TIMEOUT`]: a
-    /// broker that is still starting can accept the socket and then stall.
+    /// Connects to a node — the one that worked last, else each of the
+    /// others in turn — and declares the topology (idempotent: nothing the
+    /// cluster already has changes). The last node's error if none answers.
     async fn connect(&self) -> Result<Connection, BrokerError> {
+        use std::sync::atomic::Ordering;
+        let n = self.inner.urls.len();
+        let first = self.inner.preferred.load(Ordering::Relaxed) % n;
+        let mut last_error = BrokerError::Timeout;
+        for i in (0..n).map(|k| (first + k) % n) {
+            match self.connect_to(&self.inner.urls[i]).await {
+                Ok(conn) => {
+                    if n > 1 {
+                        info!(node = %redact_url(&self.inner.urls[i]), "connected to broker node");
+                    }
+                    self.inner.preferred.store(i, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(error) => {
+                    if n > 1 {
+                        warn!(node = %redact_url(&self.inner.urls[i]), %error,
+                              "broker node unavailable; trying the next");
+                    }
+                    last_error = error;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Connects to one node and declares the topology, within
+    /// [`SETUP_TIMEOUT`]: a broker that is still starting can accept the
+    /// socket and then stall.
+    async fn connect_to(&self, url: &str) -> Result<Connection, BrokerError> {
         let props = ConnectionProperties::default()
             .with_connection_name(self.inner.connection_name.as_str().into());
         let connect = async {
-            let conn = Connection::connect(&self.inner.url, props).await?;
+            let conn = Connection::connect(url, props).await?;
             topology::declare_all(&conn, self.inner.queue_type).await?;
             Ok::<_, lapin::Error>(conn)
         };
         Ok(tokio::time::timeout(SETUP_TIMEOUT, connect)
             .await
             .map_err(|_| BrokerError::Timeout)??)
+    }
+}
+
+/// The node URLs of `AMQP_URL`: comma-separated, blanks ignored (at least
+/// the default node).
+pub fn node_urls(amqp_url: &str) -> Vec<String> {
+    let urls: Vec<String> = amqp_url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        vec![crate::runtime::config::DEFAULT_AMQP_URL.to_owned()]
+    } else {
+        urls
     }
 }
 
@@ -232,6 +285,20 @@ pub fn timeout_error(what: &str) -> lapin::Error {
         std::io::ErrorKind::TimedOut,
         format!("{what} timed out"),
     ))
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    #[test]
+    fn amqp_url_lists_its_nodes_comma_separated() {
+        assert_eq!(
+            node_urls("amqp://a:1/%2f, amqp://b:2/%2f,,"),
+            ["amqp://a:1/%2f", "amqp://b:2/%2f"]
+        );
+        assert_eq!(node_urls(""), [crate::runtime::config::DEFAULT_AMQP_URL]);
+    }
 }
 
 /// Why a connection attempt failed.

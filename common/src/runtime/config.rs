@@ -42,7 +42,9 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Settings every service reads.
 #[derive(clap::Args, Clone)]
 pub struct CommonConfig {
-    /// AMQP broker URL; the vhost is percent-encoded (`%2f` is `/`).
+    /// AMQP broker URL, or several nodes' URLs comma-separated (a cluster:
+    /// the service fails over between them); the vhost is percent-encoded
+    /// (`%2f` is `/`).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
     pub amqp_url: String,
     /// PostgreSQL URL of this service's own database (created if missing)
@@ -202,14 +204,22 @@ impl CommonConfig {
 
     /// Who may publish which events (`AMQP_URL`'s user, `PRODUCER_USERS`).
     pub fn producer_trust(&self) -> Result<ProducerTrust, String> {
-        ProducerTrust::new(amqp_user(&self.amqp_url), self.producer_users.as_deref())
+        let first = crate::messaging::broker::node_urls(&self.amqp_url).swap_remove(0);
+        ProducerTrust::new(amqp_user(&first), self.producer_users.as_deref())
     }
 }
 
 impl fmt::Debug for CommonConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CommonConfig")
-            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field(
+                "amqp_url",
+                &crate::messaging::broker::node_urls(&self.amqp_url)
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
             .field(
                 "database_url",
                 &self.database_url.as_deref().map(redact_url),

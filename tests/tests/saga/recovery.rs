@@ -61,3 +61,19 @@ async fn services_recover_when_the_database_drops_their_connections() {
     sys.wait_for_stock("productA", (7, 0)).await;
     sys.shutdown().await;
 }
+
+/// `AMQP_URL` may list a cluster's nodes: a node that is down is skipped
+/// and every service works through the next.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_node_that_is_down_is_failed_over_to_the_next() {
+    let sys = saga_tests::TestSystem::builder()
+        .dead_broker_node_first()
+        .spawn()
+        .await;
+    crate::stock_the_shop(&sys).await;
+    let (_, result) = sys
+        .post_order(&saga_tests::order_dict("fo", &[("productA", 1)]))
+        .await;
+    assert_eq!(result["status"], "success", "{result}");
+    sys.shutdown().await;
+}
