@@ -72,12 +72,39 @@ fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
 }
 
+/// A broker cluster the tests of this process use instead of the local
+/// RabbitMQ: its nodes' AMQP bases and one management API.
+static CLUSTER: std::sync::OnceLock<(Vec<String>, String)> = std::sync::OnceLock::new();
+
+/// Makes every sandbox of this process live on a RabbitMQ cluster
+/// (`scripts/cluster-up.sh`): its vhost made through `mgmt`, the services
+/// given every node (`AMQP_URL` as a list), the test's own connections the
+/// first node. Call before the first sandbox; a test binary of its own.
+pub fn use_broker_cluster(amqp_bases: Vec<String>, mgmt: String) {
+    let _ = CLUSTER.set((amqp_bases, mgmt));
+}
+
+fn amqp_bases() -> Vec<String> {
+    CLUSTER.get().map_or_else(
+        || {
+            vec![env_or(
+                "TEST_AMQP_BASE",
+                "amqp://guest:guest@127.0.0.1:5672",
+            )]
+        },
+        |(bases, _)| bases.clone(),
+    )
+}
+
 fn amqp_base() -> String {
-    env_or("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+    amqp_bases().swap_remove(0)
 }
 
 fn mgmt_base() -> String {
-    env_or("TEST_RABBITMQ_MGMT", "http://127.0.0.1:15672")
+    CLUSTER.get().map_or_else(
+        || env_or("TEST_RABBITMQ_MGMT", "http://127.0.0.1:15672"),
+        |(_, mgmt)| mgmt.clone(),
+    )
 }
 
 fn pg_base() -> String {
@@ -251,7 +278,11 @@ struct Running {
 pub struct Sandbox {
     /// `st_<unix time>_<8 hex>`: the vhost, and the databases' prefix.
     pub prefix: String,
+    /// The test's own connections' AMQP URL (the first node's).
     pub amqp_url: String,
+    /// What the services get as `AMQP_URL`: every node (one, unless on a
+    /// cluster: [`use_broker_cluster`]).
+    pub amqp_nodes: String,
     pub http: reqwest::Client,
     cleaned: bool,
 }
@@ -268,6 +299,11 @@ impl Sandbox {
         create_vhost(&prefix).await;
         Sandbox {
             amqp_url: format!("{}/{prefix}", amqp_base()),
+            amqp_nodes: amqp_bases()
+                .iter()
+                .map(|base| format!("{base}/{prefix}"))
+                .collect::<Vec<_>>()
+                .join(","),
             prefix,
             http: reqwest::Client::new(),
             cleaned: false,
@@ -497,7 +533,7 @@ impl TestSystem {
     /// The AMQP URL `svc` connects with: its own user's, or the shared one.
     pub fn broker_url(&self, svc: Svc) -> String {
         self.broker_users.as_ref().map_or_else(
-            || self.amqp_url.clone(),
+            || self.amqp_nodes.clone(),
             |users| users[svc.index()].1.clone(),
         )
     }

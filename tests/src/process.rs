@@ -177,7 +177,7 @@ impl ProcessSystem {
             .expect("open log");
         let mut cmd = Command::new(&self.bin);
         cmd.arg(r.svc.identity().name)
-            .env("AMQP_URL", &self.sandbox.amqp_url)
+            .env("AMQP_URL", &self.sandbox.amqp_nodes)
             .env("DATABASE_URL", db)
             .env("HTTP_ADDR", format!("127.0.0.1:{}", r.port))
             .env("DEV_MODE", "1")

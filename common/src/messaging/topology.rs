@@ -301,12 +301,33 @@ fn is_precondition_failed(error: &lapin::Error) -> bool {
 /// The arguments every queue of a kind gets.
 fn kind_args(queue_type: QueueType) -> Vec<(&'static str, AMQPValue)> {
     match queue_type {
-        QueueType::Quorum => vec![("x-queue-type", text("quorum"))],
+        QueueType::Quorum => {
+            let mut args = vec![("x-queue-type", text("quorum"))];
+            if let Some(n) = quorum_group_size() {
+                args.push(("x-quorum-initial-group-size", AMQPValue::LongLongInt(n)));
+            }
+            args
+        }
         QueueType::Classic => vec![
             ("x-queue-type", text("classic")),
             ("x-queue-version", AMQPValue::LongInt(2)),
         ],
     }
+}
+
+/// `QUORUM_INITIAL_GROUP_SIZE`: how many nodes a quorum queue is replicated
+/// on when it is first declared. Unset: RabbitMQ's default (every node of
+/// the cluster, up to its limit) — and no argument at all, so queues
+/// declared before keep matching (RabbitMQ refuses a redeclaration whose
+/// arguments differ). Read once.
+pub fn quorum_group_size() -> Option<i64> {
+    static SIZE: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        std::env::var("QUORUM_INITIAL_GROUP_SIZE")
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 1)
+    })
 }
 
 /// Dead-lettering arguments: at-least-once where the queue type offers it
