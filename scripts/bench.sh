@@ -15,4 +15,10 @@ cd "$(dirname "$0")/.."
 scripts/dev-up.sh 2>/dev/null
 cargo build --release --locked -p saga-tests --bins >&2
 echo "# durability: PostgreSQL fsync=$(psql -h 127.0.0.1 -U postgres -Atc 'show fsync'), synchronous_commit=$(psql -h 127.0.0.1 -U postgres -Atc 'show synchronous_commit'); RabbitMQ ${QUEUE_TYPE:-quorum} queues, persistent messages, publisher confirms" >&2
-exec target/release/saga-bench --spawn --orders "${N:-10000}" --concurrency "${C:-64}" --replicas "${REPLICAS:-1}" "$@"
+# CLUSTER=1: on the local 3-node RabbitMQ cluster (started here).
+cluster=()
+if [[ "${CLUSTER:-0}" == 1 ]]; then
+  scripts/cluster-up.sh >/dev/null
+  cluster=(--cluster)
+fi
+exec target/release/saga-bench --spawn "${cluster[@]}" --orders "${N:-10000}" --concurrency "${C:-64}" --replicas "${REPLICAS:-1}" "$@"

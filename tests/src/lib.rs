@@ -100,6 +100,11 @@ fn amqp_base() -> String {
     amqp_bases().swap_remove(0)
 }
 
+/// The management API of the broker (or cluster) the sandboxes live on.
+pub fn broker_mgmt_url() -> String {
+    mgmt_base()
+}
+
 fn mgmt_base() -> String {
     CLUSTER.get().map_or_else(
         || env_or("TEST_RABBITMQ_MGMT", "http://127.0.0.1:15672"),

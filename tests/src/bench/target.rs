@@ -142,12 +142,7 @@ impl Target {
             inventory_url: base(Svc::Inventory),
             notification_url: base(Svc::Notification),
             amqp_url: sys.amqp_url.clone(),
-            mgmt: (
-                env_or("TEST_RABBITMQ_MGMT", "http://127.0.0.1:15672"),
-                user,
-                pass,
-                sys.prefix.clone(),
-            ),
+            mgmt: (crate::broker_mgmt_url(), user, pass, sys.prefix.clone()),
             pg: (
                 format!(
                     "{}/postgres",

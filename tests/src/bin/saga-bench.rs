@@ -66,6 +66,10 @@ struct Args {
     /// Processes of each service, with --spawn.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// With --spawn: run on the local 3-node RabbitMQ cluster of
+    /// `scripts/cluster-up.sh` (started first) instead of the local broker.
+    #[arg(long)]
+    cluster: bool,
     /// Seed of the order mix [default: random].
     #[arg(long)]
     seed: Option<u64>,
@@ -83,6 +87,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut system = None;
     let target = if args.spawn {
+        if args.cluster {
+            saga_tests::use_broker_cluster(
+                (1..=3)
+                    .map(|i| format!("amqp://guest:guest@127.0.0.1:568{i}"))
+                    .collect(),
+                "http://127.0.0.1:15681".into(),
+            );
+        }
         let bin = std::env::current_exe()?.with_file_name("saga-service");
         let layout: Vec<(Svc, usize)> = Svc::ALL.iter().map(|s| (*s, args.replicas)).collect();
         let sys = ProcessSystem::spawn(
