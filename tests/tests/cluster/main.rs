@@ -1,4 +1,5 @@
-//! The system on a 3-node RabbitMQ cluster (`scripts/cluster-up.sh`), under
+//! The system, three replicas of each service, on a 3-node RabbitMQ cluster
+//! (`scripts/cluster-up.sh`), under
 //! a steady stream of mixed orders: the node every service is connected to
 //! is killed (SIGKILL) and restarted, a second node is stopped (a partition,
 //! as far as the others can tell) and started again, and service replicas
@@ -103,10 +104,10 @@ async fn the_system_converges_on_a_cluster_losing_nodes_and_replicas() {
     let mut sys = ProcessSystem::spawn(
         env!("CARGO_BIN_EXE_saga-service"),
         &[
-            (Svc::Order, 2),
-            (Svc::Payment, 2),
-            (Svc::Inventory, 2),
-            (Svc::Notification, 1),
+            (Svc::Order, 3),
+            (Svc::Payment, 3),
+            (Svc::Inventory, 3),
+            (Svc::Notification, 3),
         ],
         &[
             ("DB_POOL_SIZE", "4"),
