@@ -23,7 +23,6 @@ use tracing::{info, warn};
 
 use crate::messaging::topology::{self, QueueType};
 use crate::metric_definitions as metric;
-use crate::runtime::config::redact_url;
 
 /// The longest a connection or channel set-up may take before it is
 /// abandoned (and the connection recycled).
@@ -219,14 +218,14 @@ impl Broker {
             match self.connect_to(&self.inner.urls[i]).await {
                 Ok(conn) => {
                     if n > 1 {
-                        info!(node = %redact_url(&self.inner.urls[i]), "connected to broker node");
+                        info!(node = %node_label(&self.inner.urls[i]), "connected to broker node");
                     }
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     return Ok(conn);
                 }
                 Err(error) => {
                     if n > 1 {
-                        warn!(node = %redact_url(&self.inner.urls[i]), %error,
+                        warn!(node = %node_label(&self.inner.urls[i]), %error,
                               "broker node unavailable; trying the next");
                     }
                     last_error = error;
@@ -253,6 +252,16 @@ impl Broker {
     }
 }
 
+/// The local broker: `AMQP_URL`'s default.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A node's `host:port`, for logs (never its credentials).
+fn node_label(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    rest.split('/').next().unwrap_or(rest)
+}
+
 /// The node URLs of `AMQP_URL`: comma-separated, blanks ignored (at least
 /// the default node).
 pub fn node_urls(amqp_url: &str) -> Vec<String> {
@@ -263,7 +272,7 @@ pub fn node_urls(amqp_url: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect();
     if urls.is_empty() {
-        vec![crate::runtime::config::DEFAULT_AMQP_URL.to_owned()]
+        vec![DEFAULT_AMQP_URL.to_owned()]
     } else {
         urls
     }
@@ -297,7 +306,8 @@ mod node_tests {
             node_urls("amqp://a:1/%2f, amqp://b:2/%2f,,"),
             ["amqp://a:1/%2f", "amqp://b:2/%2f"]
         );
-        assert_eq!(node_urls(""), [crate::runtime::config::DEFAULT_AMQP_URL]);
+        assert_eq!(node_urls(""), [DEFAULT_AMQP_URL]);
+        assert_eq!(node_label("amqp://u:secret@node2:5672/%2f"), "node2:5672");
     }
 }
 

@@ -37,7 +37,7 @@ use crate::messaging::trust::{ProducerTrust, amqp_user};
 use crate::runtime::auth::{HttpAuth, Secret};
 
 /// The local broker's default vhost `/`.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use crate::messaging::broker::DEFAULT_AMQP_URL;
 
 /// Settings every service reads.
 #[derive(clap::Args, Clone)]
