@@ -126,6 +126,8 @@ pub struct Options {
     pub hold_expiry_grace_ms: Option<u64>,
     /// `AMQP_URL` lists a node where nothing listens before the real one.
     pub dead_broker_node_first: bool,
+    /// `DATABASE_URL` lists a host where nothing listens before the real one.
+    pub dead_database_host_first: bool,
     pub fault_delay: [Option<String>; 4],
     pub start: [bool; 4],
     pub pool_size: u32,
@@ -180,6 +182,7 @@ impl Default for Options {
             long_deadline_ms: None,
             hold_expiry_grace_ms: None,
             dead_broker_node_first: false,
+            dead_database_host_first: false,
         }
     }
 }
@@ -240,6 +243,13 @@ impl Options {
     /// down): they must fail over to the live one.
     pub fn dead_broker_node_first(mut self) -> Self {
         self.dead_broker_node_first = true;
+        self
+    }
+
+    /// Every service's `DATABASE_URL` lists a dead host first (a standby
+    /// gone): they must find the writable one.
+    pub fn dead_database_host_first(mut self) -> Self {
+        self.dead_database_host_first = true;
         self
     }
 
@@ -501,7 +511,15 @@ impl TestSystem {
             let dead = amqp_url.replacen(":5672/", &format!(":{}/", free_port()), 1);
             amqp_url = format!("{dead},{amqp_url}");
         }
-        let mut c = CommonConfig::new(amqp_url, self.database_url(svc));
+        let mut database_url = self.database_url(svc);
+        if self.options.dead_database_host_first {
+            database_url = database_url.replacen(
+                "@127.0.0.1:5432/",
+                &format!("@127.0.0.1:{},127.0.0.1:5432/", free_port()),
+                1,
+            ) + "?target_session_attrs=read-write";
+        }
+        let mut c = CommonConfig::new(amqp_url, database_url);
         c.producer_users = self.broker_users.as_ref().map(|users| {
             Svc::ALL
                 .iter()

@@ -1,6 +1,10 @@
 //! PostgreSQL: database creation, the pool, migrations, and which errors are
 //! worth retrying.
 //!
+//! Each service owns one database. `DATABASE_URL` may name a primary and its
+//! standbys (libpq's multi-host form): the pool connects to the writable one
+//! and follows it after a failover.
+//!
 //! Each service owns one database. The outbox and inbox tables come from
 //! `common/migrations` and are merged with the service's own migrations into
 //! one [`Migrator`], so every service gets the same shared schema without a
@@ -66,13 +70,24 @@ pub async fn connect_and_migrate(
 ) -> Result<PgPool, DbError> {
     // Bounded waits: a lock held by a stuck transaction, or a runaway
     // statement, fails (and is retried) instead of hanging a handler.
-    let options = PgConnectOptions::from_str(url)
-        .map_err(DbError::Url)?
-        .options([
-            ("lock_timeout", "5s"),
-            ("statement_timeout", "30s"),
-            ("idle_in_transaction_session_timeout", "60s"),
-        ]);
+    let hosts: Vec<PgConnectOptions> = host_urls(url)
+        .iter()
+        .map(|u| {
+            PgConnectOptions::from_str(u).map(|o| {
+                o.options([
+                    ("lock_timeout", "5s"),
+                    ("statement_timeout", "30s"),
+                    ("idle_in_transaction_session_timeout", "60s"),
+                ])
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(DbError::Url)?;
+    let options = if hosts.len() == 1 {
+        hosts[0].clone()
+    } else {
+        writable_host(&hosts).await?
+    };
     ensure_database(&options).await?;
     // No ping before each acquire (a broken connection fails its statement,
     // which is retried like any database error), and a couple of warm
@@ -90,7 +105,105 @@ pub async fn connect_and_migrate(
         .run(&pool)
         .await
         .map_err(DbError::Migrate)?;
+    if hosts.len() > 1 {
+        tokio::spawn(follow_primary(pool.clone(), hosts));
+    }
     Ok(pool)
+}
+
+/// `DATABASE_URL` with libpq's multi-host form (`postgres://u@h1:5432,h2:5432/db?…`)
+/// as one URL per host (`target_session_attrs`, which the driver does not
+/// know, dropped: a writable host is what is always looked for).
+pub fn host_urls(url: &str) -> Vec<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return vec![url.to_owned()];
+    };
+    let (userinfo, rest) = match rest.rsplit_once('@') {
+        Some((user, rest)) => (format!("{user}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (hosts, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
+    let query: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("target_session_attrs="))
+        .collect();
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
+    };
+    hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{userinfo}{h}{path}{query}"))
+        .collect()
+}
+
+/// The first host that answers and is not a standby.
+async fn writable_host(hosts: &[PgConnectOptions]) -> Result<PgConnectOptions, DbError> {
+    let mut last = None;
+    for options in hosts {
+        // The server's `postgres` database: the service's may not exist yet.
+        let probe = async {
+            let mut conn = options.clone().database("postgres").connect().await?;
+            let standby: bool = sqlx::query_scalar("select pg_is_in_recovery()")
+                .fetch_one(&mut conn)
+                .await?;
+            let _ = conn.close().await;
+            Ok::<_, sqlx::Error>(standby)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(false)) => return Ok(options.clone()),
+            Ok(Ok(true)) => {}
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {}
+        }
+    }
+    Err(DbError::Connect(last.unwrap_or_else(|| {
+        sqlx::Error::Configuration("no host of DATABASE_URL is a writable primary".into())
+    })))
+}
+
+/// With several hosts: every few seconds, checks that the pool's host is
+/// still the writable primary, and points the pool's new connections at the
+/// one that is when it is not (after a failover the old connections fail,
+/// their batches are retried, and the pool reconnects — to the new primary).
+async fn follow_primary(pool: PgPool, hosts: Vec<PgConnectOptions>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if pool.is_closed() {
+            return;
+        }
+        let current = pool.connect_options();
+        let still_primary = async {
+            let mut conn = current.connect().await?;
+            let standby: bool = sqlx::query_scalar("select pg_is_in_recovery()")
+                .fetch_one(&mut conn)
+                .await?;
+            let _ = conn.close().await;
+            Ok::<_, sqlx::Error>(!standby)
+        };
+        if matches!(
+            tokio::time::timeout(Duration::from_secs(5), still_primary).await,
+            Ok(Ok(true))
+        ) {
+            continue;
+        }
+        match writable_host(&hosts).await {
+            Ok(options) => {
+                info!(host = ?options.get_host(), "database primary moved: new connections go there");
+                pool.set_connect_options(options);
+            }
+            Err(error) => tracing::warn!(%error, "no writable database host found; looking again"),
+        }
+    }
 }
 
 /// `CREATE DATABASE` unless it exists, through the server's `postgres` database.
@@ -204,4 +317,28 @@ pub fn permanent(e: &sqlx::Error) -> bool {
 pub fn record_retryable(service: &'static str, kind: RetryableKind) {
     metrics::counter!(metric::DB_RETRYABLE_ERRORS, "service" => service, "kind" => kind.label())
         .increment(1);
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn a_multi_host_url_is_one_url_per_host() {
+        assert_eq!(
+            host_urls(
+                "postgres://svc:pw@db1:5432,db2:5433/payments?sslmode=disable&target_session_attrs=read-write"
+            ),
+            [
+                "postgres://svc:pw@db1:5432/payments?sslmode=disable",
+                "postgres://svc:pw@db2:5433/payments?sslmode=disable"
+            ]
+        );
+        assert_eq!(
+            host_urls("postgres://svc@h1,h2/db"),
+            ["postgres://svc@h1/db", "postgres://svc@h2/db"]
+        );
+        let one = "postgres://svc@127.0.0.1:5432/db?target_session_attrs=read-write";
+        assert_eq!(host_urls(one), [one]);
+    }
 }

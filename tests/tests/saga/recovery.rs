@@ -77,3 +77,19 @@ async fn a_broker_node_that_is_down_is_failed_over_to_the_next() {
     assert_eq!(result["status"], "success", "{result}");
     sys.shutdown().await;
 }
+
+/// `DATABASE_URL` may name a primary and its standbys: a host that does not
+/// answer is skipped and the writable one used.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_host_that_is_down_is_skipped_for_the_writable_one() {
+    let sys = saga_tests::TestSystem::builder()
+        .dead_database_host_first()
+        .spawn()
+        .await;
+    crate::stock_the_shop(&sys).await;
+    let (_, result) = sys
+        .post_order(&saga_tests::order_dict("pgfo", &[("productA", 1)]))
+        .await;
+    assert_eq!(result["status"], "success", "{result}");
+    sys.shutdown().await;
+}
