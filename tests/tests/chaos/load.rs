@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::BasicProperties;
+use saga_tests::Svc;
 use saga_tests::invariants::Placed;
 use saga_tests::order_with_card;
-use serde_json::Value;
+use saga_tests::process::ProcessSystem;
+use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -23,6 +25,41 @@ pub const ITEMS: [(&str, i64, i32); 3] = [
 /// Customers with the default balance.
 pub const CUSTOMERS: usize = 20;
 pub const DEFAULT_BALANCE: i64 = 1_000_000;
+
+/// Prices and stocks [`ITEMS`], leaves `poor` without money and gives
+/// `bouncer` an address that bounces.
+pub async fn open_the_shop(sys: &ProcessSystem) {
+    let put = |url: String, body: Value| {
+        let http = sys.http.clone();
+        async move {
+            let r = http.put(url).json(&body).send().await.unwrap();
+            assert!(r.status().is_success(), "PUT {}", r.url());
+        }
+    };
+    let url = |svc| sys.urls(svc)[0].clone();
+    for (item, price, stock) in ITEMS {
+        put(
+            format!("{}/catalog/{item}", url(Svc::Order)),
+            json!({"price_cents": price}),
+        )
+        .await;
+        put(
+            format!("{}/items/{item}", url(Svc::Inventory)),
+            json!({"available": stock}),
+        )
+        .await;
+    }
+    put(
+        format!("{}/accounts/poor", url(Svc::Payment)),
+        json!({"balance_cents": 0}),
+    )
+    .await;
+    put(
+        format!("{}/customers/bouncer", url(Svc::Notification)),
+        json!({"email": "bouncer@mail.invalid"}),
+    )
+    .await;
+}
 
 /// A random order: mostly good ones, and each failure class.
 pub fn random_order() -> Value {

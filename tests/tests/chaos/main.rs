@@ -23,7 +23,6 @@ use chrono::{DateTime, Utc};
 use saga_tests::Svc;
 use saga_tests::invariants;
 use saga_tests::process::ProcessSystem;
-use serde_json::json;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -109,43 +108,7 @@ async fn the_system_converges_through_crashes_restarts_duplicates_and_poison() {
     .await;
     report(&format!("chaos: logs in {}", sys.log_dir.display()));
 
-    // The shop.
-    let http = sys.http.clone();
-    let put = |url: String, body: serde_json::Value| {
-        let http = http.clone();
-        async move {
-            let r = http.put(url).json(&body).send().await.unwrap();
-            assert!(r.status().is_success());
-        }
-    };
-    let (order_url, payment_url, inventory_url, notification_url) = (
-        sys.urls(Svc::Order)[0].clone(),
-        sys.urls(Svc::Payment)[0].clone(),
-        sys.urls(Svc::Inventory)[0].clone(),
-        sys.urls(Svc::Notification)[0].clone(),
-    );
-    for (item, price, stock) in ITEMS {
-        put(
-            format!("{order_url}/catalog/{item}"),
-            json!({"price_cents": price}),
-        )
-        .await;
-        put(
-            format!("{inventory_url}/items/{item}"),
-            json!({"available": stock}),
-        )
-        .await;
-    }
-    put(
-        format!("{payment_url}/accounts/poor"),
-        json!({"balance_cents": 0}),
-    )
-    .await;
-    put(
-        format!("{notification_url}/customers/bouncer"),
-        json!({"email": "bouncer@mail.invalid"}),
-    )
-    .await;
+    load::open_the_shop(&sys).await;
 
     // Load, duplicates and faults, all at once.
     let until = Instant::now() + run_for;

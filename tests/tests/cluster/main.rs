@@ -22,7 +22,6 @@ use std::time::Duration;
 use saga_tests::Svc;
 use saga_tests::invariants;
 use saga_tests::process::ProcessSystem;
-use serde_json::json;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -119,34 +118,7 @@ async fn the_system_converges_on_a_cluster_losing_nodes_and_replicas() {
     .await;
     report(&format!("cluster: logs in {}", sys.log_dir.display()));
 
-    let http = sys.http.clone();
-    let (order_url, payment_url, inventory_url) = (
-        sys.urls(Svc::Order)[0].clone(),
-        sys.urls(Svc::Payment)[0].clone(),
-        sys.urls(Svc::Inventory)[0].clone(),
-    );
-    for (item, price, stock) in ITEMS {
-        for (url, body) in [
-            (
-                format!("{order_url}/catalog/{item}"),
-                json!({"price_cents": price}),
-            ),
-            (
-                format!("{inventory_url}/items/{item}"),
-                json!({"available": stock}),
-            ),
-        ] {
-            let r = http.put(url).json(&body).send().await.unwrap();
-            assert!(r.status().is_success());
-        }
-    }
-    let r = http
-        .put(format!("{payment_url}/accounts/poor"))
-        .json(&json!({"balance_cents": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    load::open_the_shop(&sys).await;
 
     // Load over HTTP (AMQP clients would need the node list too).
     let until = Instant::now() + run_for;
