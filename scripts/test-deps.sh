@@ -10,7 +10,11 @@
 #   `docker-compose` binary): the `ops` test validates compose.yaml with
 #   `docker compose config`, which needs no Docker engine. It is installed as
 #   a Docker CLI plugin (`docker compose`) and as `/usr/local/bin/docker-compose-v2`;
-# - `pika` (PyPI): the example Python client's test.
+# - `pika` (PyPI): the example Python client's test;
+# - Node.js and npm (Debian's `nodejs`, `npm`, if the machine has no `node`)
+#   and the AsyncAPI parser (npm `@asyncapi/parser`, pinned by
+#   tests/asyncapi/package-lock.json, installed into tests/asyncapi/node_modules):
+#   the contracts test validates docs/asyncapi.yaml with it.
 #
 # Idempotent and fast when everything is there (nothing is downloaded).
 # Installing `prometheus` never leaves its daemon running: services are kept
@@ -88,4 +92,29 @@ fi
 if ! python3 -c 'import pika' >/dev/null 2>&1; then
     echo "test-deps: installing pika (PyPI)" >&2
     python3 -m pip install --quiet --disable-pip-version-check 'pika>=1.3,<2'
+fi
+
+# ----- Node.js: the AsyncAPI parser, for the contracts test (tests/asyncapi) -----
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "test-deps: installing nodejs npm" >&2
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        nodejs npm >/dev/null
+fi
+# The parser's dependencies want Node.js 20 or later (older ones install
+# with warnings and may fail at run time): say so, the test will too.
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+    echo "test-deps: warning: Node.js $(node --version) is older than 20; the AsyncAPI parser may not run" >&2
+fi
+asyncapi_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/asyncapi"
+# Installed exactly as locked, once per lock file: `npm ci` again only when
+# package-lock.json changed (its hash is kept next to what it installed).
+lock_hash=$(sha256sum "$asyncapi_dir/package-lock.json" | cut -d' ' -f1)
+stamp="$asyncapi_dir/node_modules/.saga-lock-sha256"
+if [ ! -d "$asyncapi_dir/node_modules/@asyncapi/parser" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$lock_hash" ]; then
+    echo "test-deps: installing the AsyncAPI parser (npm ci in tests/asyncapi)" >&2
+    # --ignore-scripts: nothing in the tree needs an install script (one
+    # dependency's would only report usage analytics).
+    (cd "$asyncapi_dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
+    echo "$lock_hash" > "$stamp"
 fi

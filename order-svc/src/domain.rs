@@ -9,10 +9,9 @@ use common::saga::order::{OrderLine, SagaResult, check_id};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// Limits that keep one order bounded.
-pub const MAX_ITEMS: usize = 100;
-pub const MAX_QUANTITY: i64 = 10_000;
-pub use common::saga::order::MAX_ID_LEN;
+/// Limits that keep one order bounded (in common, where the schema of
+/// `order.requested` states them too).
+pub use common::saga::order::{MAX_ID_LEN, MAX_ITEMS, MAX_QUANTITY};
 /// The highest price of one unit, in cents (10,000,000.00): with at most
 /// [`MAX_ITEMS`] lines of [`MAX_QUANTITY`] units, an order's amount stays
 /// below 10^16, far from `i64`'s limit, whatever the catalog says.
@@ -55,6 +54,12 @@ fn invalid(msg: impl Into<String>) -> InvalidOrder {
 
 /// Validates the order dict. Card fields are checked for shape only (an
 /// expired or declined card is the payment step's business).
+///
+/// The same rules are published as JSON Schema,
+/// `docs/schemas/order.requested.json` (generated from
+/// [`common::saga::order::OrderRequest`]); a change here needs the same
+/// change there, which the contracts test
+/// (`the_order_schema_agrees_with_the_validator`) checks.
 pub fn validate_order(v: &Value) -> Result<ValidOrder, InvalidOrder> {
     let obj = v
         .as_object()

@@ -14,6 +14,7 @@
 //! event that decides a saga carries the steps before it.
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -29,22 +30,36 @@ const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5a6a_0e7e_8d1b_4c3e_9f00_0000
 
 /// An event on the wire. `T` is the event's data; consumers first decode a
 /// `Envelope<serde_json::Value>` and then the data for the type they expect.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// Its JSON Schema (`docs/schemas/envelope.json`) is generated from this
+/// type by [`crate::messaging::schema`]; the doc comments of the fields are
+/// the schema's descriptions.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[schemars(
+    rename = "Envelope",
+    description = "The envelope every internal event travels in on the exchange `saga.events` \
+                   (everything but `order.requested`). `data` depends on `event_type`."
+)]
 pub struct Envelope<T = serde_json::Value> {
     /// Unique id; also the AMQP `message_id`, stable across re-publishing.
     pub event_id: Uuid,
+    /// The event's type: its routing key, and the AMQP `type` property.
     pub event_type: EventType,
+    /// The envelope schema's version (`SCHEMA_VERSION`); a consumer parks a
+    /// message of a version it does not understand.
     pub version: u32,
     /// The saga's id; also the AMQP `correlation_id`.
     pub order_id: Uuid,
     /// Id of the message that caused this event (an event id, or the client's
     /// message id / idempotency key for `order.created`).
     pub causation_id: Option<String>,
+    /// When the event was produced (RFC 3339, UTC).
     pub occurred_at: DateTime<Utc>,
     /// When the saga must be decided; no forward step is applied after it.
     pub deadline_at: DateTime<Utc>,
     /// The service that emitted the event.
     pub producer: String,
+    /// The event's payload; its shape depends on `event_type`.
     pub data: T,
     /// The events that led to this one, oldest first (absent: none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -52,11 +67,15 @@ pub struct Envelope<T = serde_json::Value> {
 }
 
 /// One earlier event of the saga, as carried in a later event's trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TrailEntry {
+    /// That event's type.
     pub event_type: EventType,
+    /// That event's `event_id`.
     pub event_id: Uuid,
+    /// The service that emitted it.
     pub producer: String,
+    /// When it was produced.
     pub occurred_at: DateTime<Utc>,
 }
 

@@ -3,8 +3,12 @@
 //!
 //! This module *is* the messaging contract (docs/events.md describes the same
 //! thing for humans): adding a field is backwards compatible, renaming or
-//! removing one is not and needs a new envelope `version`.
+//! removing one is not and needs a new envelope `version`. The JSON Schemas
+//! in `docs/schemas/` are generated from these types
+//! ([`crate::messaging::schema`]): their doc comments are the schemas'
+//! descriptions.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -15,7 +19,7 @@ use crate::saga::order::{OrderLine, SagaResult};
 pub const EXCHANGE: &str = "saga.events";
 
 /// Every event of the saga. The serialized form is the routing key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum EventType {
     /// A client asks for an order (body: the order dict, not an envelope).
     #[serde(rename = "order.requested")]
@@ -136,13 +140,18 @@ impl std::fmt::Display for EventType {
 }
 
 /// `order.created`: the priced order, with the card sealed for payment-svc.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct OrderCreated {
+    /// The customer who placed the order.
     pub customer_id: String,
+    /// The order's lines, priced from the catalog.
     pub items: Vec<OrderLine>,
+    /// The order's total, in integer cents.
     pub amount_cents: i64,
+    /// ISO 4217 code of every amount: `USD`.
     pub currency: String,
-    /// Only payment-svc holds the key that opens this.
+    /// The card, sealed for payment-svc: only payment-svc holds the key
+    /// that opens it.
     pub payment: SealedCard,
     /// The long deadline a step that needs an outside answer (a 3-D Secure
     /// confirmation) may take until; absent from an order-svc that has none.
@@ -153,25 +162,34 @@ pub struct OrderCreated {
 /// `payment.action_required`: the card needs the customer's confirmation
 /// (3-D Secure). Nothing is charged; the envelope's `deadline_at` is the
 /// saga's long deadline.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct PaymentActionRequired {
+    /// The customer to charge once confirmed.
     pub customer_id: String,
     /// The lines: inventory-svc holds them while the confirmation is awaited.
     pub items: Vec<OrderLine>,
+    /// The amount to charge, in integer cents.
     pub amount_cents: i64,
+    /// ISO 4217 code: `USD`.
     pub currency: String,
+    /// The card's last 4 digits.
     pub card_last4: String,
     /// What is awaited: `3ds_confirmation`.
     pub action: String,
 }
 
 /// `payment.completed`: the charge succeeded; carries what the next steps need.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct PaymentCompleted {
+    /// The customer charged.
     pub customer_id: String,
+    /// The order's lines (to reserve).
     pub items: Vec<OrderLine>,
+    /// The amount charged, in integer cents.
     pub amount_cents: i64,
+    /// ISO 4217 code: `USD`.
     pub currency: String,
+    /// The card's last 4 digits.
     pub card_last4: String,
     /// The saga's long deadline (from `order.created`): a backordered item
     /// may take until then.
@@ -181,16 +199,17 @@ pub struct PaymentCompleted {
 
 /// `inventory.backordered`: short items flagged backorderable; the order
 /// waits for them (the envelope's `deadline_at` is the long deadline).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct InventoryBackordered {
+    /// The customer who placed the order.
     pub customer_id: String,
-    /// The items awaited.
+    /// The ids of the items awaited.
     pub backordered: Vec<String>,
 }
 
 /// A step's failure: a stable machine code and a human reason. Used by
 /// `payment.failed`, `inventory.failed` and `notification.failed`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 pub struct StepFailed {
     /// Stable, documented code, e.g. `insufficient_funds`, `out_of_stock`.
     pub code: String,
@@ -198,48 +217,62 @@ pub struct StepFailed {
     pub reason: String,
 }
 
-/// `payment.refunded`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `payment.refunded`: a charge was refunded (compensation).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct PaymentRefunded {
+    /// The customer refunded.
     pub customer_id: String,
+    /// The amount refunded, in integer cents.
     pub amount_cents: i64,
 }
 
-/// `inventory.reserved`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `inventory.reserved`: stock is held for every line of the order.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct InventoryReserved {
+    /// The customer who placed the order.
     pub customer_id: String,
+    /// The lines reserved.
     pub items: Vec<OrderLine>,
+    /// The order's total, in integer cents.
     pub amount_cents: i64,
+    /// ISO 4217 code: `USD`.
     pub currency: String,
 }
 
-/// `inventory.released`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `inventory.released`: held stock was released (compensation).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct InventoryReleased {
+    /// The lines released (`unit_price_cents` is 0 here).
     pub items: Vec<OrderLine>,
 }
 
-/// `notification.sent`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `notification.sent` (the confirmation email went out) and
+/// `notification.deferred` (it is queued until the mail relay is back).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct NotificationSent {
+    /// The email's id at notification-svc.
     pub email_id: Uuid,
+    /// What the email is: `confirmation`.
     pub kind: String,
 }
 
 /// `order.confirmed` / `order.failed`: the saga's outcome.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct OrderDecided {
+    /// The customer who placed the order.
     pub customer_id: String,
+    /// The order's total, in integer cents.
     pub amount_cents: i64,
     /// The result dict, exactly as the client receives it.
     pub result: SagaResult,
 }
 
 /// `order.cancelled`: the saga was cancelled (its deadline passed).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct OrderCancelled {
+    /// The customer who placed the order.
     pub customer_id: String,
+    /// Why, naming the step still awaited.
     pub reason: String,
 }
 

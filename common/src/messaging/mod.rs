@@ -3,7 +3,9 @@
 //! The contract:
 //! - [`events`]: the event catalogue (routing keys, payloads);
 //! - [`envelope`]: the envelope every event travels in, deterministic ids,
-//!   the saga's trail.
+//!   the saga's trail;
+//! - [`schema`]: the same, as the JSON Schemas of `docs/schemas/`, and
+//!   [`asyncapi`]: who sends and receives what, as `docs/asyncapi.yaml`.
 //!
 //! The broker:
 //! - [`topology`]: exchange, queues and bindings, who consumes what;
@@ -30,6 +32,7 @@
 //! - [`trust`]: which broker user may publish which event; everything else
 //!   is parked unread.
 
+pub mod asyncapi;
 pub mod broker;
 pub mod consumer;
 pub mod delivery;
@@ -41,6 +44,7 @@ pub mod inbox;
 pub mod outbox;
 pub mod publisher;
 pub mod retry;
+pub mod schema;
 pub mod topology;
 pub mod trust;
 pub mod unit_of_work;

@@ -21,6 +21,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use crypto_box::aead::OsRng;
 use crypto_box::{PublicKey, SecretKey};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -63,13 +64,27 @@ impl CardDetails {
 }
 
 /// The card as it travels in `order.created`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(
+    description = "The card as it travels in `order.created`: sealed for payment-svc, which \
+                   alone can open it. Only `brand` and `last4` are in clear."
+)]
 pub struct SealedCard {
-    /// Which key sealed it.
+    /// Which key sealed it (`dev`: the public development key).
     pub key_id: String,
     /// Base64 of the sealed box holding the JSON of [`CardDetails`].
+    #[schemars(
+        description = "Opaque: standard base64 of a libsodium sealed box (X25519 + \
+                       XSalsa20-Poly1305) to payment-svc's public key, bound to this order's \
+                       id and amount. Nobody but payment-svc can open it; consumers must not \
+                       interpret it.",
+        pattern(r"^[A-Za-z0-9+/]+={0,2}$"),
+        extend("contentEncoding" = "base64", "contentMediaType" = "application/octet-stream")
+    )]
     pub sealed: String,
+    /// The card's brand: `visa`, `mastercard`, `amex`, `discover`, `unknown`.
     pub brand: String,
+    /// The card's last 4 digits.
     pub last4: String,
 }
 

@@ -1,11 +1,18 @@
-//! Shapes shared by every party of the saga: an order line and the result dict
-//! that a client receives.
+//! Shapes shared by every party of the saga: the order dict a client sends
+//! (described by [`OrderRequest`]; order-svc validates it), an order line
+//! and the result dict that a client receives.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Longest id (customer, item) anywhere: order dicts, path segments.
 pub const MAX_ID_LEN: usize = 128;
+/// Most lines an order dict may have (order-svc's validation; the schema
+/// of `order.requested` says the same).
+pub const MAX_ITEMS: usize = 100;
+/// Most units of one line of an order dict.
+pub const MAX_QUANTITY: i64 = 10_000;
 
 /// Checks an id (already trimmed) as every service accepts it: 1 to
 /// [`MAX_ID_LEN`] bytes, no control characters and no invisible format
@@ -36,11 +43,82 @@ fn is_format_char(c: char) -> bool {
         | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
 }
 
-/// One line of an order as it travels through the saga (priced by order-svc).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderLine {
+/// The order dict a client sends (`order.requested`, `POST /orders`), as a
+/// type, for its JSON Schema (`docs/schemas/order.requested.json`) only.
+///
+/// order-svc does not deserialize into it: it validates the JSON itself
+/// (`order_svc::domain::validate_order`), with messages naming the field at
+/// fault. The rules here are the same ones, as far as JSON Schema can say
+/// them (not: the card number's Luhn checksum, an item given twice, ids
+/// counted in bytes); the contracts test holds the two together.
+#[derive(Debug, JsonSchema, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(
+    title = "order.requested",
+    deny_unknown_fields,
+    description = "The order dict a client publishes to the exchange `saga.events` with routing \
+                   key `order.requested` (the same body `POST /orders` takes). Invalid input is \
+                   answered with `{\"status\": \"failure\", \"error\": \"Invalid order\", \
+                   \"reason\": …}` and parked. Beyond this schema, order-svc also refuses a card \
+                   number failing the Luhn checksum and an item_id given twice."
+)]
+pub struct OrderRequest {
+    /// The customer: 1 to 128 printable characters (no control or
+    /// invisible format characters), surrounding whitespace ignored.
+    #[schemars(length(min = 1, max = MAX_ID_LEN), pattern(r"\S"))]
+    #[schema(min_length = 1, max_length = 128, pattern = r"\S")]
+    pub customer_id: String,
+    /// What to order: each item once, with its total quantity.
+    #[schemars(length(min = 1, max = MAX_ITEMS))]
+    #[schema(min_items = 1, max_items = 100)]
+    pub items: Vec<OrderRequestItem>,
+    /// The card to charge. Checked for shape only here; an expired or
+    /// declined card fails the payment step instead.
+    pub payment_info: PaymentInfo,
+}
+
+/// One requested line of an order dict.
+#[derive(Debug, JsonSchema, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequestItem {
+    /// The item, as in the catalog: 1 to 128 printable characters.
+    #[schemars(length(min = 1, max = MAX_ID_LEN), pattern(r"\S"))]
+    #[schema(min_length = 1, max_length = 128, pattern = r"\S")]
     pub item_id: String,
+    /// How many units.
+    #[schemars(range(min = 1, max = MAX_QUANTITY))]
+    #[schema(minimum = 1, maximum = 10_000)]
+    pub quantity: i64,
+}
+
+/// The card of an order dict, in clear: order-svc seals it for
+/// payment-svc at once.
+#[derive(Debug, JsonSchema, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentInfo {
+    /// 12 to 19 digits, spaces and dashes allowed between them; must pass
+    /// the Luhn checksum.
+    #[schemars(pattern(r"^[ -]*(?:[0-9][ -]*){12,19}$"))]
+    #[schema(pattern = r"^[ -]*(?:[0-9][ -]*){12,19}$")]
+    pub card_number: String,
+    /// `MM/YY` (`MM/YYYY` is accepted too).
+    #[schemars(pattern(r"^\s*(?:0?[1-9]|1[0-2])\s*/\s*(?:[0-9]{2}|[0-9]{4})\s*$"))]
+    #[schema(pattern = r"^\s*(?:0?[1-9]|1[0-2])\s*/\s*(?:[0-9]{2}|[0-9]{4})\s*$")]
+    pub expiry_date: String,
+    /// 3 or 4 digits.
+    #[schemars(pattern(r"^\s*[0-9]{3,4}\s*$"))]
+    #[schema(pattern = r"^\s*[0-9]{3,4}\s*$")]
+    pub cvv: String,
+}
+
+/// One line of an order as it travels through the saga (priced by order-svc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
+pub struct OrderLine {
+    /// The item, as in the catalog.
+    pub item_id: String,
+    /// How many units.
     pub quantity: i32,
+    /// The price of one unit, in integer cents.
     pub unit_price_cents: i64,
 }
 
@@ -49,16 +127,28 @@ pub struct OrderLine {
 /// `{"status": "failure", "order_id": ..., "error": ..., "reason": ...}` —
 /// the failure naming its order whenever one was created (so that it can be
 /// looked up), and none for input refused before any order existed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 #[serde(tag = "status", rename_all = "lowercase")]
+#[schemars(
+    description = "The result dict of a saga: `success`, `failure` (naming its order whenever \
+                   one was created) or, for a saga waiting for an outside answer, `pending`."
+)]
 pub enum SagaResult {
+    /// The saga succeeded.
     Success {
+        /// The order.
         order_id: Uuid,
     },
+    /// The saga failed, or the order was refused before any existed.
     Failure {
+        /// The order; absent when the input was refused before any order
+        /// existed (`Invalid order`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         order_id: Option<Uuid>,
+        /// The step that failed: `Payment failed`, `Inventory reservation
+        /// failed`, `Notification failed`, `Order timed out`, `Invalid order`.
         error: String,
+        /// Why, for a human.
         reason: String,
     },
     /// Not decided yet, by design: a step waits for an outside answer (a
@@ -66,18 +156,21 @@ pub enum SagaResult {
     /// result follows (`GET /orders/{id}`, `reply_to`, `order.confirmed` /
     /// `order.failed`).
     Pending {
+        /// The order.
         order_id: Uuid,
+        /// What it waits for.
         next: PendingStep,
     },
 }
 
 /// What a pending saga waits for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 pub struct PendingStep {
-    /// `payment_confirmation`.
+    /// `payment_confirmation` (3-D Secure) or `stock_arrival` (a backorder).
     pub step: String,
     /// When the saga is rolled back if the answer has not come.
     pub deadline_at: chrono::DateTime<chrono::Utc>,
+    /// What is awaited, for a human.
     pub detail: String,
 }
 

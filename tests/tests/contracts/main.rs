@@ -1,6 +1,21 @@
-//! The contract used from another ecosystem, as written: the Python client
-//! of `examples/python/place_order.py` (pika) places orders over AMQP
-//! against a running system and prints the result dicts.
+//! The contracts as an outside party uses them.
+//!
+//! - Here: the Python client of `examples/python/place_order.py` (pika)
+//!   places orders over AMQP against a running system and prints the result
+//!   dicts.
+//! - [`wire`]: every message a run of representative sagas publishes
+//!   validates against the published JSON Schemas (`docs/schemas/`), with
+//!   the AMQP properties and headers `docs/asyncapi.yaml` describes.
+//! - [`asyncapi`]: `docs/asyncapi.yaml` lists every routing key and every
+//!   producer and consumer, and the official AsyncAPI parser finds it valid.
+//! - [`order_schema`]: `docs/schemas/order.requested.json` says what
+//!   order-svc's validator does.
+//! - [`schemas`]: loading the committed files into validators.
+
+mod asyncapi;
+mod order_schema;
+mod schemas;
+mod wire;
 
 use std::process::Command;
 
