@@ -328,7 +328,8 @@ pub async fn lines(conn: &mut PgConnection, order_id: Uuid) -> Result<Vec<OrderL
         .collect())
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// An item's stock (`GET`/`PUT /items/{item_id}`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StockRow {
     pub item_id: String,
     pub available: i32,

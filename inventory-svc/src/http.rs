@@ -9,54 +9,68 @@
 //! - `GET /reservations/{order_id}` — status (`held`, `committed`,
 //!   `released`, `rejected`, `cancelled`), reason and lines.
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
-use serde::Deserialize;
-use serde_json::json;
+use common::runtime::openapi::ErrorBody;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::SERVICE;
 use crate::db;
 use crate::domain::ReservationStatus;
 use crate::domain::{self, MAX_STOCK};
-use axum::routing::put;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use common::messaging::envelope::SagaContext;
 use common::messaging::events::EventType;
 use common::messaging::publisher::Publisher;
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions::step_outcome;
 use common::saga::order::OrderLine;
-use common::saga::timeline::{self, Step, StepKind, StepSource};
+use common::saga::timeline::{self, LogState, Step, StepKind, StepSource};
 use sqlx::PgConnection;
 use tracing::info;
 use uuid::Uuid;
 
-/// What setting the stock needs: it may fill backorders.
+/// What inventory-svc's endpoints need: setting the stock may fill
+/// backorders, and publishes.
 #[derive(Clone)]
-struct ItemsState {
-    pool: PgPool,
-    publisher: Publisher,
+pub struct ItemsState {
+    pub pool: PgPool,
+    pub publisher: Publisher,
 }
 
-pub fn routes(pool: PgPool, publisher: Publisher) -> Router {
-    Router::new()
-        .route("/items/{item_id}", put(put_item))
-        .with_state(ItemsState {
-            pool: pool.clone(),
-            publisher,
-        })
-        .merge(
-            Router::new()
-                .route("/items/{item_id}", get(get_item))
-                .route("/reservations/{order_id}", get(get_reservation))
-                .with_state(pool.clone()),
-        )
-        .merge(timeline::routes::<InventorySteps>(pool, SERVICE))
+impl FromRef<ItemsState> for PgPool {
+    fn from_ref(state: &ItemsState) -> PgPool {
+        state.pool.clone()
+    }
+}
+
+impl FromRef<ItemsState> for LogState {
+    fn from_ref(state: &ItemsState) -> LogState {
+        LogState {
+            pool: state.pool.clone(),
+            service: SERVICE,
+        }
+    }
+}
+
+/// inventory-svc's endpoints, documented.
+pub fn api() -> OpenApiRouter<ItemsState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_item, put_item))
+        .routes(routes!(get_reservation))
+        .merge(timeline::api::<InventorySteps, ItemsState>())
+}
+
+/// inventory-svc's whole OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    common::runtime::openapi::service_document(SERVICE, api().into_openapi())
 }
 
 /// inventory-svc's steps of a saga, from its reservation.
@@ -142,14 +156,28 @@ fn reservation_steps(r: &db::ReservationRow, lines: &[OrderLine]) -> Vec<Step> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ItemBody {
+    /// Units on sale.
+    #[schema(minimum = 0)]
     available: i32,
+    /// A stocktake: nothing is reserved or released (absent: kept; not
+    /// frozen for a new item).
     frozen: Option<bool>,
+    /// An order short of it waits for it (absent: kept).
     backorderable: Option<bool>,
 }
 
+/// `PUT /items/{item_id}`: sets the units on sale; new stock fills waiting
+/// backorders, oldest first.
+#[utoipa::path(put, path = "/items/{item_id}", tag = "set-up",
+    params(("item_id" = String, Path, description = "The item")),
+    request_body(content = ItemBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The item's stock", body = db::StockRow),
+        (status = 400, description = "Not a valid id or body", body = ErrorBody),
+    ))]
 async fn put_item(
     State(state): State<ItemsState>,
     Path(item_id): Path<String>,
@@ -220,6 +248,15 @@ async fn fill_backorders(uow: &mut UnitOfWork, item_id: &str) -> Result<u64, sql
     Ok(filled)
 }
 
+/// `GET /items/{item_id}`: an item's stock; `held` counts units reserved by
+/// sagas not yet decided.
+#[utoipa::path(get, path = "/items/{item_id}", tag = "set-up",
+    params(("item_id" = String, Path, description = "The item")),
+    responses(
+        (status = 200, description = "The item's stock", body = db::StockRow),
+        (status = 400, description = "Not a valid id", body = ErrorBody),
+        (status = 404, description = "No such item", body = ErrorBody),
+    ))]
 async fn get_item(
     State(pool): State<PgPool>,
     Path(item_id): Path<String>,
@@ -232,6 +269,38 @@ async fn get_item(
     Ok(Json(item).into_response())
 }
 
+/// The answer of `GET /reservations/{order_id}`.
+#[derive(Serialize, ToSchema)]
+struct ReservationView {
+    order_id: Uuid,
+    /// `held`, `committed`, `released`, `rejected`, `cancelled` or
+    /// `backordered`.
+    status: String,
+    reason: Option<String>,
+    lines: Vec<ReservedLine>,
+    /// Held for a payment still waiting for its confirmation.
+    awaiting_payment: bool,
+    /// Until when such a hold lasts.
+    expires_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// One line of a reservation.
+#[derive(Serialize, ToSchema)]
+struct ReservedLine {
+    item_id: String,
+    quantity: i32,
+}
+
+/// `GET /reservations/{order_id}`: an order's reservation.
+#[utoipa::path(get, path = "/reservations/{order_id}", tag = "inventory",
+    params(("order_id" = Uuid, Path, description = "The order")),
+    responses(
+        (status = 200, description = "The reservation", body = ReservationView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No reservation for that order", body = ErrorBody),
+    ))]
 async fn get_reservation(
     State(pool): State<PgPool>,
     Path(order_id): Path<String>,
@@ -244,17 +313,20 @@ async fn get_reservation(
     let lines: Vec<_> = db::lines(&mut conn, order_id)
         .await?
         .into_iter()
-        .map(|l| json!({"item_id": l.item_id, "quantity": l.quantity}))
+        .map(|l| ReservedLine {
+            item_id: l.item_id,
+            quantity: l.quantity,
+        })
         .collect();
-    Ok(Json(json!({
-        "order_id": r.order_id,
-        "status": r.status,
-        "reason": r.reason,
-        "lines": lines,
-        "awaiting_payment": r.awaiting_payment,
-        "expires_at": r.expires_at,
-        "created_at": r.created_at,
-        "updated_at": r.updated_at,
-    }))
+    Ok(Json(ReservationView {
+        order_id: r.order_id,
+        status: r.status,
+        reason: r.reason,
+        lines,
+        awaiting_payment: r.awaiting_payment,
+        expires_at: r.expires_at,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    })
     .into_response())
 }

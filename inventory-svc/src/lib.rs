@@ -83,7 +83,10 @@ impl Service for App {
             let (pool, grace) = (pool.clone(), self.hold_expiry_grace);
             Box::new(move |stop| Box::pin(expiry::run(pool, grace, stop)))
         };
-        let routes = http::routes(pool, self.runtime.publisher.clone());
+        let routes = http::api().with_state(http::ItemsState {
+            pool,
+            publisher: self.runtime.publisher.clone(),
+        });
         let tasks = Tasks {
             intake: vec![expiry],
             support: Vec::new(),

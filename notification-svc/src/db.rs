@@ -338,7 +338,9 @@ pub async fn record_email(
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// An email sent (`GET /emails`); `kind` is `confirmation` or
+/// `cancellation`, `transport` how it left (`smtp`, `log`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EmailRow {
     pub id: Uuid,
     pub order_id: Uuid,

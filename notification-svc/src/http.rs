@@ -8,40 +8,51 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRef, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
-use serde::Deserialize;
-use serde_json::json;
+use common::runtime::openapi::ErrorBody;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::domain::NotificationStatus;
 use crate::{SERVICE, db, domain};
-use common::saga::timeline::{self, Step, StepKind, StepSource};
+use common::saga::timeline::{self, LogState, Step, StepKind, StepSource};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+/// What notification-svc's endpoints need.
 #[derive(Clone)]
-struct HttpState {
-    pool: PgPool,
-    default_email_domain: Arc<str>,
+pub struct HttpState {
+    pub pool: PgPool,
+    pub default_email_domain: Arc<str>,
 }
 
-pub fn routes(pool: PgPool, default_email_domain: &str) -> Router {
-    Router::new()
-        .route(
-            "/customers/{customer_id}",
-            get(get_customer).put(put_customer),
-        )
-        .route("/emails", get(list_emails))
-        .with_state(HttpState {
-            pool: pool.clone(),
-            default_email_domain: default_email_domain.into(),
-        })
-        .merge(timeline::routes::<NotificationSteps>(pool, SERVICE))
+impl FromRef<HttpState> for LogState {
+    fn from_ref(state: &HttpState) -> LogState {
+        LogState {
+            pool: state.pool.clone(),
+            service: SERVICE,
+        }
+    }
+}
+
+/// notification-svc's endpoints, documented.
+pub fn api() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_customer, put_customer))
+        .routes(routes!(list_emails))
+        .merge(timeline::api::<NotificationSteps, HttpState>())
+}
+
+/// notification-svc's whole OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    common::runtime::openapi::service_document(SERVICE, api().into_openapi())
 }
 
 /// notification-svc's steps of a saga: the emails it sent, and why it sent
@@ -109,12 +120,29 @@ impl StepSource for NotificationSteps {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Address {
     email: String,
 }
 
+/// A customer's email address.
+#[derive(Serialize, ToSchema)]
+struct Customer {
+    customer_id: String,
+    email: String,
+    /// No address on file: the default `<customer_id>@<DEFAULT_EMAIL_DOMAIN>`.
+    is_default: bool,
+}
+
+/// `PUT /customers/{customer_id}`: sets a customer's email address.
+#[utoipa::path(put, path = "/customers/{customer_id}", tag = "set-up",
+    params(("customer_id" = String, Path, description = "The customer")),
+    request_body(content = Address, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The address on file", body = Customer),
+        (status = 400, description = "Not a valid id or address", body = ErrorBody),
+    ))]
 async fn put_customer(
     State(s): State<HttpState>,
     Path(customer_id): Path<String>,
@@ -130,12 +158,21 @@ async fn put_customer(
     }
     let mut conn = s.pool.acquire().await?;
     db::put_customer_email(&mut conn, &customer_id, &email).await?;
-    Ok(
-        Json(json!({"customer_id": customer_id, "email": email, "is_default": false}))
-            .into_response(),
-    )
+    Ok(Json(Customer {
+        customer_id,
+        email,
+        is_default: false,
+    })
+    .into_response())
 }
 
+/// `GET /customers/{customer_id}`: the address on file, or the default.
+#[utoipa::path(get, path = "/customers/{customer_id}", tag = "set-up",
+    params(("customer_id" = String, Path, description = "The customer")),
+    responses(
+        (status = 200, description = "The address", body = Customer),
+        (status = 400, description = "Not a valid id", body = ErrorBody),
+    ))]
 async fn get_customer(
     State(s): State<HttpState>,
     Path(customer_id): Path<String>,
@@ -149,17 +186,28 @@ async fn get_customer(
             true,
         ),
     };
-    Ok(
-        Json(json!({"customer_id": customer_id, "email": email, "is_default": is_default}))
-            .into_response(),
-    )
+    Ok(Json(Customer {
+        customer_id,
+        email,
+        is_default,
+    })
+    .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EmailsQuery {
+    /// The order (required).
+    #[param(format = Uuid)]
     order_id: Option<String>,
 }
 
+/// `GET /emails?order_id=ID`: the emails sent for an order, oldest first.
+#[utoipa::path(get, path = "/emails", tag = "notifications", params(EmailsQuery),
+    responses(
+        (status = 200, description = "The emails, oldest first", body = Vec<db::EmailRow>),
+        (status = 400, description = "No order_id, or not a UUID", body = ErrorBody),
+    ))]
 async fn list_emails(
     State(s): State<HttpState>,
     Query(q): Query<EmailsQuery>,

@@ -104,10 +104,10 @@ impl Service for App {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let routes = http::routes(
-            self.runtime.pool.clone(),
-            &self.handler.default_email_domain,
-        );
+        let routes = http::api().with_state(http::HttpState {
+            pool: self.runtime.pool.clone(),
+            default_email_domain: self.handler.default_email_domain.as_str().into(),
+        });
         let queue: BackgroundTask = {
             let (pool, transport) = (self.runtime.pool.clone(), self.handler.transport.clone());
             let every = self.email_retry;

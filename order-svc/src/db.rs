@@ -372,7 +372,7 @@ pub async fn next_deadline(conn: &mut PgConnection) -> Result<Option<DateTime<Ut
 }
 
 /// One entry of the saga timeline.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StepRow {
     pub step: String,
     pub source: String,
@@ -544,7 +544,7 @@ pub async fn put_price(
 }
 
 /// One saga in a search's list.
-#[derive(Debug, sqlx::FromRow, Serialize)]
+#[derive(Debug, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct SagaSummary {
     pub order_id: Uuid,
     pub customer_id: String,
@@ -634,7 +634,7 @@ pub async fn search_sagas(
 
 /// The sagas started in the last `window_minutes`: how many, how they
 /// ended, and how long the decided ones took.
-#[derive(Debug, sqlx::FromRow, Serialize)]
+#[derive(Debug, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct SagaStats {
     pub window_minutes: i32,
     pub started: i64,
@@ -646,6 +646,7 @@ pub struct SagaStats {
     pub long_running_pending: i64,
     pub long_running_decided: i64,
     /// Failed sagas by their error (e.g. `"Payment failed"`).
+    #[schema(value_type = std::collections::BTreeMap<String, i64>)]
     pub failed_by_reason: Json<std::collections::BTreeMap<String, i64>>,
     /// Median and 99th percentile of creation to decision, in ms (null
     /// when none was decided).
@@ -947,7 +948,7 @@ pub async fn undecided_by_age(
 }
 
 /// A reconciler finding, as `GET /sagas/violations` lists it.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct FindingRow {
     pub order_id: Uuid,
     pub kind: String,

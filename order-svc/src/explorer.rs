@@ -16,17 +16,21 @@
 
 use std::sync::LazyLock;
 
+use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use common::runtime::http::ApiError;
+use common::runtime::openapi::ErrorBody;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::db;
+use crate::http::HttpState;
 
 /// The page's policy: its own scripts, styles and data only; no inline
 /// script or style, no plugins, no framing, no form posting elsewhere.
@@ -67,30 +71,61 @@ fn etag_of(body: &str) -> HeaderValue {
 }
 
 /// The explorer's routes: the page and `/sagas/stats`.
-pub fn routes(pool: PgPool) -> Router {
-    Router::new()
-        .route(
-            "/explorer",
-            get(|h: HeaderMap| async move { serve(&INDEX, &h) }),
-        )
-        .route(
-            "/explorer/",
-            get(|| async { Redirect::permanent("/explorer") }),
-        )
-        .route(
-            "/explorer/app.js",
-            get(|h: HeaderMap| async move { serve(&APP_JS, &h) }),
-        )
-        .route(
-            "/explorer/style.css",
-            get(|h: HeaderMap| async move { serve(&STYLE_CSS, &h) }),
-        )
-        .route(
-            "/explorer/favicon.svg",
-            get(|h: HeaderMap| async move { serve(&FAVICON, &h) }),
-        )
-        .route("/sagas/stats", get(saga_stats))
-        .with_state(pool)
+pub fn api() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::new()
+        .routes(routes!(page))
+        .routes(routes!(page_slash))
+        .routes(routes!(app_js))
+        .routes(routes!(style_css))
+        .routes(routes!(favicon))
+        .routes(routes!(saga_stats))
+}
+
+/// `GET /explorer`: the page.
+#[utoipa::path(get, path = "/explorer", tag = "explorer",
+    responses(
+        (status = 200, description = "The Saga Explorer", content_type = "text/html; charset=utf-8", body = String),
+        (status = 304, description = "Not modified (If-None-Match matched the ETag)"),
+    ))]
+async fn page(h: HeaderMap) -> Response {
+    serve(&INDEX, &h)
+}
+
+/// `GET /explorer/`: redirects to `/explorer`.
+#[utoipa::path(get, path = "/explorer/", tag = "explorer",
+    responses((status = 308, description = "To /explorer")))]
+async fn page_slash() -> Redirect {
+    Redirect::permanent("/explorer")
+}
+
+/// `GET /explorer/app.js`: the page's script.
+#[utoipa::path(get, path = "/explorer/app.js", tag = "explorer",
+    responses(
+        (status = 200, description = "The script", content_type = "text/javascript; charset=utf-8", body = String),
+        (status = 304, description = "Not modified"),
+    ))]
+async fn app_js(h: HeaderMap) -> Response {
+    serve(&APP_JS, &h)
+}
+
+/// `GET /explorer/style.css`: the page's style.
+#[utoipa::path(get, path = "/explorer/style.css", tag = "explorer",
+    responses(
+        (status = 200, description = "The style sheet", content_type = "text/css; charset=utf-8", body = String),
+        (status = 304, description = "Not modified"),
+    ))]
+async fn style_css(h: HeaderMap) -> Response {
+    serve(&STYLE_CSS, &h)
+}
+
+/// `GET /explorer/favicon.svg`: the page's icon.
+#[utoipa::path(get, path = "/explorer/favicon.svg", tag = "explorer",
+    responses(
+        (status = 200, description = "The icon", content_type = "image/svg+xml", body = String),
+        (status = 304, description = "Not modified"),
+    ))]
+async fn favicon(h: HeaderMap) -> Response {
+    serve(&FAVICON, &h)
 }
 
 fn serve(asset: &Asset, request: &HeaderMap) -> Response {
@@ -136,13 +171,21 @@ fn serve(asset: &Asset, request: &HeaderMap) -> Response {
 /// The widest window `/sagas/stats` looks back over: a day.
 pub const MAX_STATS_MINUTES: i32 = 1440;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct StatsQuery {
+    /// The window, in minutes back from now (default 5).
+    #[param(minimum = 1, maximum = 1440)]
     minutes: Option<i64>,
 }
 
 /// `GET /sagas/stats?minutes=N`: the headline numbers.
+#[utoipa::path(get, path = "/sagas/stats", tag = "sagas", params(StatsQuery),
+    responses(
+        (status = 200, description = "The sagas started in the window", body = db::SagaStats),
+        (status = 400, description = "minutes out of range, or an unknown parameter", body = ErrorBody),
+    ))]
 async fn saga_stats(
     State(pool): State<PgPool>,
     Query(q): Query<StatsQuery>,

@@ -23,17 +23,22 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use chrono::{DateTime, Utc};
 use common::metric_definitions as metric;
 use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
-use common::saga::order::SagaResult;
-use serde::Deserialize;
-use serde_json::json;
+use common::runtime::openapi::ErrorBody;
+use common::saga::order::{OrderLine, SagaResult};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
 
 use crate::db;
 use crate::domain::OrderStatus;
@@ -44,44 +49,61 @@ use crate::saga::{OrderSaga, PlaceError, PlaceRequest, created_step_row};
 use crate::timeline::{self, Peers};
 use common::saga::choreography;
 
+/// What order-svc's endpoints need.
 #[derive(Clone)]
-struct HttpState {
-    saga: Arc<OrderSaga>,
-    placer: Placer,
-    peers: Peers,
-    reconciler: Reconciler,
+pub struct HttpState {
+    pub saga: Arc<OrderSaga>,
+    pub placer: Placer,
+    pub peers: Peers,
+    pub reconciler: Reconciler,
 }
 
-pub fn routes(
-    saga: Arc<OrderSaga>,
-    placer: Placer,
-    peers: Peers,
-    reconciler: Reconciler,
-) -> Router {
-    Router::new()
-        .route("/orders", post(place_order).get(find_order))
-        .route("/orders/{order_id}", get(get_order))
-        .route("/sagas", get(search_sagas))
-        .route("/sagas/choreography", get(get_choreography))
-        .route("/sagas/violations", get(list_violations))
-        .route("/admin/reconcile", post(reconcile_now))
-        .route("/sagas/{order_id}", get(get_saga))
-        .route(
-            "/catalog/{item_id}",
-            get(get_catalog_item).put(put_catalog_item),
-        )
-        .with_state(HttpState {
-            saga,
-            placer,
-            peers,
-            reconciler,
-        })
+impl FromRef<HttpState> for PgPool {
+    fn from_ref(state: &HttpState) -> PgPool {
+        state.saga.pool.clone()
+    }
+}
+
+/// order-svc's endpoints, documented (the Saga Explorer's included).
+pub fn api() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::new()
+        .routes(routes!(place_order, find_order))
+        .routes(routes!(get_order))
+        .routes(routes!(search_sagas))
+        .routes(routes!(get_choreography))
+        .routes(routes!(list_violations))
+        .routes(routes!(reconcile_now))
+        .routes(routes!(get_saga))
+        .routes(routes!(get_catalog_item, put_catalog_item))
+        .merge(crate::explorer::api())
+}
+
+/// order-svc's whole OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    common::runtime::openapi::service_document(crate::SERVICE, api().into_openapi())
 }
 
 fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Response {
     (status, Json(SagaResult::failure(error, reason))).into_response()
 }
 
+/// `POST /orders`: places an order and answers once its saga is decided.
+#[utoipa::path(post, path = "/orders", tag = "orders",
+    request_body(content = common::saga::order::OrderRequest, description = "The order dict", content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "The client's idempotency key (1 to 200 visible ASCII characters): the same key \
+                       and order answer the same saga, never a second one")),
+    responses(
+        (status = 200, description = "Decided: `success`, or `failure` with the error and reason",
+            body = SagaResult, headers(("Location" = String, description = "/orders/{order_id}"))),
+        (status = 202, description = "Pending: a step waits for an outside answer (3-D Secure) under \
+            the long deadline; `next` says what and until when", body = SagaResult,
+            headers(("Location" = String, description = "/orders/{order_id}"))),
+        (status = 400, description = "Invalid order (nothing created): a failure dict with error \
+            `Invalid order`", body = SagaResult),
+        (status = 409, description = "The idempotency key was used for a different order", body = SagaResult),
+        (status = 500, description = "Unexpected; the cause is logged", body = ErrorBody),
+    ))]
 async fn place_order(
     State(HttpState { saga, placer, .. }): State<HttpState>,
     headers: HeaderMap,
@@ -154,6 +176,14 @@ async fn place_order(
     }
 }
 
+/// `GET /orders/{order_id}`: the order, its status and its saga's timeline.
+#[utoipa::path(get, path = "/orders/{order_id}", tag = "orders",
+    params(("order_id" = Uuid, Path, description = "The order id")),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such order", body = ErrorBody),
+    ))]
 async fn get_order(
     State(HttpState { saga, .. }): State<HttpState>,
     Path(order_id): Path<String>,
@@ -169,16 +199,35 @@ async fn get_order(
 /// Most sagas one search lists.
 const MAX_SEARCH_LIMIT: i64 = 500;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SagaQuery {
+    /// `PENDING`, `CONFIRMED` or `FAILED` (any case).
     status: Option<String>,
+    /// Only sagas created at or after this instant (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// How many at most (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+    /// Only stuck sagas: undecided past the deadline, a compensation not
+    /// done, or an invariant violated.
     stuck: Option<bool>,
 }
 
+/// The answer of `GET /sagas`.
+#[derive(Serialize, ToSchema)]
+struct SagaList {
+    sagas: Vec<db::SagaSummary>,
+}
+
 /// `GET /sagas`: recent sagas, newest first, filtered.
+#[utoipa::path(get, path = "/sagas", tag = "sagas", params(SagaQuery),
+    responses(
+        (status = 200, description = "The sagas, newest first", body = SagaList),
+        (status = 400, description = "A parameter out of range, or unknown", body = ErrorBody),
+    ))]
 async fn search_sagas(
     State(HttpState { saga, .. }): State<HttpState>,
     Query(q): Query<SagaQuery>,
@@ -211,16 +260,24 @@ async fn search_sagas(
     };
     let mut conn = saga.pool.acquire().await?;
     let sagas = db::search_sagas(&mut conn, &search).await?;
-    Ok(Json(json!({ "sagas": sagas })).into_response())
+    Ok(Json(SagaList { sagas }).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ByKey {
+    /// The key the order was placed with (required).
     idempotency_key: Option<String>,
 }
 
 /// `GET /orders?idempotency_key=K`: the order a key placed (a client that
 /// lost its answer finds its order this way).
+#[utoipa::path(get, path = "/orders", tag = "orders", params(ByKey),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 400, description = "No idempotency_key", body = ErrorBody),
+        (status = 404, description = "No order with that key", body = ErrorBody),
+    ))]
 async fn find_order(
     State(HttpState { saga, .. }): State<HttpState>,
     Query(ByKey { idempotency_key }): Query<ByKey>,
@@ -237,6 +294,13 @@ async fn find_order(
 }
 
 /// `GET /sagas/{order_id}`: the saga across the four services.
+#[utoipa::path(get, path = "/sagas/{order_id}", tag = "sagas",
+    params(("order_id" = Uuid, Path, description = "The order (saga) id")),
+    responses(
+        (status = 200, description = "Every step in order, the decision, compensations, emails", body = timeline::SagaView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such saga", body = ErrorBody),
+    ))]
 async fn get_saga(
     State(HttpState { saga, peers, .. }): State<HttpState>,
     Path(order_id): Path<String>,
@@ -254,15 +318,30 @@ async fn get_saga(
     Ok(Json(timeline::saga_view(&peers, &order, steps).await).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ViolationQuery {
+    /// How many at most (default 100).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+    /// Resolved findings too.
     all: Option<bool>,
+}
+
+/// The answer of `GET /sagas/violations`.
+#[derive(Serialize, ToSchema)]
+struct ViolationList {
+    violations: Vec<db::FindingRow>,
 }
 
 /// `GET /sagas/violations[?all=true&limit=N]`: what the reconciler found,
 /// newest first; open findings only unless `all`.
+#[utoipa::path(get, path = "/sagas/violations", tag = "sagas", params(ViolationQuery),
+    responses(
+        (status = 200, description = "The findings, newest first", body = ViolationList),
+        (status = 400, description = "A parameter out of range, or unknown", body = ErrorBody),
+    ))]
 async fn list_violations(
     State(HttpState { saga, .. }): State<HttpState>,
     Query(q): Query<ViolationQuery>,
@@ -275,10 +354,15 @@ async fn list_violations(
     }
     let mut conn = saga.pool.acquire().await?;
     let found = db::findings(&mut conn, q.all.unwrap_or(false), limit).await?;
-    Ok(Json(json!({ "violations": found })).into_response())
+    Ok(Json(ViolationList { violations: found }).into_response())
 }
 
 /// `POST /admin/reconcile`: one reconciler pass now; answers what it did.
+#[utoipa::path(post, path = "/admin/reconcile", tag = "operations",
+    responses(
+        (status = 200, description = "What the pass did", body = crate::reconciler::PassReport),
+        (status = 500, description = "The pass failed; the cause is logged", body = ErrorBody),
+    ))]
 async fn reconcile_now(
     State(HttpState { reconciler, .. }): State<HttpState>,
 ) -> Result<Response, ApiError> {
@@ -289,12 +373,26 @@ async fn reconcile_now(
     Ok(Json(report).into_response())
 }
 
+/// The answer of `GET /sagas/choreography`.
+#[derive(Serialize, ToSchema)]
+struct Choreography {
+    /// Every reaction of every service: `service`, `step`, `on` (its
+    /// triggers), `delivery`, `kind`, `outcomes` (each the events emitted
+    /// together; the first is the success path), `completes`, `undo`.
+    #[schema(value_type = Vec<Object>)]
+    reactions: &'static [choreography::Reaction],
+    /// The same as a Mermaid flowchart.
+    mermaid: String,
+}
+
 /// `GET /sagas/choreography`: who reacts to what, as declared once in code.
+#[utoipa::path(get, path = "/sagas/choreography", tag = "sagas",
+    responses((status = 200, description = "The declared choreography", body = Choreography)))]
 async fn get_choreography() -> Response {
-    Json(json!({
-        "reactions": choreography::REACTIONS,
-        "mermaid": choreography::mermaid(),
-    }))
+    Json(Choreography {
+        reactions: choreography::REACTIONS,
+        mermaid: choreography::mermaid(),
+    })
     .into_response()
 }
 
@@ -313,39 +411,100 @@ async fn recorded_steps(
     Ok(steps)
 }
 
+/// The answer of `GET /orders/{order_id}`.
+#[derive(Serialize, ToSchema)]
+struct OrderView {
+    order_id: Uuid,
+    customer_id: String,
+    /// `PENDING`, `CONFIRMED` or `FAILED`.
+    status: String,
+    items: Vec<OrderLine>,
+    amount_cents: i64,
+    currency: String,
+    card: CardView,
+    created_at: DateTime<Utc>,
+    deadline_at: DateTime<Utc>,
+    decided_at: Option<DateTime<Utc>>,
+    /// The result dict, once decided.
+    result: Option<SagaResult>,
+    /// What an undecided saga waits for, and until when.
+    awaiting: Option<Awaiting>,
+    /// The saga's timeline as order-svc recorded it.
+    steps: Vec<db::StepRow>,
+}
+
+/// The card an order was paid with (never its number).
+#[derive(Serialize, ToSchema)]
+struct CardView {
+    brand: String,
+    last4: String,
+}
+
+/// The outside answer a long-running saga waits for.
+#[derive(Serialize, ToSchema)]
+struct Awaiting {
+    /// `payment_confirmation` or `backorder`.
+    step: String,
+    deadline_at: DateTime<Utc>,
+}
+
 /// An order, its status and its saga's timeline.
 async fn order_view(
     conn: &mut sqlx::PgConnection,
     order: db::OrderRow,
-) -> Result<serde_json::Value, sqlx::Error> {
+) -> Result<OrderView, sqlx::Error> {
     let steps = recorded_steps(conn, &order).await?;
-    Ok(json!({
-        "order_id": order.order_id,
-        "customer_id": order.customer_id,
-        "status": order.status,
-        "items": order.items.0,
-        "amount_cents": order.amount_cents,
-        "currency": order.currency,
-        "card": {"brand": order.card_brand, "last4": order.card_last4},
-        "created_at": order.created_at,
-        "deadline_at": order.deadline_at,
-        "decided_at": order.decided_at,
-        "result": order.result(),
+    let result = order.result();
+    Ok(OrderView {
         // A saga that waits for an outside answer, and until when.
-        "awaiting": order.awaiting.as_ref().filter(|_| order.result().is_none()).map(|step| json!({
-            "step": step,
-            "deadline_at": order.deadline_at,
-        })),
-        "steps": steps,
-    }))
+        awaiting: order
+            .awaiting
+            .clone()
+            .filter(|_| result.is_none())
+            .map(|step| Awaiting {
+                step,
+                deadline_at: order.deadline_at,
+            }),
+        order_id: order.order_id,
+        customer_id: order.customer_id,
+        status: order.status,
+        items: order.items.0,
+        amount_cents: order.amount_cents,
+        currency: order.currency,
+        card: CardView {
+            brand: order.card_brand,
+            last4: order.card_last4,
+        },
+        created_at: order.created_at,
+        deadline_at: order.deadline_at,
+        decided_at: order.decided_at,
+        result,
+        steps,
+    })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Price {
+    #[schema(minimum = 1)]
     price_cents: i64,
 }
 
+/// A catalog item's price.
+#[derive(Serialize, ToSchema)]
+struct CatalogItem {
+    item_id: String,
+    price_cents: i64,
+}
+
+/// `PUT /catalog/{item_id}`: sets an item's price.
+#[utoipa::path(put, path = "/catalog/{item_id}", tag = "set-up",
+    params(("item_id" = String, Path, description = "The item")),
+    request_body(content = Price, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The price set", body = CatalogItem),
+        (status = 400, description = "Not a valid id or price", body = ErrorBody),
+    ))]
 async fn put_catalog_item(
     State(HttpState { saga, .. }): State<HttpState>,
     Path(item_id): Path<String>,
@@ -361,9 +520,21 @@ async fn put_catalog_item(
     }
     let mut conn = saga.pool.acquire().await?;
     db::put_price(&mut conn, &item_id, price_cents).await?;
-    Ok(Json(json!({"item_id": item_id, "price_cents": price_cents})).into_response())
+    Ok(Json(CatalogItem {
+        item_id,
+        price_cents,
+    })
+    .into_response())
 }
 
+/// `GET /catalog/{item_id}`: an item's price.
+#[utoipa::path(get, path = "/catalog/{item_id}", tag = "set-up",
+    params(("item_id" = String, Path, description = "The item")),
+    responses(
+        (status = 200, description = "The price", body = CatalogItem),
+        (status = 400, description = "Not a valid id", body = ErrorBody),
+        (status = 404, description = "No such item", body = ErrorBody),
+    ))]
 async fn get_catalog_item(
     State(HttpState { saga, .. }): State<HttpState>,
     Path(item_id): Path<String>,
@@ -373,5 +544,9 @@ async fn get_catalog_item(
     let price_cents = db::get_price(&mut conn, &item_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no catalog item {item_id:?}")))?;
-    Ok(Json(json!({"item_id": item_id, "price_cents": price_cents})).into_response())
+    Ok(Json(CatalogItem {
+        item_id,
+        price_cents,
+    })
+    .into_response())
 }

@@ -241,12 +241,12 @@ impl Service for App {
                 Box::pin(reconciler.run(interval, stop))
             }));
         }
-        let routes = explorer::routes(saga.pool.clone()).merge(http::routes(
+        let routes = http::api().with_state(http::HttpState {
             saga,
-            self.placer,
-            self.peers,
-            self.reconciler,
-        ));
+            placer: self.placer,
+            peers: self.peers,
+            reconciler: self.reconciler,
+        });
         let tasks = Tasks {
             intake,
             support: vec![placer],

@@ -137,7 +137,7 @@ pub fn check(
 }
 
 /// What one pass did.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct PassReport {
     /// Sagas checked (new ones and those with open findings).
     pub checked: usize,

@@ -110,7 +110,7 @@ impl Peers {
 }
 
 /// A step with its place on the saga's time axis.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TimedStep {
     #[serde(flatten)]
     pub step: Step,
@@ -118,7 +118,7 @@ pub struct TimedStep {
     pub since_previous_ms: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DecisionView {
     pub outcome: &'static str,
     pub error: Option<String>,
@@ -127,7 +127,7 @@ pub struct DecisionView {
     pub at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CompensationView {
     pub service: String,
     pub step: String,
@@ -136,14 +136,14 @@ pub struct CompensationView {
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EmailView {
     pub kind: String,
     pub sent_at: DateTime<Utc>,
 }
 
 /// The body of `GET /sagas/{order_id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SagaView {
     pub order_id: Uuid,
     pub status: String,

@@ -472,7 +472,8 @@ pub async fn credit(
     })
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// A customer's account (`GET`/`PUT /accounts/{customer_id}`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AccountRow {
     pub customer_id: String,
     pub balance_cents: i64,

@@ -8,61 +8,92 @@
 //! - `POST /payments/{order_id}/confirm`, `/decline` — the gateway's answer
 //!   to a payment waiting for the customer's 3-D Secure confirmation.
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
+use common::runtime::openapi::ErrorBody;
 
 use crate::domain::MAX_BALANCE_CENTS;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::SERVICE;
 use crate::db;
 use crate::domain::{self, PaymentStatus};
-use axum::routing::post;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use common::messaging::envelope::SagaContext;
 use common::messaging::events::{EventType, StepFailed};
 use common::messaging::publisher::Publisher;
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions::step_outcome;
-use common::saga::timeline::{self, Step, StepKind, StepSource};
+use common::saga::timeline::{self, LogState, Step, StepKind, StepSource};
 use sqlx::PgConnection;
 use tracing::info;
 use uuid::Uuid;
 
-pub fn routes(pool: PgPool, publisher: Publisher, default_balance_cents: i64) -> Router {
-    let gateway = Gateway {
-        pool: pool.clone(),
-        publisher,
-        default_balance_cents,
-    };
-    Router::new()
-        .route("/accounts/{customer_id}", get(get_account).put(put_account))
-        .route("/payments/{order_id}", get(get_payment))
-        .with_state(pool.clone())
-        .merge(
-            Router::new()
-                .route("/payments/{order_id}/confirm", post(confirm_payment))
-                .route("/payments/{order_id}/decline", post(decline_payment))
-                .with_state(gateway),
-        )
-        .merge(timeline::routes::<PaymentSteps>(pool, SERVICE))
+/// payment-svc's endpoints, documented.
+pub fn api() -> OpenApiRouter<Gateway> {
+    OpenApiRouter::new()
+        .routes(routes!(get_account, put_account))
+        .routes(routes!(get_payment))
+        .routes(routes!(confirm_payment))
+        .routes(routes!(decline_payment))
+        .merge(timeline::api::<PaymentSteps, Gateway>())
 }
 
-/// What the gateway's answers need.
+/// payment-svc's whole OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    common::runtime::openapi::service_document(SERVICE, api().into_openapi())
+}
+
+/// What payment-svc's endpoints need (the gateway's answers publish).
 #[derive(Clone)]
-struct Gateway {
-    pool: PgPool,
-    publisher: Publisher,
-    default_balance_cents: i64,
+pub struct Gateway {
+    pub pool: PgPool,
+    pub publisher: Publisher,
+    pub default_balance_cents: i64,
+}
+
+impl FromRef<Gateway> for PgPool {
+    fn from_ref(gateway: &Gateway) -> PgPool {
+        gateway.pool.clone()
+    }
+}
+
+impl FromRef<Gateway> for LogState {
+    fn from_ref(gateway: &Gateway) -> LogState {
+        LogState {
+            pool: gateway.pool.clone(),
+            service: SERVICE,
+        }
+    }
+}
+
+/// The answer of the gateway endpoints: where the payment stands now.
+#[derive(Serialize, ToSchema)]
+struct GatewayOutcome {
+    order_id: Uuid,
+    /// `charged` or `declined`.
+    status: String,
+    /// Why it was declined (`authentication_declined`...).
+    decline_code: Option<String>,
+    reason: Option<String>,
 }
 
 /// `POST /payments/{order_id}/confirm`: the customer passed 3-D Secure.
+#[utoipa::path(post, path = "/payments/{order_id}/confirm", tag = "payments",
+    params(("order_id" = Uuid, Path, description = "The order whose payment waits")),
+    responses(
+        (status = 200, description = "Applied: charged (or declined, if the account cannot pay); the saga goes on", body = GatewayOutcome),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No payment for that order", body = ErrorBody),
+        (status = 409, description = "The payment no longer waits, or it is too late to confirm", body = ErrorBody),
+    ))]
 async fn confirm_payment(
     State(gateway): State<Gateway>,
     Path(order_id): Path<String>,
@@ -72,6 +103,14 @@ async fn confirm_payment(
 
 /// `POST /payments/{order_id}/decline`: the customer failed (or abandoned)
 /// 3-D Secure.
+#[utoipa::path(post, path = "/payments/{order_id}/decline", tag = "payments",
+    params(("order_id" = Uuid, Path, description = "The order whose payment waits")),
+    responses(
+        (status = 200, description = "Applied: declined; the saga is rolled back", body = GatewayOutcome),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No payment for that order", body = ErrorBody),
+        (status = 409, description = "The payment no longer waits", body = ErrorBody),
+    ))]
 async fn decline_payment(
     State(gateway): State<Gateway>,
     Path(order_id): Path<String>,
@@ -159,12 +198,12 @@ async fn gateway_answer(
     });
     uow.commit(&gateway.publisher).await?;
     let failure = outcome.err();
-    Ok(Json(json!({
-        "order_id": order_id,
-        "status": status.as_str(),
-        "decline_code": failure.as_ref().map(|f| f.code.clone()),
-        "reason": failure.map(|f| f.reason),
-    }))
+    Ok(Json(GatewayOutcome {
+        order_id,
+        status: status.as_str().to_owned(),
+        decline_code: failure.as_ref().map(|f| f.code.clone()),
+        reason: failure.map(|f| f.reason),
+    })
     .into_response())
 }
 
@@ -260,13 +299,24 @@ fn payment_steps(p: &db::PaymentRow) -> Vec<Step> {
     steps
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AccountBody {
+    #[schema(minimum = 0)]
     balance_cents: i64,
+    /// A frozen account can be neither charged nor refunded (absent: kept;
+    /// not frozen for a new account).
     frozen: Option<bool>,
 }
 
+/// `PUT /accounts/{customer_id}`: sets a customer's balance.
+#[utoipa::path(put, path = "/accounts/{customer_id}", tag = "set-up",
+    params(("customer_id" = String, Path, description = "The customer")),
+    request_body(content = AccountBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The account", body = db::AccountRow),
+        (status = 400, description = "Not a valid id or body", body = ErrorBody),
+    ))]
 async fn put_account(
     State(pool): State<PgPool>,
     Path(customer_id): Path<String>,
@@ -289,6 +339,14 @@ async fn put_account(
     )
 }
 
+/// `GET /accounts/{customer_id}`: a customer's balance.
+#[utoipa::path(get, path = "/accounts/{customer_id}", tag = "set-up",
+    params(("customer_id" = String, Path, description = "The customer")),
+    responses(
+        (status = 200, description = "The account", body = db::AccountRow),
+        (status = 400, description = "Not a valid id", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ))]
 async fn get_account(
     State(pool): State<PgPool>,
     Path(customer_id): Path<String>,
@@ -301,6 +359,39 @@ async fn get_account(
     Ok(Json(account).into_response())
 }
 
+/// The answer of `GET /payments/{order_id}`.
+#[derive(Serialize, ToSchema)]
+struct PaymentView {
+    order_id: Uuid,
+    customer_id: String,
+    amount_cents: i64,
+    currency: String,
+    /// `charged`, `declined`, `refunded`, `cancelled`, `action_required`
+    /// or `voided`.
+    status: String,
+    decline_code: Option<String>,
+    reason: Option<String>,
+    card: CardView,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// The card a payment was made with (never its number); null where the
+/// payment was cancelled before the card was read.
+#[derive(Serialize, ToSchema)]
+struct CardView {
+    brand: Option<String>,
+    last4: Option<String>,
+}
+
+/// `GET /payments/{order_id}`: an order's payment.
+#[utoipa::path(get, path = "/payments/{order_id}", tag = "payments",
+    params(("order_id" = Uuid, Path, description = "The order")),
+    responses(
+        (status = 200, description = "The payment", body = PaymentView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No payment for that order", body = ErrorBody),
+    ))]
 async fn get_payment(
     State(pool): State<PgPool>,
     Path(order_id): Path<String>,
@@ -310,17 +401,20 @@ async fn get_payment(
     let p = db::get_payment(&mut conn, order_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))?;
-    Ok(Json(json!({
-        "order_id": p.order_id,
-        "customer_id": p.customer_id,
-        "amount_cents": p.amount_cents,
-        "currency": p.currency,
-        "status": p.status,
-        "decline_code": p.decline_code,
-        "reason": p.reason,
-        "card": {"brand": p.card_brand, "last4": p.card_last4},
-        "created_at": p.created_at,
-        "updated_at": p.updated_at,
-    }))
+    Ok(Json(PaymentView {
+        order_id: p.order_id,
+        customer_id: p.customer_id,
+        amount_cents: p.amount_cents,
+        currency: p.currency,
+        status: p.status,
+        decline_code: p.decline_code,
+        reason: p.reason,
+        card: CardView {
+            brand: p.card_brand,
+            last4: p.card_last4,
+        },
+        created_at: p.created_at,
+        updated_at: p.updated_at,
+    })
     .into_response())
 }

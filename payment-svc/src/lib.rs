@@ -111,11 +111,11 @@ impl Service for App {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let routes = http::routes(
-            self.runtime.pool.clone(),
-            self.runtime.publisher.clone(),
-            self.handler.default_balance_cents,
-        );
+        let routes = http::api().with_state(http::Gateway {
+            pool: self.runtime.pool.clone(),
+            publisher: self.runtime.publisher.clone(),
+            default_balance_cents: self.handler.default_balance_cents,
+        });
         self.runtime
             .run(self.handler, routes, Tasks::default(), cancel)
             .await

@@ -15,6 +15,7 @@
 
 pub mod bench;
 pub mod invariants;
+pub mod openapi;
 pub mod process;
 pub mod publisher;
 pub mod smtp;
@@ -657,7 +658,10 @@ impl TestSystem {
             .await
             .expect("PUT");
         assert!(r.status().is_success(), "PUT {path}: {}", r.status());
-        r.json().await.expect("JSON")
+        let status = r.status().as_u16();
+        let body = r.json().await.expect("JSON");
+        openapi::assert_in_contract(svc, "PUT", path, status, Some(&body));
+        body
     }
 
     /// GET a JSON document; `None` on 404.
@@ -668,11 +672,15 @@ impl TestSystem {
             .send()
             .await
             .expect("GET");
-        if r.status() == reqwest::StatusCode::NOT_FOUND {
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.expect("GET body");
+        let body: Option<Value> = serde_json::from_slice(&bytes).ok();
+        openapi::assert_in_contract(svc, "GET", path, status, body.as_ref());
+        if status == 404 {
             return None;
         }
-        assert!(r.status().is_success(), "GET {path}: {}", r.status());
-        Some(r.json().await.expect("JSON"))
+        assert!((200..300).contains(&status), "GET {path}: {status}");
+        Some(body.unwrap_or_else(|| panic!("GET {path}: the body is not JSON")))
     }
 
     pub async fn set_price(&self, item: &str, price_cents: i64) {
@@ -726,7 +734,9 @@ impl TestSystem {
         }
         let r = req.send().await.expect("POST /orders");
         let status = r.status().as_u16();
-        (status, r.json().await.expect("JSON body"))
+        let body = r.json().await.expect("JSON body");
+        openapi::assert_in_contract(Svc::Order, "POST", "/orders", status, Some(&body));
+        (status, body)
     }
 
     pub async fn order(&self, order_id: &str) -> Value {

@@ -20,7 +20,8 @@ use crate::messaging::delivery::Incoming;
 use crate::messaging::envelope::Envelope;
 use crate::metric_definitions as metric;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// An escalated compensation (`GET /admin/escalations`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EscalationRow {
     pub id: Uuid,
     pub message_id: Uuid,

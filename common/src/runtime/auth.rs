@@ -2,7 +2,7 @@
 //!
 //! | access | endpoints | token |
 //! |---|---|---|
-//! | open | `/health`, `/metrics`, the Saga Explorer's static page (`/explorer`, its JS, CSS and icon) | none |
+//! | open | `/health`, `/metrics`, `/openapi.json`, the Saga Explorer's static page (`/explorer`, its JS, CSS and icon) | none |
 //! | api | `/orders…`, `/sagas…` (placing and reading orders and sagas) | `API_TOKEN` or `ADMIN_TOKEN` |
 //! | admin | everything else: every set-up `PUT`, every read of accounts, stock, customers and emails, `/admin/…` | `ADMIN_TOKEN` |
 //!
@@ -80,7 +80,7 @@ pub fn required_access(route: &str) -> Access {
                 .strip_prefix(prefix)
                 .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?'))
     };
-    if route == "/health" || route == "/metrics" || EXPLORER_PAGE.contains(&route) {
+    if ["/health", "/metrics", "/openapi.json"].contains(&route) || EXPLORER_PAGE.contains(&route) {
         Access::Open
     } else if under("/orders") || under("/sagas") {
         Access::Api
@@ -219,6 +219,8 @@ mod tests {
     fn endpoints_are_classified_by_route() {
         assert_eq!(required_access("/health"), Access::Open);
         assert_eq!(required_access("/metrics"), Access::Open);
+        assert_eq!(required_access("/openapi.json"), Access::Open);
+        assert_eq!(required_access("/openapi.json/x"), Access::Admin);
         assert_eq!(required_access("/orders"), Access::Api);
         assert_eq!(required_access("/orders/{order_id}"), Access::Api);
         assert_eq!(required_access("/sagas"), Access::Api);

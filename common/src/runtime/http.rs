@@ -3,26 +3,29 @@
 
 use std::time::{Duration, Instant};
 
+use axum::Json;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Confirmation};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 use tracing::error;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::messaging::broker::Broker;
 use crate::messaging::delivery::{H_ESCALATION_ID, H_ORIGINAL_ROUTING_KEY};
-use crate::messaging::escalation;
+use crate::messaging::escalation::{self, EscalationRow};
 use crate::messaging::topology::ServiceIdentity;
 use crate::metric_definitions as metric;
+use crate::runtime::openapi::ErrorBody;
 use crate::runtime::telemetry;
 use crate::store::pool as db;
 
@@ -113,20 +116,29 @@ pub struct OpsState {
 /// `/metrics` (Prometheus text), and the escalation admin endpoints:
 /// `GET /admin/escalations[?status=open|retrying|resolved]` and
 /// `POST /admin/escalations/{id}/retry`.
-pub fn ops_routes(state: OpsState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
-        .route("/admin/escalations", get(list_escalations))
-        .route("/admin/escalations/{id}/retry", post(retry_escalation))
-        .with_state(state)
+pub fn ops_api() -> OpenApiRouter<OpsState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics_text))
+        .routes(routes!(list_escalations))
+        .routes(routes!(retry_escalation))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EscalationQuery {
+    /// Only escalations in this state.
+    #[param(inline, pattern = "^(open|retrying|resolved)$")]
     status: Option<String>,
 }
 
+/// `GET /admin/escalations`: compensations whose retries ran out, newest
+/// first.
+#[utoipa::path(get, path = "/admin/escalations", tag = "operations", params(EscalationQuery),
+    responses(
+        (status = 200, description = "The escalations", body = Vec<EscalationRow>),
+        (status = 400, description = "An unknown status", body = ErrorBody),
+    ))]
 async fn list_escalations(
     State(s): State<OpsState>,
     Query(q): Query<EscalationQuery>,
@@ -142,8 +154,25 @@ async fn list_escalations(
     Ok(Json(rows).into_response())
 }
 
-/// Re-publishes an escalated compensation to the service's queue, with a
-/// fresh set of attempts. Answers 202: the outcome shows in the list.
+/// The answer of `POST /admin/escalations/{id}/retry`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetryAccepted {
+    pub id: Uuid,
+    /// `retrying`.
+    pub status: String,
+}
+
+/// `POST /admin/escalations/{id}/retry`: re-publishes an escalated
+/// compensation to the service's queue, with a fresh set of attempts.
+/// Answers 202: the outcome shows in the list.
+#[utoipa::path(post, path = "/admin/escalations/{id}/retry", tag = "operations",
+    params(("id" = Uuid, Path, description = "The escalation's id")),
+    responses(
+        (status = 202, description = "Re-published; the outcome shows in the list", body = RetryAccepted),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such escalation", body = ErrorBody),
+        (status = 409, description = "The escalation is already resolved", body = ErrorBody),
+    ))]
 async fn retry_escalation(
     State(s): State<OpsState>,
     Path(id): Path<String>,
@@ -211,11 +240,42 @@ async fn retry_escalation(
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"id": id, "status": "retrying"})),
+        Json(RetryAccepted {
+            id,
+            status: "retrying".to_owned(),
+        }),
     )
         .into_response())
 }
 
+/// The answer of `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub service: String,
+    /// `ok` (200) or `unavailable` (503).
+    #[schema(pattern = "^(ok|unavailable)$")]
+    pub status: String,
+    /// `up` or `down`.
+    #[schema(pattern = "^(up|down)$")]
+    pub broker: String,
+    /// `up` or `down`.
+    #[schema(pattern = "^(up|down)$")]
+    pub database: String,
+    /// `enabled` or `disabled` (development: every endpoint open).
+    #[schema(pattern = "^(enabled|disabled)$")]
+    pub auth: String,
+    /// `production` or `development` (`DEV_MODE`).
+    #[schema(pattern = "^(production|development)$")]
+    pub mode: String,
+}
+
+/// `GET /health`: readiness — the broker connected and the database
+/// reachable.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready: the broker or the database is down", body = Health),
+    ))]
 async fn health(State(s): State<OpsState>) -> Response {
     let broker = s.broker.is_connected();
     let database = tokio::time::timeout(
@@ -230,17 +290,36 @@ async fn health(State(s): State<OpsState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "service": s.service.name,
-        "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
-        "broker": up(broker),
-        "database": up(database),
-        "auth": if s.auth_enabled { "enabled" } else { "disabled" },
-        "mode": if s.dev_mode { "development" } else { "production" },
-    });
+    let body = Health {
+        service: s.service.name.to_owned(),
+        status: if status == StatusCode::OK {
+            "ok"
+        } else {
+            "unavailable"
+        }
+        .to_owned(),
+        broker: up(broker).to_owned(),
+        database: up(database).to_owned(),
+        auth: if s.auth_enabled {
+            "enabled"
+        } else {
+            "disabled"
+        }
+        .to_owned(),
+        mode: if s.dev_mode {
+            "development"
+        } else {
+            "production"
+        }
+        .to_owned(),
+    };
     (status, Json(body)).into_response()
 }
 
+/// `GET /metrics`: every metric, in Prometheus' text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4",
+        content_type = "text/plain; version=0.0.4", body = String)))]
 async fn metrics_text() -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod openapi;
 pub mod server;
 pub mod service;
 pub mod shutdown;

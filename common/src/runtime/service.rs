@@ -40,6 +40,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::{Level, info, warn};
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::messaging::broker::Broker;
 use crate::messaging::consumer::{Consumer, ConsumerSettings, MessageHandler};
@@ -50,7 +51,7 @@ use crate::messaging::topology::ServiceIdentity;
 use crate::messaging::trust::ProducerTrust;
 use crate::runtime::auth::HttpAuth;
 use crate::runtime::config::{CommonConfig, redact_url};
-use crate::runtime::{auth, http, telemetry, traces};
+use crate::runtime::{auth, http, openapi, telemetry, traces};
 use crate::store::{gauges, pool as db, retention};
 
 /// A task that runs until its token is cancelled.
@@ -146,7 +147,7 @@ impl ServiceRuntime {
     pub async fn run<H: MessageHandler>(
         self,
         handler: H,
-        routes: Router,
+        routes: OpenApiRouter,
         tasks: Tasks,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
@@ -218,14 +219,20 @@ impl ServiceRuntime {
             intake_tasks.spawn(task(intake.clone()));
         }
 
-        let router = routes
-            .merge(http::ops_routes(http::OpsState {
+        let (routes, own) = routes.split_for_parts();
+        let document = openapi::service_document(name, own);
+        let shared = openapi::shared_routes(
+            http::OpsState {
                 service: self.identity,
                 broker: self.broker.clone(),
                 pool: self.pool.clone(),
                 auth_enabled: self.auth.enabled(),
                 dev_mode: self.config.dev_mode,
-            }))
+            },
+            &document,
+        );
+        let router: Router = routes
+            .merge(shared)
             // Innermost first: the body limit, JSON only, a token, then
             // (outer) the in-flight bound and the timeout, so even a refused
             // request counts against neither for long.

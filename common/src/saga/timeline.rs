@@ -9,22 +9,25 @@
 
 use std::future::Future;
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 use crate::messaging::escalation::{self, EscalationRow};
 use crate::runtime::http::{ApiError, json_body, parse_uuid};
+use crate::runtime::openapi::ErrorBody;
 pub use crate::saga::choreography::StepKind;
 
 /// Where a compensation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CompensationState {
     /// Not applied yet (in flight, or waiting for a retry).
@@ -38,7 +41,7 @@ pub enum CompensationState {
 }
 
 /// One thing a service did for a saga.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Step {
     pub at: DateTime<Utc>,
     pub service: String,
@@ -84,7 +87,7 @@ impl Step {
 }
 
 /// A service's steps for one order: `GET /sagas/{order_id}/steps`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StepLog {
     pub service: String,
     pub order_id: Uuid,
@@ -121,24 +124,26 @@ pub trait StepSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Step>, sqlx::Error>> + Send;
 }
 
+/// What the step-log endpoints need; a service's HTTP state provides it
+/// (`FromRef`).
 #[derive(Clone)]
-struct LogState {
-    pool: PgPool,
-    service: &'static str,
+pub struct LogState {
+    pub pool: PgPool,
+    pub service: &'static str,
 }
 
 /// Most orders one `POST /sagas/steps` asks about.
 pub const MAX_ORDERS_PER_QUERY: usize = 500;
 
 /// The body of `POST /sagas/steps`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepQuery {
     pub order_ids: Vec<Uuid>,
 }
 
 /// The answer of `POST /sagas/steps`: a log per order asked about.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StepLogs {
     pub logs: Vec<StepLog>,
 }
@@ -149,12 +154,21 @@ pub struct StepLogs {
 /// - `POST /sagas/steps` `{"order_ids": [...]}` (at most
 ///   [`MAX_ORDERS_PER_QUERY`]): the same for many orders at once (the
 ///   invariant reconciler's question).
-pub fn routes<S: StepSource>(pool: PgPool, service: &'static str) -> Router {
-    Router::new()
+pub fn api<S: StepSource, St>() -> OpenApiRouter<St>
+where
+    St: Clone + Send + Sync + 'static,
+    LogState: FromRef<St>,
+{
+    // The handlers are generic over the service's step source, which the
+    // `routes!` macro cannot name: routed by hand, documented here.
+    OpenApiRouter::with_openapi(StepLogApi::openapi())
         .route("/sagas/{order_id}/steps", get(step_log::<S>))
         .route("/sagas/steps", post(step_logs::<S>))
-        .with_state(LogState { pool, service })
 }
+
+#[derive(OpenApi)]
+#[openapi(paths(step_log, step_logs))]
+struct StepLogApi;
 
 async fn log_of<S: StepSource>(
     conn: &mut PgConnection,
@@ -173,6 +187,13 @@ async fn log_of<S: StepSource>(
     })
 }
 
+/// `GET /sagas/{order_id}/steps`: this service's steps for the order.
+#[utoipa::path(get, path = "/sagas/{order_id}/steps", tag = "sagas",
+    params(("order_id" = Uuid, Path, description = "The order (saga) id")),
+    responses(
+        (status = 200, description = "The steps, oldest first (none for an order this service never saw)", body = StepLog),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+    ))]
 async fn step_log<S: StepSource>(
     State(LogState { pool, service }): State<LogState>,
     Path(order_id): Path<String>,
@@ -182,6 +203,12 @@ async fn step_log<S: StepSource>(
     Ok(Json(log_of::<S>(&mut conn, service, order_id).await?).into_response())
 }
 
+/// `POST /sagas/steps`: the same for many orders at once.
+#[utoipa::path(post, path = "/sagas/steps", tag = "sagas", request_body = StepQuery,
+    responses(
+        (status = 200, description = "A log per order asked about", body = StepLogs),
+        (status = 400, description = "Not a list of UUIDs, or too many", body = ErrorBody),
+    ))]
 async fn step_logs<S: StepSource>(
     State(LogState { pool, service }): State<LogState>,
     body: Bytes,

@@ -10,9 +10,13 @@
 //!   producer and consumer, and the official AsyncAPI parser finds it valid.
 //! - [`order_schema`]: `docs/schemas/order.requested.json` says what
 //!   order-svc's validator does.
-//! - [`schemas`]: loading the committed files into validators.
+//! - [`schemas`]: loading the committed files into validators;
+//! - [`openapi`]: each service's OpenAPI document is what its code
+//!   generates and what it serves, and every documented operation answers
+//!   in contract.
 
 mod asyncapi;
+mod openapi;
 mod order_schema;
 mod schemas;
 mod wire;

@@ -1,0 +1,659 @@
+//! The HTTP contract: the OpenAPI documents.
+//!
+//! - The committed `docs/openapi/<service>.json` are what the code generates
+//!   (regenerate: `UPDATE_CONTRACTS=1 cargo test -p saga-tests --test
+//!   contracts openapi`).
+//! - Each service serves its document at `GET /openapi.json`, without a
+//!   token.
+//! - Every documented operation of every service is called, on its success
+//!   and its error paths, and every answer is in contract (its status
+//!   documented, its body valid against the documented schema) — the
+//!   harness's helpers check the same for every other test.
+
+use std::collections::BTreeSet;
+
+use saga_tests::openapi::{check, committed_path, document, path_template};
+use saga_tests::{Svc, TestSystem, Tokens, order_dict, order_with_card};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[test]
+fn committed_openapi_documents_match_the_code() {
+    let update = std::env::var("UPDATE_CONTRACTS").is_ok_and(|v| v == "1");
+    for svc in Svc::ALL {
+        let generated = common::runtime::openapi::to_committed_json(&document(svc));
+        let path = committed_path(svc);
+        if update {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &generated).unwrap();
+            continue;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} differs from what the code generates: run \
+             `UPDATE_CONTRACTS=1 cargo test -p saga-tests --test contracts openapi` and commit it",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn documents_are_openapi_3_1_with_both_bearer_tokens() {
+    for svc in Svc::ALL {
+        let doc = serde_json::to_value(document(svc)).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert_eq!(doc["info"]["title"], svc.identity().name);
+        let schemes = &doc["components"]["securitySchemes"];
+        for scheme in ["api_token", "admin_token"] {
+            assert_eq!(schemes[scheme]["type"], "http", "{scheme}");
+            assert_eq!(schemes[scheme]["scheme"], "bearer", "{scheme}");
+        }
+        // What the middleware decides, the document says.
+        assert_eq!(doc["paths"]["/health"]["get"].get("security"), None);
+        let escalations = &doc["paths"]["/admin/escalations"]["get"];
+        assert_eq!(escalations["security"], json!([{"admin_token": []}]));
+        assert!(escalations["responses"]["403"].is_object());
+    }
+    let order = serde_json::to_value(document(Svc::Order)).unwrap();
+    let place = &order["paths"]["/orders"]["post"];
+    assert_eq!(
+        place["security"],
+        json!([{"api_token": []}, {"admin_token": []}])
+    );
+    for status in ["200", "202", "400", "401", "409", "413", "415", "503"] {
+        assert!(
+            place["responses"][status].is_object(),
+            "POST /orders {status}"
+        );
+    }
+    assert_eq!(
+        place["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/OrderRequest"
+    );
+}
+
+/// A client of one system that checks every answer against the contract
+/// and remembers which operations it called.
+struct Caller<'a> {
+    sys: &'a TestSystem,
+    tokens: Tokens,
+    plain: reqwest::Client,
+    called: BTreeSet<(&'static str, String, String)>,
+}
+
+enum Token {
+    Anonymous,
+    Api,
+    Admin,
+}
+
+impl Caller<'_> {
+    async fn call(
+        &mut self,
+        svc: Svc,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Token,
+    ) -> (u16, Option<Value>) {
+        let url = format!("{}{path}", self.sys.url(svc));
+        let mut req = self
+            .plain
+            .request(method.parse().unwrap(), &url)
+            .header("Idempotency-Key", Uuid::new_v4().to_string());
+        req = match token {
+            Token::Anonymous => req,
+            Token::Api => req.bearer_auth(&self.tokens.api),
+            Token::Admin => req.bearer_auth(&self.tokens.admin),
+        };
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let r = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = r.status().as_u16();
+        let json = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let bytes = r.bytes().await.unwrap();
+        let body: Option<Value> = if json {
+            Some(
+                serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|e| panic!("{method} {path}: declared JSON, is not ({e})")),
+            )
+        } else {
+            None
+        };
+        if let Err(e) = check(svc, method, path, status, body.as_ref()) {
+            panic!("HTTP contract broken: {e}");
+        }
+        let tpl = path_template(svc, path).unwrap_or_default();
+        self.called
+            .insert((svc.identity().name, tpl, method.to_ascii_lowercase()));
+        (status, body)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_operation_answers_in_contract() {
+    let tokens = Tokens::random();
+    let sys = TestSystem::builder().tokens(tokens.clone()).spawn().await;
+    let mut c = Caller {
+        sys: &sys,
+        tokens,
+        plain: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        called: BTreeSet::new(),
+    };
+    use Svc::*;
+    use Token::*;
+
+    // Set-up, and its errors.
+    assert_eq!(
+        c.call(
+            Order,
+            "PUT",
+            "/catalog/productA",
+            Some(json!({"price_cents": 1500})),
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(
+            Order,
+            "PUT",
+            "/catalog/productA",
+            Some(json!({"price_cents": -1})),
+            Admin
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        c.call(Order, "GET", "/catalog/productA", None, Admin)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        c.call(Order, "GET", "/catalog/nothing", None, Admin)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        c.call(
+            Inventory,
+            "PUT",
+            "/items/productA",
+            Some(json!({"available": 10})),
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(
+            Inventory,
+            "PUT",
+            "/items/productA",
+            Some(json!({"available": "ten"})),
+            Admin
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        c.call(Inventory, "GET", "/items/productA", None, Admin)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        c.call(Inventory, "GET", "/items/nothing", None, Admin)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        c.call(
+            Payment,
+            "PUT",
+            "/accounts/alice",
+            Some(json!({"balance_cents": 100000})),
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(Payment, "GET", "/accounts/alice", None, Admin)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        c.call(Payment, "GET", "/accounts/nobody", None, Admin)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        c.call(
+            Notification,
+            "PUT",
+            "/customers/alice",
+            Some(json!({"email": "alice@example.com"})),
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(
+            Notification,
+            "PUT",
+            "/customers/alice",
+            Some(json!({"email": "nope"})),
+            Admin
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        c.call(Notification, "GET", "/customers/bob", None, Admin)
+            .await
+            .0,
+        200
+    );
+
+    // The middleware's answers.
+    assert_eq!(c.call(Order, "GET", "/sagas", None, Anonymous).await.0, 401);
+    assert_eq!(
+        c.call(Payment, "GET", "/accounts/alice", None, Api).await.0,
+        403
+    );
+    let r = c
+        .plain
+        .post(format!("{}/orders", sys.url(Order)))
+        .bearer_auth(&c.tokens.api)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 415);
+    check(Order, "POST", "/orders", status, Some(&body)).unwrap();
+
+    // Orders: decided, pending, invalid, a key reused.
+    let (status, ok) = c
+        .call(
+            Order,
+            "POST",
+            "/orders",
+            Some(order_dict("alice", &[("productA", 1)])),
+            Api,
+        )
+        .await;
+    assert_eq!(status, 200, "{ok:?}");
+    let order_id = ok.unwrap()["order_id"].as_str().unwrap().to_owned();
+    let pending_order = order_with_card("alice", &[("productA", 1)], "4000 0000 0000 3220");
+    let (status, pending) = c
+        .call(Order, "POST", "/orders", Some(pending_order), Api)
+        .await;
+    assert_eq!(status, 202, "{pending:?}");
+    let pending_id = pending.unwrap()["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        c.call(
+            Order,
+            "POST",
+            "/orders",
+            Some(json!({"customer_id": "alice"})),
+            Api
+        )
+        .await
+        .0,
+        400
+    );
+    let key = Uuid::new_v4().to_string();
+    for (i, order) in [
+        order_dict("alice", &[("productA", 1)]),
+        order_dict("alice", &[("productA", 2)]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = c
+            .plain
+            .post(format!("{}/orders", sys.url(Order)))
+            .bearer_auth(&c.tokens.api)
+            .header("Idempotency-Key", &key)
+            .json(&order)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, if i == 0 { 200 } else { 409 }, "{body}");
+        check(Order, "POST", "/orders", status, Some(&body)).unwrap();
+    }
+    assert_eq!(
+        c.call(
+            Order,
+            "GET",
+            &format!("/orders?idempotency_key={key}"),
+            None,
+            Api
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(Order, "GET", "/orders?idempotency_key=unknown", None, Api)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        c.call(Order, "GET", &format!("/orders/{order_id}"), None, Api)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        c.call(Order, "GET", &format!("/orders/{pending_id}"), None, Api)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        c.call(
+            Order,
+            "GET",
+            &format!("/orders/{}", Uuid::new_v4()),
+            None,
+            Api
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        c.call(Order, "GET", "/orders/not-a-uuid", None, Api)
+            .await
+            .0,
+        400
+    );
+
+    // The gateway's answers: the pending payment confirmed, then too late.
+    assert_eq!(
+        c.call(
+            Payment,
+            "POST",
+            &format!("/payments/{pending_id}/confirm"),
+            None,
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(
+            Payment,
+            "POST",
+            &format!("/payments/{pending_id}/decline"),
+            None,
+            Admin
+        )
+        .await
+        .0,
+        409
+    );
+    assert_eq!(
+        c.call(
+            Payment,
+            "POST",
+            &format!("/payments/{}/decline", Uuid::new_v4()),
+            None,
+            Admin
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        c.call(
+            Payment,
+            "GET",
+            &format!("/payments/{order_id}"),
+            None,
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(
+            Payment,
+            "GET",
+            &format!("/payments/{}", Uuid::new_v4()),
+            None,
+            Admin
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        c.call(
+            Inventory,
+            "GET",
+            &format!("/reservations/{order_id}"),
+            None,
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(Inventory, "GET", "/reservations/x", None, Admin)
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        c.call(
+            Notification,
+            "GET",
+            &format!("/emails?order_id={order_id}"),
+            None,
+            Admin
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        c.call(Notification, "GET", "/emails", None, Admin).await.0,
+        400
+    );
+
+    // Sagas, as an operator reads them.
+    for path in [
+        "/sagas",
+        "/sagas?status=confirmed&limit=5",
+        "/sagas?stuck=true",
+        "/sagas/choreography",
+        "/sagas/violations",
+        "/sagas/stats",
+        "/sagas/stats?minutes=60",
+    ] {
+        assert_eq!(c.call(Order, "GET", path, None, Api).await.0, 200, "{path}");
+    }
+    assert_eq!(
+        c.call(Order, "GET", "/sagas?limit=0", None, Api).await.0,
+        400
+    );
+    assert_eq!(
+        c.call(Order, "GET", "/sagas/stats?minutes=0", None, Api)
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        c.call(Order, "GET", &format!("/sagas/{order_id}"), None, Api)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        c.call(
+            Order,
+            "GET",
+            &format!("/sagas/{}", Uuid::new_v4()),
+            None,
+            Api
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        c.call(Order, "POST", "/admin/reconcile", None, Admin)
+            .await
+            .0,
+        200
+    );
+    for svc in [Payment, Inventory, Notification] {
+        assert_eq!(
+            c.call(svc, "GET", &format!("/sagas/{order_id}/steps"), None, Api)
+                .await
+                .0,
+            200
+        );
+        let ids = json!({"order_ids": [order_id, pending_id]});
+        assert_eq!(
+            c.call(svc, "POST", "/sagas/steps", Some(ids), Api).await.0,
+            200
+        );
+        assert_eq!(
+            c.call(
+                svc,
+                "POST",
+                "/sagas/steps",
+                Some(json!({"order_ids": "x"})),
+                Api
+            )
+            .await
+            .0,
+            400
+        );
+    }
+
+    // What every service has.
+    for svc in Svc::ALL {
+        assert_eq!(c.call(svc, "GET", "/health", None, Anonymous).await.0, 200);
+        assert_eq!(c.call(svc, "GET", "/metrics", None, Anonymous).await.0, 200);
+        let (status, served) = c.call(svc, "GET", "/openapi.json", None, Anonymous).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            served.unwrap(),
+            serde_json::to_value(document(svc)).unwrap()
+        );
+        assert_eq!(
+            c.call(svc, "GET", "/admin/escalations", None, Admin)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            c.call(svc, "GET", "/admin/escalations?status=nope", None, Admin)
+                .await
+                .0,
+            400
+        );
+        let retry = format!("/admin/escalations/{}/retry", Uuid::new_v4());
+        assert_eq!(c.call(svc, "POST", &retry, None, Admin).await.0, 404);
+    }
+
+    // The Saga Explorer's page.
+    for path in [
+        "/explorer",
+        "/explorer/app.js",
+        "/explorer/style.css",
+        "/explorer/favicon.svg",
+    ] {
+        assert_eq!(
+            c.call(Order, "GET", path, None, Anonymous).await.0,
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        c.call(Order, "GET", "/explorer/", None, Anonymous).await.0,
+        308
+    );
+
+    // Every documented operation was called.
+    let mut missing = Vec::new();
+    for svc in Svc::ALL {
+        let doc = serde_json::to_value(document(svc)).unwrap();
+        for (tpl, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if !c
+                    .called
+                    .contains(&(svc.identity().name, tpl.clone(), method.clone()))
+                {
+                    missing.push(format!(
+                        "{} {} {tpl}",
+                        svc.identity().name,
+                        method.to_uppercase()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "operations never called: {missing:?}");
+    sys.shutdown().await;
+}
+
+#[test]
+fn the_checker_catches_answers_out_of_contract() {
+    let id = Uuid::new_v4();
+    let good = json!({"status": "success", "order_id": id});
+    check(Svc::Order, "POST", "/orders", 200, Some(&good)).unwrap();
+    // A body of the wrong shape, a status not documented, an undocumented
+    // path or method.
+    let wrong = json!({"status": "succeeded", "order_id": id});
+    assert!(check(Svc::Order, "POST", "/orders", 200, Some(&wrong)).is_err());
+    let not_uuid = json!({"status": "success", "order_id": "42"});
+    assert!(check(Svc::Order, "POST", "/orders", 200, Some(&not_uuid)).is_err());
+    assert!(check(Svc::Order, "POST", "/orders", 418, Some(&good)).is_err());
+    assert!(check(Svc::Order, "GET", "/nowhere", 200, None).is_err());
+    assert!(check(Svc::Order, "DELETE", "/orders", 200, None).is_err());
+    let health = json!({"service": "order-svc", "status": "ok", "broker": "up",
+                        "database": "sideways", "auth": "enabled", "mode": "production"});
+    assert!(check(Svc::Order, "GET", "/health", 200, Some(&health)).is_err());
+}
