@@ -1,10 +1,13 @@
 //! A mail sink for tests: a minimal SMTP server on an ephemeral port that
-//! accepts every email and keeps it, in arrival order.
+//! accepts every email and keeps it, in arrival order; and
+//! [`DownRelay`], a relay that is down (connections refused) on a port
+//! the test already holds, until it comes up there.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
 /// An email the sink accepted.
@@ -40,9 +43,13 @@ impl SmtpSink {
     }
 
     /// A sink on a given address (`127.0.0.1:<port>`): a relay that comes
-    /// back where it was.
+    /// back where it was. (To bring one up on a port nobody else can have
+    /// taken meanwhile, see [`DownRelay`].)
     pub async fn start_on(addr: &str) -> SmtpSink {
-        let listener = TcpListener::bind(addr).await.expect("bind");
+        Self::serve(TcpListener::bind(addr).await.expect("bind"))
+    }
+
+    fn serve(listener: TcpListener) -> SmtpSink {
         let url = format!("smtp://{}", listener.local_addr().expect("local addr"));
         let received = Arc::new(Mutex::new(Vec::new()));
         let inbox = received.clone();
@@ -61,6 +68,41 @@ impl SmtpSink {
     /// Every email accepted so far, oldest first.
     pub fn received(&self) -> Vec<ReceivedEmail> {
         self.received.lock().expect("sink lock").clone()
+    }
+}
+
+/// A mail relay that is down: a port of `127.0.0.1` bound by the test but
+/// not listening, so that connecting to it is refused, as to a relay that
+/// is not running — and that no other test (or anything else binding a
+/// port) can take meanwhile, as binding port 0, reading the port and
+/// closing the socket would let happen. [`DownRelay::start`] brings the
+/// relay up on that very socket.
+pub struct DownRelay {
+    socket: TcpSocket,
+    addr: SocketAddr,
+}
+
+impl DownRelay {
+    /// Binds an ephemeral port, without listening on it.
+    pub fn reserve() -> DownRelay {
+        let socket = TcpSocket::new_v4().expect("a TCP socket");
+        // No SO_REUSEADDR: nothing else may bind the port while it is held.
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        let addr = socket.local_addr().expect("local addr");
+        DownRelay { socket, addr }
+    }
+
+    /// `smtp://127.0.0.1:<port>`, for `SMTP_URL`.
+    pub fn url(&self) -> String {
+        format!("smtp://{}", self.addr)
+    }
+
+    /// The relay comes up: it listens on the socket it held, and accepts
+    /// every email as [`SmtpSink::start`] does.
+    pub fn start(self) -> SmtpSink {
+        SmtpSink::serve(self.socket.listen(128).expect("listen"))
     }
 }
 

@@ -8,7 +8,12 @@
 //!   choreography ([`crate::saga::choreography`]) the topology binds queues
 //!   from: a service sends what its reactions may emit, receives what it is
 //!   bound to (its durable queue, or — order-svc — its replicas' transient
-//!   queues), and a client sends `order.requested` and is replied to;
+//!   queues), and a client sends `order.requested` and is replied to (the
+//!   [`Verb`] of each operation's key);
+//! - the reply: the channel `order.result`, whose address is null (each
+//!   request names its own queue in its AMQP `reply_to` property, which no
+//!   AsyncAPI runtime expression can point at, so the reply names the
+//!   channel only and its description says where the result dict goes);
 //! - the messages: payloads by `$ref` to the JSON Schemas of
 //!   `docs/schemas/` ([`crate::messaging::schema`]), the AMQP headers table
 //!   (`traceparent`) and, as the extension `x-amqp-properties`, the AMQP
@@ -105,11 +110,47 @@ impl Node {
     }
 }
 
+/// What a party does with a routing key: the middle word of an operation's
+/// key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verb {
+    /// Publishes it (AsyncAPI action `send`).
+    Sends,
+    /// Consumes it from its durable work queue (action `receive`).
+    Receives,
+    /// Consumes it without acks on transient queues of its own: order-svc's
+    /// replicas (action `receive`).
+    Observes,
+}
+
+impl Verb {
+    /// The word in an operation's key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Sends => "sends",
+            Verb::Receives => "receives",
+            Verb::Observes => "observes",
+        }
+    }
+
+    /// The AsyncAPI operation's `action`.
+    pub fn action(self) -> &'static str {
+        match self {
+            Verb::Sends => "send",
+            Verb::Receives | Verb::Observes => "receive",
+        }
+    }
+}
+
+impl std::fmt::Display for Verb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An operation's key: `<party>.<verb>.<channel>`, e.g.
-/// `payment-svc.receives.order.created`. The verb is `sends`, `receives`
-/// (a durable work queue) or `observes` (order-svc's transient replica
-/// queues).
-pub fn operation_id(party: &str, verb: &str, key: &str) -> String {
+/// `payment-svc.receives.order.created`.
+pub fn operation_id(party: &str, verb: Verb, key: &str) -> String {
     format!("{party}.{verb}.{key}")
 }
 
@@ -136,25 +177,25 @@ fn steps_on(service: &str, event: EventType, delivery: Delivery) -> Vec<&'static
 
 /// Every (party, verb, event) the choreography and topology define, in
 /// catalogue order: the operations the document must list.
-pub fn expected_operations() -> Vec<(String, &'static str, EventType)> {
-    let mut ops = vec![(CLIENT.to_owned(), "sends", EventType::OrderRequested)];
+pub fn expected_operations() -> Vec<(String, Verb, EventType)> {
+    let mut ops = vec![(CLIENT.to_owned(), Verb::Sends, EventType::OrderRequested)];
     for event in EventType::ALL {
         for svc in SERVICES {
             if !steps_emitting(svc.name, event).is_empty() {
-                ops.push((svc.name.to_owned(), "sends", event));
+                ops.push((svc.name.to_owned(), Verb::Sends, event));
             }
             if svc.is_consumed(event) {
-                ops.push((svc.name.to_owned(), "receives", event));
+                ops.push((svc.name.to_owned(), Verb::Receives, event));
             }
             if svc.observes().contains(&event) {
-                ops.push((svc.name.to_owned(), "observes", event));
+                ops.push((svc.name.to_owned(), Verb::Observes, event));
             }
         }
     }
     ops.sort_by_key(|(party, verb, event)| {
         (
             EventType::ALL.iter().position(|e| e == event),
-            *verb != "sends",
+            *verb != Verb::Sends,
             party.clone(),
         )
     });
@@ -273,8 +314,10 @@ fn channels() -> Node {
             (
                 "description",
                 s(
-                    "The client's own queue, named by the `reply_to` property of its \
-                   `order.requested`: order-svc publishes the result dict there through the \
+                    "The client's own queue, named by the AMQP `reply_to` property of its \
+                   `order.requested` (a property, not an entry of the headers table, so no \
+                   AsyncAPI runtime expression can point at it: the address is left null). No \
+                   `reply_to`, no reply. order-svc publishes the result dict there through the \
                    default exchange (routing key = the queue's name, not mandatory: the client \
                    may be gone) once the saga is decided, and a `pending` one first if the saga \
                    waits for an outside answer (3-D Secure, a backorder), within the deadline.",
@@ -300,22 +343,15 @@ fn channels() -> Node {
     Node::Map(entries)
 }
 
+/// The reply of `order.requested`: the reply channel and its message, no
+/// `address`. An Operation Reply Address must have a `location`, a runtime
+/// expression into the request's headers table or payload
+/// (`$message.header#/…`, `$message.payload#/…`), and `reply_to` is in
+/// neither: it is an AMQP property. So the reply names only the channel,
+/// whose address is null (known at runtime) and whose description says it
+/// is the queue the `reply_to` property names.
 fn reply() -> Node {
     map([
-        (
-            "address",
-            map([
-                (
-                    "description",
-                    s(
-                        "The queue named by the request's AMQP `reply_to` property (a property, \
-                       not an entry of the headers table: AsyncAPI runtime expressions can only \
-                       point into headers or payload). No `reply_to`, no reply.",
-                    ),
-                ),
-                ("location", s("$message.header#/reply_to")),
-            ]),
-        ),
         ("channel", reference(format!("#/channels/{REPLY}"))),
         (
             "messages",
@@ -324,12 +360,11 @@ fn reply() -> Node {
     ])
 }
 
-fn operation(party: &str, verb: &str, event: EventType) -> Node {
+fn operation(party: &str, verb: Verb, event: EventType) -> Node {
     let key = event.routing_key();
     let steps = |v: Vec<&str>| v.join(", ");
-    let (action, summary, description, amqp) = match verb {
-        "sends" if party == CLIENT => (
-            "send",
+    let (summary, description, amqp) = match verb {
+        Verb::Sends if party == CLIENT => (
             "A client places an order.".to_owned(),
             "Published with a `message_id` (the idempotency key: the same one twice is one \
              order) and, to get the result dict back, `reply_to` (+ `correlation_id`)."
@@ -339,8 +374,7 @@ fn operation(party: &str, verb: &str, event: EventType) -> Node {
                 ("bindingVersion", s(AMQP_BINDING_VERSION)),
             ]),
         ),
-        "sends" => (
-            "send",
+        Verb::Sends => (
             format!("{party}: {}.", steps(steps_emitting(party, event))),
             format!(
                 "Written to {party}'s outbox in the transaction of the state change that \
@@ -354,8 +388,7 @@ fn operation(party: &str, verb: &str, event: EventType) -> Node {
                 ("bindingVersion", s(AMQP_BINDING_VERSION)),
             ]),
         ),
-        "receives" => (
-            "receive",
+        Verb::Receives => (
             format!(
                 "{party}: {}.",
                 steps(steps_on(party, event, Delivery::Durable))
@@ -370,8 +403,7 @@ fn operation(party: &str, verb: &str, event: EventType) -> Node {
                 ("bindingVersion", s(AMQP_BINDING_VERSION)),
             ]),
         ),
-        "observes" => (
-            "receive",
+        Verb::Observes => (
             format!(
                 "{party}: {}.",
                 steps(steps_on(party, event, Delivery::Observed))
@@ -386,10 +418,9 @@ fn operation(party: &str, verb: &str, event: EventType) -> Node {
                 ("bindingVersion", s(AMQP_BINDING_VERSION)),
             ]),
         ),
-        other => unreachable!("no verb {other}"),
     };
     let mut entries = vec![
-        ("action".to_owned(), s(action)),
+        ("action".to_owned(), s(verb.action())),
         ("channel".to_owned(), reference(format!("#/channels/{key}"))),
         ("summary".to_owned(), s(summary)),
         ("description".to_owned(), s(description)),
@@ -495,7 +526,14 @@ fn event_properties() -> Node {
             ),
             (
                 "timestamp",
-                described("integer", "When the event was committed (Unix seconds)."),
+                described(
+                    "integer",
+                    "When this copy was published (Unix seconds, the emitting service's clock), \
+                     stamped at each publish of the outbox row, not at its commit: a row \
+                     published again (the sweeper re-sends one whose confirm never came) \
+                     carries the later time. Copies re-published to retry and parking queues, \
+                     or replayed by `sagactl dlq replay`, keep the time they had.",
+                ),
             ),
         ],
         &[
@@ -590,7 +628,12 @@ fn reply_properties() -> Node {
             ),
             (
                 "timestamp",
-                described("integer", "When the reply was committed (Unix seconds)."),
+                described(
+                    "integer",
+                    "When this copy of the reply was published (Unix seconds, order-svc's \
+                     clock), not when it was committed: a reply published again carries the \
+                     later time.",
+                ),
             ),
         ],
         &["message_id", "correlation_id", "type", "content_type"],

@@ -43,25 +43,45 @@ fn is_format_char(c: char) -> bool {
         | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
 }
 
+/// What a client reads about the order dict, in its JSON Schema
+/// (`docs/schemas/order.requested.json`) and in order-svc's OpenAPI
+/// document alike: the schema's rules, and the ones order-svc applies that
+/// JSON Schema cannot state (the same list as docs/events.md and the
+/// contracts test `order_schema`, which checks each of them against
+/// `order_svc::domain::validate_order`).
+pub const ORDER_REQUEST_DESCRIPTION: &str = "The order dict a client publishes to the exchange \
+     `saga.events` with routing key `order.requested` (the same body `POST /orders` takes). \
+     Invalid input is answered with `{\"status\": \"failure\", \"error\": \"Invalid order\", \
+     \"reason\": …}` (by `POST /orders` with status 400) and, over AMQP, parked. Beyond this \
+     schema, order-svc also refuses: a card number failing the Luhn checksum; an item_id given \
+     twice; an id (customer_id, item_id) that, once its surrounding whitespace is trimmed, has a \
+     control character or an invisible format character (bidirectional override, zero-width \
+     character, BOM) or is longer than 128 bytes in UTF-8 (the schema's maxLength counts \
+     characters); a quantity written as a JSON float, even an integral one such as `2.0` (JSON \
+     Schema counts it as an integer; order-svc wants `2`).";
+
 /// The order dict a client sends (`order.requested`, `POST /orders`), as a
-/// type, for its JSON Schema (`docs/schemas/order.requested.json`) only.
+/// type, for its JSON Schema (`docs/schemas/order.requested.json`) and the
+/// request body of `POST /orders` in order-svc's OpenAPI document only.
 ///
 /// order-svc does not deserialize into it: it validates the JSON itself
 /// (`order_svc::domain::validate_order`), with messages naming the field at
 /// fault. The rules here are the same ones, as far as JSON Schema can say
-/// them (not: the card number's Luhn checksum, an item given twice, ids
-/// counted in bytes); the contracts test holds the two together.
+/// them; what it cannot (the Luhn checksum, an item given twice, control
+/// and invisible characters in ids, ids counted in bytes, integral floats
+/// such as `2.0` for a quantity) is listed in
+/// [`ORDER_REQUEST_DESCRIPTION`], the description both documents show, and
+/// the contracts test holds the two together. `deny_unknown_fields` is for
+/// the schemas only (`additionalProperties: false`, as order-svc refuses
+/// unknown fields).
 #[derive(Debug, JsonSchema, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(
     title = "order.requested",
     deny_unknown_fields,
-    description = "The order dict a client publishes to the exchange `saga.events` with routing \
-                   key `order.requested` (the same body `POST /orders` takes). Invalid input is \
-                   answered with `{\"status\": \"failure\", \"error\": \"Invalid order\", \
-                   \"reason\": …}` and parked. Beyond this schema, order-svc also refuses a card \
-                   number failing the Luhn checksum and an item_id given twice."
+    description = ORDER_REQUEST_DESCRIPTION
 )]
+#[schema(description = ORDER_REQUEST_DESCRIPTION)]
 pub struct OrderRequest {
     /// The customer: 1 to 128 printable characters (no control or
     /// invisible format characters), surrounding whitespace ignored.
@@ -223,6 +243,18 @@ mod tests {
         }
         assert!(check_id(&"x".repeat(MAX_ID_LEN), "id").is_ok());
         assert!(check_id(&"x".repeat(MAX_ID_LEN + 1), "id").is_err());
+    }
+
+    #[test]
+    fn the_order_request_schemas_show_the_public_description_not_the_doc_comment() {
+        let json_schema = schemars::schema_for!(OrderRequest).to_value();
+        assert_eq!(json_schema["description"], ORDER_REQUEST_DESCRIPTION);
+        let openapi =
+            serde_json::to_value(<OrderRequest as utoipa::PartialSchema>::schema()).unwrap();
+        assert_eq!(openapi["description"], ORDER_REQUEST_DESCRIPTION);
+        // Closed in both, as order-svc refuses unknown fields.
+        assert_eq!(json_schema["additionalProperties"], false);
+        assert_eq!(openapi["additionalProperties"], false);
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub struct Contract {
     /// errors when the whole one refuses a message.
     per_event: Vec<(EventType, jsonschema::Validator)>,
     pub order_requested: jsonschema::Validator,
+    /// `order.result.json` as published (open), and closed.
     pub order_result: jsonschema::Validator,
+    pub order_result_strict: jsonschema::Validator,
     /// The AMQP properties of an event, a request and a reply, and an
     /// event's headers table, as `docs/asyncapi.yaml` describes them.
     pub event_properties: jsonschema::Validator,
@@ -70,6 +72,7 @@ impl Contract {
                 (t, validator(&one))
             })
             .collect();
+        let order_result = committed(ORDER_RESULT_FILE);
         let doc = asyncapi::document().to_json();
         let component = |name: &str| validator(&doc["components"]["schemas"][name]);
         Contract {
@@ -77,7 +80,8 @@ impl Contract {
             envelope: validator(&envelope),
             per_event,
             order_requested: validator(&committed(ORDER_REQUESTED_FILE)),
-            order_result: validator(&committed(ORDER_RESULT_FILE)),
+            order_result_strict: validator(&schema::strict(&order_result)),
+            order_result: validator(&order_result),
             event_properties: component("EventProperties"),
             request_properties: component("RequestProperties"),
             reply_properties: component("ReplyProperties"),
@@ -111,5 +115,23 @@ impl Contract {
             ));
         }
         out
+    }
+
+    /// Why a result dict does not validate, open and strict (empty: it
+    /// does).
+    pub fn result_errors(&self, body: &Value) -> Vec<String> {
+        if !self.order_result.is_valid(body) {
+            errors(&self.order_result, body)
+                .into_iter()
+                .map(|e| format!("{ORDER_RESULT_FILE}: {e}"))
+                .collect()
+        } else if !self.order_result_strict.is_valid(body) {
+            vec![format!(
+                "carries fields {ORDER_RESULT_FILE} does not document: {}",
+                errors(&self.order_result_strict, body).join("; ")
+            )]
+        } else {
+            Vec::new()
+        }
     }
 }

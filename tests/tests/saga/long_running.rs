@@ -334,15 +334,10 @@ async fn over_amqp_reply_to_hears_pending_then_the_final_result() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_mail_relay_down_the_order_is_confirmed_and_its_email_sent_when_it_is_back() {
-    // A relay address where nothing listens yet.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let sys = TestSystem::builder()
-        .smtp_url(&format!("smtp://{addr}"))
-        .spawn()
-        .await;
+    // A relay address that refuses connections yet (held: no other test
+    // can take the port meanwhile).
+    let relay = saga_tests::smtp::DownRelay::reserve();
+    let sys = TestSystem::builder().smtp_url(&relay.url()).spawn().await;
     stock_the_shop(&sys).await;
     sys.set_balance("mia", 100_000).await;
     let started = Instant::now();
@@ -364,7 +359,7 @@ async fn with_the_mail_relay_down_the_order_is_confirmed_and_its_email_sent_when
     );
 
     // The relay is back: the queued confirmation goes out, once.
-    let smtp = saga_tests::smtp::SmtpSink::start_on(&addr.to_string()).await;
+    let smtp = relay.start();
     eventually(SETTLE, "the queued email sent", || async {
         (sys.email_kinds(&id).await == ["confirmation"]).then_some(())
     })
