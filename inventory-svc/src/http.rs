@@ -159,8 +159,8 @@ fn reservation_steps(r: &db::ReservationRow, lines: &[OrderLine]) -> Vec<Step> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ItemBody {
-    /// Units on sale.
-    #[schema(minimum = 0)]
+    /// Units on sale, from 0 to `MAX_STOCK`.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     available: i32,
     /// A stocktake: nothing is reserved or released (absent: kept; not
     /// frozen for a new item).
@@ -276,11 +276,13 @@ struct ReservationView {
     /// `held`, `committed`, `released`, `rejected`, `cancelled` or
     /// `backordered`.
     status: String,
+    #[schema(required = true)]
     reason: Option<String>,
     lines: Vec<ReservedLine>,
     /// Held for a payment still waiting for its confirmation.
     awaiting_payment: bool,
     /// Until when such a hold lasts.
+    #[schema(required = true)]
     expires_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRef, Path, Query, State};
+use axum::extract::{FromRef, Path, State};
 use axum::response::{IntoResponse, Response};
-use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
+use common::runtime::http::{ApiError, ApiQuery, json_body, parse_id, parse_uuid};
 use common::runtime::openapi::ErrorBody;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -197,8 +197,8 @@ async fn get_customer(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct EmailsQuery {
-    /// The order (required).
-    #[param(format = Uuid)]
+    /// The order.
+    #[param(format = Uuid, required = true, nullable = false)]
     order_id: Option<String>,
 }
 
@@ -210,7 +210,7 @@ struct EmailsQuery {
     ))]
 async fn list_emails(
     State(s): State<HttpState>,
-    Query(q): Query<EmailsQuery>,
+    ApiQuery(q): ApiQuery<EmailsQuery>,
 ) -> Result<Response, ApiError> {
     let order_id = q
         .order_id

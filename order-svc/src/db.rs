@@ -376,7 +376,9 @@ pub async fn next_deadline(conn: &mut PgConnection) -> Result<Option<DateTime<Ut
 pub struct StepRow {
     pub step: String,
     pub source: String,
+    #[schema(required = true)]
     pub event_id: Option<Uuid>,
+    #[schema(required = true)]
     pub detail: Option<String>,
     pub occurred_at: DateTime<Utc>,
     pub recorded_at: DateTime<Utc>,
@@ -550,10 +552,13 @@ pub struct SagaSummary {
     pub customer_id: String,
     pub status: String,
     pub amount_cents: i64,
+    #[schema(required = true)]
     pub error: Option<String>,
+    #[schema(required = true)]
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub deadline_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub decided_at: Option<DateTime<Utc>>,
     /// From creation to decision (to now, while undecided), in ms.
     pub duration_ms: i64,
@@ -561,10 +566,12 @@ pub struct SagaSummary {
     pub stuck: bool,
     /// What a long-running saga waits for (`payment_confirmation`), if it
     /// is one.
+    #[schema(required = true)]
     pub awaiting: Option<String>,
     /// Why it is stuck: `undecided past its deadline`, `compensation not
     /// done: <kind>` or `invariant violated: <kind>` (the reconciler's
     /// findings).
+    #[schema(required = true)]
     pub stuck_reason: Option<String>,
 }
 
@@ -650,7 +657,9 @@ pub struct SagaStats {
     pub failed_by_reason: Json<std::collections::BTreeMap<String, i64>>,
     /// Median and 99th percentile of creation to decision, in ms (null
     /// when none was decided).
+    #[schema(required = true)]
     pub p50_ms: Option<f64>,
+    #[schema(required = true)]
     pub p99_ms: Option<f64>,
 }
 
@@ -955,6 +964,7 @@ pub struct FindingRow {
     pub detail: String,
     pub found_at: DateTime<Utc>,
     pub checked_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub resolved_at: Option<DateTime<Utc>>,
 }
 

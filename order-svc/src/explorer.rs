@@ -17,10 +17,10 @@
 use std::sync::LazyLock;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use common::runtime::http::ApiError;
+use common::runtime::http::{ApiError, ApiQuery};
 use common::runtime::openapi::ErrorBody;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -188,7 +188,7 @@ struct StatsQuery {
     ))]
 async fn saga_stats(
     State(pool): State<PgPool>,
-    Query(q): Query<StatsQuery>,
+    ApiQuery(q): ApiQuery<StatsQuery>,
 ) -> Result<Response, ApiError> {
     let minutes = q.minutes.unwrap_or(5);
     let minutes = i32::try_from(minutes)

@@ -25,12 +25,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRef, Path, Query, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use common::metric_definitions as metric;
-use common::runtime::http::{ApiError, json_body, parse_id, parse_uuid};
+use common::runtime::http::{ApiError, ApiQuery, json_body, parse_id, parse_uuid};
 use common::runtime::openapi::ErrorBody;
 use common::saga::order::{OrderLine, SagaResult};
 use serde::{Deserialize, Serialize};
@@ -90,7 +90,7 @@ fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Respon
 /// `POST /orders`: places an order and answers once its saga is decided.
 #[utoipa::path(post, path = "/orders", tag = "orders",
     request_body(content = common::saga::order::OrderRequest, description = "The order dict", content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 200,
         description = "The client's idempotency key (1 to 200 visible ASCII characters): the same key \
                        and order answer the same saga, never a second one")),
     responses(
@@ -230,7 +230,7 @@ struct SagaList {
     ))]
 async fn search_sagas(
     State(HttpState { saga, .. }): State<HttpState>,
-    Query(q): Query<SagaQuery>,
+    ApiQuery(q): ApiQuery<SagaQuery>,
 ) -> Result<Response, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
@@ -266,7 +266,8 @@ async fn search_sagas(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct ByKey {
-    /// The key the order was placed with (required).
+    /// The key the order was placed with.
+    #[param(required = true, nullable = false)]
     idempotency_key: Option<String>,
 }
 
@@ -280,7 +281,7 @@ struct ByKey {
     ))]
 async fn find_order(
     State(HttpState { saga, .. }): State<HttpState>,
-    Query(ByKey { idempotency_key }): Query<ByKey>,
+    ApiQuery(ByKey { idempotency_key }): ApiQuery<ByKey>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key
         .filter(|k| !k.is_empty())
@@ -344,7 +345,7 @@ struct ViolationList {
     ))]
 async fn list_violations(
     State(HttpState { saga, .. }): State<HttpState>,
-    Query(q): Query<ViolationQuery>,
+    ApiQuery(q): ApiQuery<ViolationQuery>,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_SEARCH_LIMIT).contains(&limit) {
@@ -424,10 +425,13 @@ struct OrderView {
     card: CardView,
     created_at: DateTime<Utc>,
     deadline_at: DateTime<Utc>,
+    #[schema(required = true)]
     decided_at: Option<DateTime<Utc>>,
     /// The result dict, once decided.
+    #[schema(required = true)]
     result: Option<SagaResult>,
     /// What an undecided saga waits for, and until when.
+    #[schema(required = true)]
     awaiting: Option<Awaiting>,
     /// The saga's timeline as order-svc recorded it.
     steps: Vec<db::StepRow>,
@@ -443,7 +447,8 @@ struct CardView {
 /// The outside answer a long-running saga waits for.
 #[derive(Serialize, ToSchema)]
 struct Awaiting {
-    /// `payment_confirmation` or `backorder`.
+    /// `payment_confirmation` (3-D Secure) or `stock_arrival` (a
+    /// backorder).
     step: String,
     deadline_at: DateTime<Utc>,
 }
@@ -483,10 +488,11 @@ async fn order_view(
     })
 }
 
-#[derive(Deserialize, Serialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Price {
-    #[schema(minimum = 1)]
+    /// From 1 to `MAX_PRICE_CENTS`.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     price_cents: i64,
 }
 

@@ -121,9 +121,13 @@ pub struct TimedStep {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DecisionView {
     pub outcome: &'static str,
+    #[schema(required = true)]
     pub error: Option<String>,
+    #[schema(required = true)]
     pub reason: Option<String>,
+    #[schema(required = true)]
     pub failed_step: Option<&'static str>,
+    #[schema(required = true)]
     pub at: Option<DateTime<Utc>>,
 }
 
@@ -132,7 +136,9 @@ pub struct CompensationView {
     pub service: String,
     pub step: String,
     pub state: CompensationState,
+    #[schema(required = true)]
     pub at: Option<DateTime<Utc>>,
+    #[schema(required = true)]
     pub detail: Option<String>,
 }
 
@@ -147,11 +153,15 @@ pub struct EmailView {
 pub struct SagaView {
     pub order_id: Uuid,
     pub status: String,
+    #[schema(required = true)]
     pub result: Option<common::saga::order::SagaResult>,
     pub created_at: DateTime<Utc>,
     pub deadline_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub decided_at: Option<DateTime<Utc>>,
+    #[schema(required = true)]
     pub duration_ms: Option<i64>,
+    #[schema(required = true)]
     pub decision: Option<DecisionView>,
     pub steps: Vec<TimedStep>,
     pub compensations: Vec<CompensationView>,

@@ -81,7 +81,9 @@ struct GatewayOutcome {
     /// `charged` or `declined`.
     status: String,
     /// Why it was declined (`authentication_declined`...).
+    #[schema(required = true)]
     decline_code: Option<String>,
+    #[schema(required = true)]
     reason: Option<String>,
 }
 
@@ -302,7 +304,8 @@ fn payment_steps(p: &db::PaymentRow) -> Vec<Step> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AccountBody {
-    #[schema(minimum = 0)]
+    /// From 0 to `MAX_BALANCE_CENTS`.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     balance_cents: i64,
     /// A frozen account can be neither charged nor refunded (absent: kept;
     /// not frozen for a new account).
@@ -369,7 +372,9 @@ struct PaymentView {
     /// `charged`, `declined`, `refunded`, `cancelled`, `action_required`
     /// or `voided`.
     status: String,
+    #[schema(required = true)]
     decline_code: Option<String>,
+    #[schema(required = true)]
     reason: Option<String>,
     card: CardView,
     created_at: DateTime<Utc>,
@@ -380,7 +385,9 @@ struct PaymentView {
 /// payment was cancelled before the card was read.
 #[derive(Serialize, ToSchema)]
 struct CardView {
+    #[schema(required = true)]
     brand: Option<String>,
+    #[schema(required = true)]
     last4: Option<String>,
 }
 

@@ -4,11 +4,14 @@
 //! `GET /openapi.json`, generated from its handlers).
 //!
 //! An answer is in contract when its path and method are documented, its
-//! status is one the operation documents, and its JSON body validates
-//! against that status's schema (JSON Schema 2020-12, formats checked). A
-//! test that sees an answer out of contract fails, naming what differs.
+//! status is one the operation documents, and its body is JSON where the
+//! document says so and validates against that status's schema (JSON
+//! Schema 2020-12, formats checked, and every object closed: a field the
+//! document does not name is out of contract too, so a field added to an
+//! answer without its document fails here). A test that sees an answer out
+//! of contract fails, naming what differs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use serde_json::{Value, json};
@@ -115,7 +118,10 @@ pub fn check(
             .clone()
     };
     match (compiled.as_ref(), body) {
-        (None, _) | (_, None) => Ok(()),
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(format!(
+            "{what}: the document says the body is JSON; it is not (or there is none)"
+        )),
         (Some(validator), Some(body)) => {
             let errors: Vec<String> = validator
                 .iter_errors(body)
@@ -145,16 +151,77 @@ pub fn assert_in_contract(svc: Svc, method: &str, path: &str, status: u16, body:
 /// `#/components/schemas/…` references resolve.
 fn compile(doc: &Value, response: &Value) -> Option<jsonschema::Validator> {
     let schema = response["content"]["application/json"].get("schema")?;
-    let root = json!({
+    let mut root = json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$ref": "#/$defs/answer",
         "$defs": {"answer": schema},
         "components": doc["components"],
     });
+    close_objects(&mut root);
     Some(
         jsonschema::options()
             .should_validate_formats(true)
             .build(&root)
             .unwrap_or_else(|e| panic!("the OpenAPI document has an invalid schema: {e}")),
     )
+}
+
+/// Closes every object schema (`unevaluatedProperties: false`), so that an
+/// answer with a field its document does not name fails. A schema composed
+/// with `allOf` (a flattened struct) is closed where it is composed, not in
+/// its parts, whose fields are only all evaluated together.
+fn close_objects(root: &mut Value) {
+    let mut parts = HashSet::new();
+    collect_all_of_refs(root, &mut parts);
+    if let Some(schemas) = root["components"]["schemas"].as_object_mut() {
+        for (name, schema) in schemas.iter_mut() {
+            let is_part = parts.contains(&format!("#/components/schemas/{name}"));
+            close(schema, is_part);
+        }
+    }
+    if let Some(answer) = root["$defs"].get_mut("answer") {
+        close(answer, false);
+    }
+}
+
+fn collect_all_of_refs(node: &Value, parts: &mut HashSet<String>) {
+    match node {
+        Value::Object(map) => {
+            if let Some(Value::Array(items)) = map.get("allOf") {
+                for item in items {
+                    if let Some(Value::String(r)) = item.get("$ref") {
+                        parts.insert(r.clone());
+                    }
+                }
+            }
+            map.values().for_each(|v| collect_all_of_refs(v, parts));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_all_of_refs(v, parts)),
+        _ => {}
+    }
+}
+
+/// Closes `node` (unless it is a part of an `allOf`) and the object
+/// schemas inside it.
+fn close(node: &mut Value, is_part: bool) {
+    let Value::Object(map) = node else { return };
+    let composed = map.contains_key("allOf");
+    let open =
+        !map.contains_key("additionalProperties") && !map.contains_key("unevaluatedProperties");
+    if open && !is_part && (map.contains_key("properties") || composed) {
+        map.insert("unevaluatedProperties".to_owned(), Value::Bool(false));
+    }
+    for (key, child) in map.iter_mut() {
+        match (key.as_str(), child) {
+            ("allOf", Value::Array(items)) => items.iter_mut().for_each(|i| close(i, true)),
+            ("properties" | "$defs", Value::Object(props)) => {
+                props.values_mut().for_each(|p| close(p, false))
+            }
+            ("oneOf" | "anyOf", Value::Array(items)) => {
+                items.iter_mut().for_each(|i| close(i, false))
+            }
+            ("items" | "additionalProperties", child) => close(child, false),
+            _ => {}
+        }
+    }
 }

@@ -25,6 +25,7 @@ use crate::metric_definitions as metric;
 pub struct EscalationRow {
     pub id: Uuid,
     pub message_id: Uuid,
+    #[schema(required = true)]
     pub order_id: Option<Uuid>,
     pub step: String,
     pub routing_key: String,
@@ -35,6 +36,7 @@ pub struct EscalationRow {
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub resolved_at: Option<DateTime<Utc>>,
 }
 

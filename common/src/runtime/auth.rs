@@ -21,7 +21,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use crate::runtime::openapi::ErrorBody;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
 
@@ -168,12 +169,12 @@ impl IntoResponse for AuthError {
             AuthError::Unauthenticated => (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(json!({"error": "missing or invalid bearer token"})),
+                Json(ErrorBody::new("missing or invalid bearer token")),
             )
                 .into_response(),
             AuthError::Forbidden => (
                 StatusCode::FORBIDDEN,
-                Json(json!({"error": "this endpoint needs the admin token"})),
+                Json(ErrorBody::new("this endpoint needs the admin token")),
             )
                 .into_response(),
         }

@@ -12,7 +12,6 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Confirmation};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use sqlx::PgPool;
 use tracing::error;
 use utoipa::{IntoParams, ToSchema};
@@ -75,7 +74,30 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+        (status, Json(ErrorBody::new(self.to_string()))).into_response()
+    }
+}
+
+/// `Query<T>` whose refusal (an unknown parameter, a value of the wrong
+/// type) is a 400 `{"error": ...}` like every other bad request, not
+/// axum's plain-text one.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
     }
 }
 
@@ -141,7 +163,7 @@ struct EscalationQuery {
     ))]
 async fn list_escalations(
     State(s): State<OpsState>,
-    Query(q): Query<EscalationQuery>,
+    ApiQuery(q): ApiQuery<EscalationQuery>,
 ) -> Result<Response, ApiError> {
     if let Some(status) = &q.status
         && !["open", "retrying", "resolved"].contains(&status.as_str())
@@ -356,7 +378,7 @@ pub async fn require_json(req: Request, next: Next) -> Response {
     if has_body && !is_json {
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Json(json!({"error": "Content-Type must be application/json"})),
+            Json(ErrorBody::new("Content-Type must be application/json")),
         )
             .into_response();
     }
@@ -378,7 +400,7 @@ pub async fn limit_in_flight(
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 [(axum::http::header::RETRY_AFTER, "1")],
-                Json(json!({"error": "too many requests in flight, retry later"})),
+                Json(ErrorBody::new("too many requests in flight, retry later")),
             )
                 .into_response()
         }

@@ -4,11 +4,15 @@
 //! collected by the `OpenApiRouter` that also routes them), so an endpoint
 //! cannot be served without being documented. What the shared middleware
 //! adds to every endpoint — the bearer-token security of [`auth`], the 401,
-//! 403, 408, 413, 415, 500 and 503 answers — is added here, once, from the same rules
-//! the middleware applies. Each service serves its document at
+//! 403, 408, 413, 415, 500 and 503 answers — is added here, once, from the
+//! same rules the middleware applies. Each service serves its document at
 //! `GET /openapi.json`; the copies committed under `docs/openapi/` are
 //! checked against the code by a test (`tests/tests/contracts`).
 
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::openapi::path::Operation;
@@ -27,6 +31,14 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+impl ErrorBody {
+    pub fn new(error: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            error: error.into(),
+        }
+    }
+}
+
 /// The security scheme of the API token (`API_TOKEN`; the admin token is
 /// accepted too).
 pub const API_TOKEN: &str = "api_token";
@@ -39,13 +51,11 @@ const JSON: &str = "application/json";
 /// `GET /openapi.json`: this document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "This service's OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
-async fn openapi_json(
-    axum::extract::State(doc): axum::extract::State<std::sync::Arc<String>>,
-) -> impl IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, JSON)],
-        doc.as_str().to_owned(),
-    )
+async fn openapi_json(State(doc): State<Arc<String>>) -> impl IntoResponse {
+    // Serialized once at start-up. (The copy per answer is some 70 KB: the
+    // `routes!` macro wants a state type with a schema, which `Bytes` has
+    // not.)
+    ([(header::CONTENT_TYPE, JSON)], doc.as_str().to_owned())
 }
 
 /// The whole document of a service whose own endpoints are `own`: they,
@@ -58,31 +68,25 @@ pub fn service_document(service: &str, own: OpenApi) -> OpenApi {
     finish(service, doc)
 }
 
-fn document_route() -> OpenApiRouter<std::sync::Arc<String>> {
+fn document_route() -> OpenApiRouter<Arc<String>> {
     OpenApiRouter::new().routes(routes!(openapi_json))
 }
 
 /// The routes every service serves besides its own: the operational ones
 /// and `GET /openapi.json` answering `doc`.
-pub fn shared_routes(ops: OpsState, doc: &OpenApi) -> axum::Router {
-    let json = doc
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("{{\"error\": \"the document did not serialize: {e}\"}}"));
-    let (documents, _) = document_route()
-        .with_state(std::sync::Arc::new(json))
-        .split_for_parts();
+pub fn shared_routes(ops: OpsState, doc: &OpenApi) -> Result<axum::Router, serde_json::Error> {
+    let json = Arc::new(to_committed_json(doc)?);
+    let (documents, _) = document_route().with_state(json).split_for_parts();
     let (ops, _) = http::ops_api().with_state(ops).split_for_parts();
-    ops.merge(documents)
+    Ok(ops.merge(documents))
 }
 
-/// The document as committed under `docs/openapi/`: pretty JSON, one
-/// trailing newline.
-pub fn to_committed_json(doc: &OpenApi) -> String {
-    let mut json = doc
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("the document did not serialize: {e}"));
+/// The document as served, and as committed under `docs/openapi/`: pretty
+/// JSON, one trailing newline.
+pub fn to_committed_json(doc: &OpenApi) -> Result<String, serde_json::Error> {
+    let mut json = doc.to_pretty_json()?;
     json.push('\n');
-    json
+    Ok(json)
 }
 
 fn finish(service: &str, mut doc: OpenApi) -> OpenApi {
@@ -109,17 +113,16 @@ fn finish(service: &str, mut doc: OpenApi) -> OpenApi {
 
     for (path, item) in doc.paths.paths.iter_mut() {
         let access = auth::required_access(path);
-        for operation in [
-            item.get.as_mut(),
-            item.put.as_mut(),
-            item.post.as_mut(),
-            item.delete.as_mut(),
-            item.patch.as_mut(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            shared_answers(operation, access);
+        for (operation, takes_body) in [
+            (item.get.as_mut(), false),
+            (item.delete.as_mut(), false),
+            (item.put.as_mut(), true),
+            (item.post.as_mut(), true),
+            (item.patch.as_mut(), true),
+        ] {
+            if let Some(operation) = operation {
+                shared_answers(operation, access, takes_body);
+            }
         }
     }
     doc
@@ -135,8 +138,10 @@ fn bearer(description: &str) -> SecurityScheme {
 }
 
 /// What the middleware adds to an operation: its security, and the answers
-/// it gives before (or instead of) the handler.
-fn shared_answers(operation: &mut Operation, access: Access) {
+/// it gives before (or instead of) the handler. A method that may carry a
+/// body is refused one that is too large or not JSON, even where the
+/// handler reads none.
+fn shared_answers(operation: &mut Operation, access: Access, takes_body: bool) {
     let no_scopes: [&str; 0] = [];
     match access {
         Access::Open => {}
@@ -157,7 +162,7 @@ fn shared_answers(operation: &mut Operation, access: Access) {
             );
         }
     }
-    if operation.request_body.is_some() {
+    if takes_body {
         let responses = &mut operation.responses.responses;
         responses.entry("413".to_owned()).or_insert_with(|| {
             RefOr::T(
@@ -206,7 +211,7 @@ fn error_answer(operation: &mut Operation, status: u16, description: &str) {
 }
 
 /// A `{"error": ...}` answer.
-pub fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
+fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
     RefOr::T(
         ResponseBuilder::new()
             .description(description)

@@ -230,7 +230,7 @@ impl ServiceRuntime {
                 dev_mode: self.config.dev_mode,
             },
             &document,
-        );
+        )?;
         let router: Router = routes
             .merge(shared)
             // Innermost first: the body limit, JSON only, a token, then

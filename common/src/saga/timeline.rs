@@ -51,8 +51,10 @@ pub struct Step {
     pub kind: StepKind,
     /// The business outcome (`charged`, `declined`, `released`...).
     pub outcome: String,
+    #[schema(required = true)]
     pub detail: Option<String>,
     /// For compensations: where they stand.
+    #[schema(required = true)]
     pub state: Option<CompensationState>,
 }
 
@@ -139,6 +141,8 @@ pub const MAX_ORDERS_PER_QUERY: usize = 500;
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepQuery {
+    /// At most `MAX_ORDERS_PER_QUERY`.
+    #[schema(max_items = 500)]
     pub order_ids: Vec<Uuid>,
 }
 

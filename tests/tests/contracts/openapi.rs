@@ -1,8 +1,8 @@
 //! The HTTP contract: the OpenAPI documents.
 //!
 //! - The committed `docs/openapi/<service>.json` are what the code generates
-//!   (regenerate: `UPDATE_CONTRACTS=1 cargo test -p saga-tests --test
-//!   contracts openapi`).
+//!   (regenerate them with `scripts/write-contracts.sh`, which sets
+//!   `UPDATE_CONTRACTS=1` for `committed_openapi_documents_match_the_code`).
 //! - Each service serves its document at `GET /openapi.json`, without a
 //!   token.
 //! - Every documented operation of every service is called, on its success
@@ -21,7 +21,7 @@ use uuid::Uuid;
 fn committed_openapi_documents_match_the_code() {
     let update = std::env::var("UPDATE_CONTRACTS").is_ok_and(|v| v == "1");
     for svc in Svc::ALL {
-        let generated = common::runtime::openapi::to_committed_json(&document(svc));
+        let generated = common::runtime::openapi::to_committed_json(&document(svc)).unwrap();
         let path = committed_path(svc);
         if update {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -32,7 +32,7 @@ fn committed_openapi_documents_match_the_code() {
         assert!(
             committed == generated,
             "{} differs from what the code generates: run \
-             `UPDATE_CONTRACTS=1 cargo test -p saga-tests --test contracts openapi` and commit it",
+             `scripts/write-contracts.sh` and commit it",
             path.display()
         );
     }
@@ -70,6 +70,44 @@ fn documents_are_openapi_3_1_with_both_bearer_tokens() {
     assert_eq!(
         place["requestBody"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/OrderRequest"
+    );
+}
+
+/// utoipa takes limits as literals: they must be the validators' constants.
+#[test]
+fn documented_limits_are_the_validators_limits() {
+    use common::saga::order::{MAX_ID_LEN, MAX_ITEMS, MAX_QUANTITY};
+    let schemas =
+        |svc| serde_json::to_value(document(svc)).unwrap()["components"]["schemas"].clone();
+    let order = schemas(Svc::Order);
+    let request = &order["OrderRequest"]["properties"];
+    assert_eq!(request["customer_id"]["maxLength"], json!(MAX_ID_LEN));
+    assert_eq!(request["items"]["maxItems"], json!(MAX_ITEMS));
+    let item = &order["OrderRequestItem"]["properties"];
+    assert_eq!(item["item_id"]["maxLength"], json!(MAX_ID_LEN));
+    assert_eq!(item["quantity"]["maximum"], json!(MAX_QUANTITY));
+    assert_eq!(
+        order["Price"]["properties"]["price_cents"]["maximum"],
+        json!(order_svc::domain::MAX_PRICE_CENTS)
+    );
+    assert_eq!(
+        schemas(Svc::Inventory)["ItemBody"]["properties"]["available"]["maximum"],
+        json!(inventory_svc::domain::MAX_STOCK)
+    );
+    assert_eq!(
+        schemas(Svc::Payment)["AccountBody"]["properties"]["balance_cents"]["maximum"],
+        json!(payment_svc::domain::MAX_BALANCE_CENTS)
+    );
+    assert_eq!(
+        schemas(Svc::Payment)["StepQuery"]["properties"]["order_ids"]["maxItems"],
+        json!(common::saga::timeline::MAX_ORDERS_PER_QUERY)
+    );
+    let place = &serde_json::to_value(document(Svc::Order)).unwrap()["paths"]["/orders"]["post"];
+    let key = &place["parameters"][0];
+    assert_eq!(key["name"], "Idempotency-Key");
+    assert_eq!(
+        key["schema"]["maxLength"],
+        json!(order_svc::domain::MAX_KEY_LEN)
     );
 }
 
@@ -516,6 +554,16 @@ async fn every_operation_answers_in_contract() {
         c.call(Order, "GET", "/sagas?limit=0", None, Api).await.0,
         400
     );
+    // Refused by the query's parsing, not the handler: JSON all the same.
+    for path in [
+        "/sagas?color=red",
+        "/sagas?limit=ten",
+        "/sagas/stats?minutes=x",
+    ] {
+        let (status, body) = c.call(Order, "GET", path, None, Api).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(body.unwrap()["error"].is_string(), "{path}");
+    }
     assert_eq!(
         c.call(Order, "GET", "/sagas/stats?minutes=0", None, Api)
             .await
@@ -656,4 +704,44 @@ fn the_checker_catches_answers_out_of_contract() {
     let health = json!({"service": "order-svc", "status": "ok", "broker": "up",
                         "database": "sideways", "auth": "enabled", "mode": "production"});
     assert!(check(Svc::Order, "GET", "/health", 200, Some(&health)).is_err());
+}
+
+#[test]
+fn the_checker_refuses_undocumented_fields_and_bodies_that_are_not_json() {
+    let id = Uuid::new_v4();
+    let extra = json!({"status": "success", "order_id": id, "bonus": 1});
+    assert!(check(Svc::Order, "POST", "/orders", 200, Some(&extra)).is_err());
+    // A nested object is closed too, and so is a flattened one.
+    let error = json!({"error": "no", "detail": "undocumented"});
+    assert!(check(Svc::Order, "GET", "/orders/x", 400, Some(&error)).is_err());
+    assert!(check(Svc::Order, "GET", "/orders/x", 400, None).is_err());
+    let step = json!({"at": "2026-01-01T00:00:00Z", "service": "payment-svc", "event": "payment.completed",
+                      "kind": "action", "outcome": "charged", "detail": null, "state": null,
+                      "since_start_ms": 1, "since_previous_ms": 1});
+    let view = |steps: Value| {
+        json!({"order_id": id, "status": "CONFIRMED", "result": null,
+        "created_at": "2026-01-01T00:00:00Z", "deadline_at": "2026-01-01T00:00:05Z",
+        "decided_at": null, "duration_ms": null, "decision": null, "steps": steps,
+        "compensations": [], "emails": [], "sources": {"payment-svc": "ok"}})
+    };
+    check(
+        Svc::Order,
+        "GET",
+        &format!("/sagas/{id}"),
+        200,
+        Some(&view(json!([step]))),
+    )
+    .unwrap();
+    let mut odd = step;
+    odd["color"] = json!("red");
+    assert!(
+        check(
+            Svc::Order,
+            "GET",
+            &format!("/sagas/{id}"),
+            200,
+            Some(&view(json!([odd])))
+        )
+        .is_err()
+    );
 }
