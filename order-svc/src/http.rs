@@ -154,7 +154,16 @@ async fn place_order(
                 e.to_string(),
             );
         }
-        Err(PlaceError::Db(e)) => return ApiError::from(e).into_response(),
+        // A value the database refused is invalid input: the client gets a
+        // failure dict like for any other invalid order.
+        Err(PlaceError::Db(e)) => {
+            return match ApiError::from(e) {
+                ApiError::BadRequest(reason) => {
+                    failure(StatusCode::BAD_REQUEST, domain::INVALID_ORDER, reason)
+                }
+                other => other.into_response(),
+            };
+        }
         Err(PlaceError::Unavailable) => return ApiError::Unavailable.into_response(),
     };
     let order_id = placement.order_id;
@@ -377,10 +386,7 @@ async fn reconcile_now(
 /// The answer of `GET /sagas/choreography`.
 #[derive(Serialize, ToSchema)]
 struct Choreography {
-    /// Every reaction of every service: `service`, `step`, `on` (its
-    /// triggers), `delivery`, `kind`, `outcomes` (each the events emitted
-    /// together; the first is the success path), `completes`, `undo`.
-    #[schema(value_type = Vec<Object>)]
+    /// Every reaction of every service.
     reactions: &'static [choreography::Reaction],
     /// The same as a Mermaid flowchart.
     mermaid: String,

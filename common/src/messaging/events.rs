@@ -19,7 +19,9 @@ use crate::saga::order::{OrderLine, SagaResult};
 pub const EXCHANGE: &str = "saga.events";
 
 /// Every event of the saga. The serialized form is the routing key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, utoipa::ToSchema,
+)]
 pub enum EventType {
     /// A client asks for an order (body: the order dict, not an envelope).
     #[serde(rename = "order.requested")]

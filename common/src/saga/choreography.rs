@@ -11,11 +11,12 @@
 //! (`GET /sagas/choreography`).
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::messaging::events::EventType;
 
 /// What starts a reaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "event")]
 pub enum Trigger {
     /// An event on the exchange.
@@ -28,7 +29,7 @@ pub enum Trigger {
 }
 
 /// How the reacting service receives its trigger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Delivery {
     /// The service's durable work queue: at least once, deduplicated.
@@ -43,7 +44,7 @@ pub enum Delivery {
 }
 
 /// The role of a reaction in the saga.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepKind {
     /// A forward step with a business effect.
@@ -59,7 +60,7 @@ pub enum StepKind {
 }
 
 /// What a reaction's side effect needs when the saga fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Undo {
     /// No side effect to undo.
@@ -71,7 +72,7 @@ pub enum Undo {
 }
 
 /// One reaction of one service.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct Reaction {
     /// The reacting service (a [`crate::messaging::topology::ServiceIdentity`] name).
     pub service: &'static str,
@@ -85,6 +86,7 @@ pub struct Reaction {
     pub outcomes: &'static [&'static [EventType]],
     /// The step whose deferred outcome this one completes (the confirmation
     /// of a charge that needed the customer's action).
+    #[schema(required = true)]
     pub completes: Option<&'static str>,
     pub undo: Undo,
 }
