@@ -177,6 +177,21 @@ impl Caller<'_> {
     }
 }
 
+/// One call and the status it must get: (service, method, path, body,
+/// token, status).
+type Expected = (Svc, &'static str, String, Option<Value>, Token, u16);
+
+impl Caller<'_> {
+    /// Makes each call and checks its status (and, as every call does, its
+    /// contract).
+    async fn expect_all(&mut self, calls: Vec<Expected>) {
+        for (svc, method, path, body, token, status) in calls {
+            let (got, answer) = self.call(svc, method, &path, body, token).await;
+            assert_eq!(got, status, "{method} {path}: {answer:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_operation_answers_in_contract() {
     let tokens = Tokens::random();
@@ -192,141 +207,77 @@ async fn every_operation_answers_in_contract() {
     };
     use Svc::*;
     use Token::*;
+    let p = |path: &str| path.to_owned();
 
-    // Set-up, and its errors.
-    assert_eq!(
-        c.call(
+    // Set-up and its errors; the middleware's answers.
+    c.expect_all(vec![
+        (
             Order,
             "PUT",
-            "/catalog/productA",
+            p("/catalog/productA"),
             Some(json!({"price_cents": 1500})),
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (
             Order,
             "PUT",
-            "/catalog/productA",
+            p("/catalog/productA"),
             Some(json!({"price_cents": -1})),
-            Admin
-        )
-        .await
-        .0,
-        400
-    );
-    assert_eq!(
-        c.call(Order, "GET", "/catalog/productA", None, Admin)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        c.call(Order, "GET", "/catalog/nothing", None, Admin)
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            400,
+        ),
+        (Order, "GET", p("/catalog/productA"), None, Admin, 200),
+        (Order, "GET", p("/catalog/nothing"), None, Admin, 404),
+        (
             Inventory,
             "PUT",
-            "/items/productA",
+            p("/items/productA"),
             Some(json!({"available": 10})),
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (
             Inventory,
             "PUT",
-            "/items/productA",
+            p("/items/productA"),
             Some(json!({"available": "ten"})),
-            Admin
-        )
-        .await
-        .0,
-        400
-    );
-    assert_eq!(
-        c.call(Inventory, "GET", "/items/productA", None, Admin)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        c.call(Inventory, "GET", "/items/nothing", None, Admin)
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            400,
+        ),
+        (Inventory, "GET", p("/items/productA"), None, Admin, 200),
+        (Inventory, "GET", p("/items/nothing"), None, Admin, 404),
+        (
             Payment,
             "PUT",
-            "/accounts/alice",
+            p("/accounts/alice"),
             Some(json!({"balance_cents": 100000})),
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(Payment, "GET", "/accounts/alice", None, Admin)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        c.call(Payment, "GET", "/accounts/nobody", None, Admin)
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (Payment, "GET", p("/accounts/alice"), None, Admin, 200),
+        (Payment, "GET", p("/accounts/nobody"), None, Admin, 404),
+        (
             Notification,
             "PUT",
-            "/customers/alice",
+            p("/customers/alice"),
             Some(json!({"email": "alice@example.com"})),
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (
             Notification,
             "PUT",
-            "/customers/alice",
+            p("/customers/alice"),
             Some(json!({"email": "nope"})),
-            Admin
-        )
-        .await
-        .0,
-        400
-    );
-    assert_eq!(
-        c.call(Notification, "GET", "/customers/bob", None, Admin)
-            .await
-            .0,
-        200
-    );
-
-    // The middleware's answers.
-    assert_eq!(c.call(Order, "GET", "/sagas", None, Anonymous).await.0, 401);
-    assert_eq!(
-        c.call(Payment, "GET", "/accounts/alice", None, Api).await.0,
-        403
-    );
+            Admin,
+            400,
+        ),
+        (Notification, "GET", p("/customers/bob"), None, Admin, 200),
+        (Order, "GET", p("/sagas"), None, Anonymous, 401),
+        (Payment, "GET", p("/accounts/alice"), None, Api, 403),
+    ])
+    .await;
     let r = c
         .plain
         .post(format!("{}/orders", sys.url(Order)))
@@ -342,15 +293,8 @@ async fn every_operation_answers_in_contract() {
     check(Order, "POST", "/orders", status, Some(&body)).unwrap();
 
     // Orders: decided, pending, invalid, a key reused.
-    let (status, ok) = c
-        .call(
-            Order,
-            "POST",
-            "/orders",
-            Some(order_dict("alice", &[("productA", 1)])),
-            Api,
-        )
-        .await;
+    let order = order_dict("alice", &[("productA", 1)]);
+    let (status, ok) = c.call(Order, "POST", "/orders", Some(order), Api).await;
     assert_eq!(status, 200, "{ok:?}");
     let order_id = ok.unwrap()["order_id"].as_str().unwrap().to_owned();
     let pending_order = order_with_card("alice", &[("productA", 1)], "4000 0000 0000 3220");
@@ -359,18 +303,6 @@ async fn every_operation_answers_in_contract() {
         .await;
     assert_eq!(status, 202, "{pending:?}");
     let pending_id = pending.unwrap()["order_id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        c.call(
-            Order,
-            "POST",
-            "/orders",
-            Some(json!({"customer_id": "alice"})),
-            Api
-        )
-        .await
-        .0,
-        400
-    );
     let key = Uuid::new_v4().to_string();
     for (i, order) in [
         order_dict("alice", &[("productA", 1)]),
@@ -393,276 +325,196 @@ async fn every_operation_answers_in_contract() {
         assert_eq!(status, if i == 0 { 200 } else { 409 }, "{body}");
         check(Order, "POST", "/orders", status, Some(&body)).unwrap();
     }
-    assert_eq!(
-        c.call(
+    let unknown = Uuid::new_v4();
+    let ids = json!({"order_ids": [order_id, pending_id]});
+    let mut calls: Vec<Expected> = vec![
+        (
+            Order,
+            "POST",
+            p("/orders"),
+            Some(json!({"customer_id": "alice"})),
+            Api,
+            400,
+        ),
+        (
             Order,
             "GET",
-            &format!("/orders?idempotency_key={key}"),
+            format!("/orders?idempotency_key={key}"),
             None,
-            Api
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(Order, "GET", "/orders?idempotency_key=unknown", None, Api)
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        c.call(Order, "GET", &format!("/orders/{order_id}"), None, Api)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        c.call(Order, "GET", &format!("/orders/{pending_id}"), None, Api)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        c.call(
+            Api,
+            200,
+        ),
+        (
             Order,
             "GET",
-            &format!("/orders/{}", Uuid::new_v4()),
+            p("/orders?idempotency_key=unknown"),
             None,
-            Api
-        )
-        .await
-        .0,
-        404
-    );
-    assert_eq!(
-        c.call(Order, "GET", "/orders/not-a-uuid", None, Api)
-            .await
-            .0,
-        400
-    );
-
-    // The gateway's answers: the pending payment confirmed, then too late.
-    assert_eq!(
-        c.call(
+            Api,
+            404,
+        ),
+        (Order, "GET", format!("/orders/{order_id}"), None, Api, 200),
+        (
+            Order,
+            "GET",
+            format!("/orders/{pending_id}"),
+            None,
+            Api,
+            200,
+        ),
+        (Order, "GET", format!("/orders/{unknown}"), None, Api, 404),
+        (Order, "GET", p("/orders/not-a-uuid"), None, Api, 400),
+        // The gateway's answers: the pending payment confirmed, then too late.
+        (
             Payment,
             "POST",
-            &format!("/payments/{pending_id}/confirm"),
+            format!("/payments/{pending_id}/confirm"),
             None,
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (
             Payment,
             "POST",
-            &format!("/payments/{pending_id}/decline"),
+            format!("/payments/{pending_id}/decline"),
             None,
-            Admin
-        )
-        .await
-        .0,
-        409
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            409,
+        ),
+        (
             Payment,
             "POST",
-            &format!("/payments/{}/decline", Uuid::new_v4()),
+            format!("/payments/{unknown}/decline"),
             None,
-            Admin
-        )
-        .await
-        .0,
-        404
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            404,
+        ),
+        (
             Payment,
             "GET",
-            &format!("/payments/{order_id}"),
+            format!("/payments/{order_id}"),
             None,
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (
             Payment,
             "GET",
-            &format!("/payments/{}", Uuid::new_v4()),
+            format!("/payments/{unknown}"),
             None,
-            Admin
-        )
-        .await
-        .0,
-        404
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            404,
+        ),
+        (
             Inventory,
             "GET",
-            &format!("/reservations/{order_id}"),
+            format!("/reservations/{order_id}"),
             None,
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(Inventory, "GET", "/reservations/x", None, Admin)
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (Inventory, "GET", p("/reservations/x"), None, Admin, 400),
+        (
             Notification,
             "GET",
-            &format!("/emails?order_id={order_id}"),
+            format!("/emails?order_id={order_id}"),
             None,
-            Admin
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        c.call(Notification, "GET", "/emails", None, Admin).await.0,
-        400
-    );
-
-    // Sagas, as an operator reads them.
-    for path in [
-        "/sagas",
-        "/sagas?status=confirmed&limit=5",
-        "/sagas?stuck=true",
-        "/sagas/choreography",
-        "/sagas/violations",
-        "/sagas/stats",
-        "/sagas/stats?minutes=60",
-    ] {
-        assert_eq!(c.call(Order, "GET", path, None, Api).await.0, 200, "{path}");
-    }
-    assert_eq!(
-        c.call(Order, "GET", "/sagas?limit=0", None, Api).await.0,
-        400
-    );
-    // Refused by the query's parsing, not the handler: JSON all the same.
-    for path in [
-        "/sagas?color=red",
-        "/sagas?limit=ten",
-        "/sagas/stats?minutes=x",
-    ] {
-        let (status, body) = c.call(Order, "GET", path, None, Api).await;
-        assert_eq!(status, 400, "{path}");
-        assert!(body.unwrap()["error"].is_string(), "{path}");
-    }
-    assert_eq!(
-        c.call(Order, "GET", "/sagas/stats?minutes=0", None, Api)
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        c.call(Order, "GET", &format!("/sagas/{order_id}"), None, Api)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        c.call(
+            Admin,
+            200,
+        ),
+        (Notification, "GET", p("/emails"), None, Admin, 400),
+        // Sagas, as an operator reads them.
+        (Order, "GET", p("/sagas"), None, Api, 200),
+        (
             Order,
             "GET",
-            &format!("/sagas/{}", Uuid::new_v4()),
+            p("/sagas?status=confirmed&limit=5"),
             None,
-            Api
-        )
-        .await
-        .0,
-        404
-    );
-    assert_eq!(
-        c.call(Order, "POST", "/admin/reconcile", None, Admin)
-            .await
-            .0,
-        200
-    );
+            Api,
+            200,
+        ),
+        (Order, "GET", p("/sagas?stuck=true"), None, Api, 200),
+        (Order, "GET", p("/sagas/choreography"), None, Api, 200),
+        (Order, "GET", p("/sagas/violations"), None, Api, 200),
+        (Order, "GET", p("/sagas/stats"), None, Api, 200),
+        (Order, "GET", p("/sagas/stats?minutes=60"), None, Api, 200),
+        (Order, "GET", p("/sagas?limit=0"), None, Api, 400),
+        (Order, "GET", p("/sagas/stats?minutes=0"), None, Api, 400),
+        // Refused by the query's parsing, not the handler: JSON all the same
+        // (the contract check says so).
+        (Order, "GET", p("/sagas?color=red"), None, Api, 400),
+        (Order, "GET", p("/sagas?limit=ten"), None, Api, 400),
+        (Order, "GET", p("/sagas/stats?minutes=x"), None, Api, 400),
+        (Order, "GET", format!("/sagas/{order_id}"), None, Api, 200),
+        (Order, "GET", format!("/sagas/{unknown}"), None, Api, 404),
+        (Order, "POST", p("/admin/reconcile"), None, Admin, 200),
+        // The Saga Explorer's page.
+        (Order, "GET", p("/explorer"), None, Anonymous, 200),
+        (Order, "GET", p("/explorer/app.js"), None, Anonymous, 200),
+        (Order, "GET", p("/explorer/style.css"), None, Anonymous, 200),
+        (
+            Order,
+            "GET",
+            p("/explorer/favicon.svg"),
+            None,
+            Anonymous,
+            200,
+        ),
+        (Order, "GET", p("/explorer/"), None, Anonymous, 308),
+    ];
     for svc in [Payment, Inventory, Notification] {
-        assert_eq!(
-            c.call(svc, "GET", &format!("/sagas/{order_id}/steps"), None, Api)
-                .await
-                .0,
-            200
-        );
-        let ids = json!({"order_ids": [order_id, pending_id]});
-        assert_eq!(
-            c.call(svc, "POST", "/sagas/steps", Some(ids), Api).await.0,
-            200
-        );
-        assert_eq!(
-            c.call(
+        calls.extend([
+            (
+                svc,
+                "GET",
+                format!("/sagas/{order_id}/steps"),
+                None,
+                Api,
+                200,
+            ),
+            (svc, "POST", p("/sagas/steps"), Some(ids.clone()), Api, 200),
+            (
                 svc,
                 "POST",
-                "/sagas/steps",
+                p("/sagas/steps"),
                 Some(json!({"order_ids": "x"})),
-                Api
-            )
-            .await
-            .0,
-            400
-        );
+                Api,
+                400,
+            ),
+        ]);
     }
-
     // What every service has.
     for svc in Svc::ALL {
-        assert_eq!(c.call(svc, "GET", "/health", None, Anonymous).await.0, 200);
-        assert_eq!(c.call(svc, "GET", "/metrics", None, Anonymous).await.0, 200);
+        calls.extend([
+            (svc, "GET", p("/health"), None, Anonymous, 200),
+            (svc, "GET", p("/metrics"), None, Anonymous, 200),
+            (svc, "GET", p("/admin/escalations"), None, Admin, 200),
+            (
+                svc,
+                "GET",
+                p("/admin/escalations?status=nope"),
+                None,
+                Admin,
+                400,
+            ),
+            (
+                svc,
+                "POST",
+                format!("/admin/escalations/{unknown}/retry"),
+                None,
+                Admin,
+                404,
+            ),
+        ]);
+    }
+    c.expect_all(calls).await;
+    for svc in Svc::ALL {
         let (status, served) = c.call(svc, "GET", "/openapi.json", None, Anonymous).await;
         assert_eq!(status, 200);
         assert_eq!(
             served.unwrap(),
             serde_json::to_value(document(svc)).unwrap()
         );
-        assert_eq!(
-            c.call(svc, "GET", "/admin/escalations", None, Admin)
-                .await
-                .0,
-            200
-        );
-        assert_eq!(
-            c.call(svc, "GET", "/admin/escalations?status=nope", None, Admin)
-                .await
-                .0,
-            400
-        );
-        let retry = format!("/admin/escalations/{}/retry", Uuid::new_v4());
-        assert_eq!(c.call(svc, "POST", &retry, None, Admin).await.0, 404);
     }
-
-    // The Saga Explorer's page.
-    for path in [
-        "/explorer",
-        "/explorer/app.js",
-        "/explorer/style.css",
-        "/explorer/favicon.svg",
-    ] {
-        assert_eq!(
-            c.call(Order, "GET", path, None, Anonymous).await.0,
-            200,
-            "{path}"
-        );
-    }
-    assert_eq!(
-        c.call(Order, "GET", "/explorer/", None, Anonymous).await.0,
-        308
-    );
 
     // Every documented operation was called.
     let mut missing = Vec::new();
@@ -670,15 +522,9 @@ async fn every_operation_answers_in_contract() {
         let doc = serde_json::to_value(document(svc)).unwrap();
         for (tpl, item) in doc["paths"].as_object().unwrap() {
             for method in item.as_object().unwrap().keys() {
-                if !c
-                    .called
-                    .contains(&(svc.identity().name, tpl.clone(), method.clone()))
-                {
-                    missing.push(format!(
-                        "{} {} {tpl}",
-                        svc.identity().name,
-                        method.to_uppercase()
-                    ));
+                let name = svc.identity().name;
+                if !c.called.contains(&(name, tpl.clone(), method.clone())) {
+                    missing.push(format!("{name} {} {tpl}", method.to_uppercase()));
                 }
             }
         }
