@@ -291,12 +291,23 @@ pub struct Health {
     pub mode: String,
 }
 
+/// What `GET /health` answers with 503: its own verdict, or the in-flight
+/// bound's refusal (which answers every endpoint alike).
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only a schema: the answers are built as either type
+enum HealthOr503 {
+    Health(Health),
+    Error(ErrorBody),
+}
+
 /// `GET /health`: readiness — the broker connected and the database
 /// reachable.
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Not ready: the broker or the database is down", body = Health),
+        (status = 503, description = "Not ready: the broker or the database is down (a Health \
+            body); or too many requests in flight (an error body)", body = HealthOr503),
     ))]
 async fn health(State(s): State<OpsState>) -> Response {
     let broker = s.broker.is_connected();

@@ -550,6 +550,10 @@ fn the_checker_catches_answers_out_of_contract() {
     let health = json!({"service": "order-svc", "status": "ok", "broker": "up",
                         "database": "sideways", "auth": "enabled", "mode": "production"});
     assert!(check(Svc::Order, "GET", "/health", 200, Some(&health)).is_err());
+    // The in-flight bound refuses /health like any endpoint.
+    let shed = json!({"error": "too many requests in flight, retry later"});
+    check(Svc::Order, "GET", "/health", 503, Some(&shed)).unwrap();
+    assert!(check(Svc::Order, "GET", "/health", 200, Some(&shed)).is_err());
 }
 
 #[test]
