@@ -64,6 +64,7 @@ impl UnitOfWork {
             outbox::enqueue(&mut self.tx, &self.outgoing).await?;
         }
         self.tx.commit().await?;
+        crate::store::statistics::count_commit();
         crate::failpoints::crash_if_set("outbox::after_commit");
         for f in self.on_commit {
             f();

@@ -52,7 +52,7 @@ use crate::messaging::trust::ProducerTrust;
 use crate::runtime::auth::HttpAuth;
 use crate::runtime::config::{CommonConfig, redact_url};
 use crate::runtime::{auth, http, openapi, telemetry, traces};
-use crate::store::{gauges, pool as db, retention};
+use crate::store::{gauges, pool as db, retention, statistics};
 
 /// A task that runs until its token is cancelled.
 pub type BackgroundTask = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
@@ -163,6 +163,7 @@ impl ServiceRuntime {
         infra.spawn(self.broker.clone().supervise(infra_stop.clone()));
         infra.spawn(telemetry::run_upkeep(infra_stop.clone()));
         infra.spawn(gauges::run(name, self.pool.clone(), infra_stop.clone()));
+        infra.spawn(statistics::run(name, self.pool.clone(), infra_stop.clone()));
         infra.spawn(retention::run_cleaner(
             name,
             self.pool.clone(),

@@ -6,3 +6,4 @@
 pub mod gauges;
 pub mod pool;
 pub mod retention;
+pub mod statistics;

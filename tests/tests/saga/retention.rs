@@ -107,3 +107,83 @@ async fn a_replay_older_than_the_retention_window_is_parked_not_applied() {
     );
     sys.shutdown().await;
 }
+
+/// The plan a service's connection uses for a lookup by a batch's keys:
+/// the statement prepared once and planned once (a generic plan), then
+/// reused until the statistics of its table change.
+async fn plan_of_lookup(conn: &mut sqlx::PgConnection) -> String {
+    let keys = format!("{{{},{}}}", Uuid::now_v7(), Uuid::now_v7());
+    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "explain execute lookup('{keys}')"
+    )))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    rows.join("\n")
+}
+
+async fn insert_payments(pool: &sqlx::PgPool, n: i32) {
+    sqlx::query(
+        r#"
+        insert into payments (order_id, customer_id, amount_cents, currency, status)
+        select gen_random_uuid(), 'c' || i, 100, 'USD', 'charged' from generate_series(1, $1) i
+        "#,
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lookup_planned_on_a_small_table_is_replanned_by_index_once_it_grew() {
+    let sys = TestSystem::spawn().await;
+    // Connected as the service connects: generic plans, in-memory costs.
+    let pool = common::store::pool::connect_and_migrate(
+        &sys.database_url(Svc::Payment),
+        2,
+        &payment_svc::MIGRATOR,
+    )
+    .await
+    .unwrap();
+    insert_payments(&pool, 5).await;
+    sqlx::raw_sql("analyze payments")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("prepare lookup(uuid[]) as select * from payments where order_id = any($1)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    // Right for five rows, and cached: without a new analysis it stays
+    // the plan however large the table grows.
+    let small = plan_of_lookup(&mut conn).await;
+    assert!(small.contains("Seq Scan on payments"), "{small}");
+
+    insert_payments(&pool, 5000).await;
+    // The table's counts reach the statistics within seconds (each backend
+    // reports them at most once a second, idle ones after up to 10 s). The
+    // services' own task may analyze it first (it runs while any test
+    // system in this process commits work); either way, once analyzed the
+    // table is no longer due.
+    eventually(Duration::from_secs(20), "payments analyzed", || async {
+        common::store::statistics::analyze_due(&pool).await.unwrap();
+        let believed: f32 =
+            sqlx::query_scalar("select reltuples from pg_class where relname = 'payments'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (believed >= 4000.0).then_some(())
+    })
+    .await;
+    let again = common::store::statistics::analyze_due(&pool).await.unwrap();
+    assert!(!again.iter().any(|t| t == "public.payments"), "{again:?}");
+
+    let grown = plan_of_lookup(&mut conn).await;
+    assert!(grown.contains("payments_pkey"), "{grown}");
+    assert!(!grown.contains("Seq Scan"), "{grown}");
+    drop(conn);
+    pool.close().await;
+    sys.shutdown().await;
+}
