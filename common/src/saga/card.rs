@@ -1,23 +1,25 @@
 //! Card data hand-off: order-svc seals the card for payment-svc, and only
 //! payment-svc can open it.
 //!
-//! A sealed box (X25519 + XSalsa20-Poly1305, libsodium's `crypto_box_seal`)
-//! encrypts to payment-svc's *public* key: order-svc holds only that public
-//! key, so even order-svc cannot read a card back out of its own outbox. The
-//! clear fields of a [`SealedCard`] (`brand`, `last4`) are the ones PCI DSS
-//! allows to be shown.
+//! A box (X25519 + XSalsa20-Poly1305, libsodium's) encrypts to payment-svc's
+//! *public* key: order-svc holds only that public key, so it cannot read a
+//! card back out of its own outbox (beyond the session described below).
+//! The clear fields of a [`SealedCard`] (`brand`, `last4`) are the ones PCI
+//! DSS allows to be shown.
 //!
-//! Sealing a card costs two X25519 operations and opening it one, which
-//! was a third of the four services' CPU per saga. So order-svc seals with
+//! A sealed box (`crypto_box_seal`, a fresh key pair per card) costs two
+//! X25519 operations to seal and one to open, which was a third of the four
+//! services' CPU per saga. So order-svc seals with
 //! a *session* key pair of its own, renewed every [`SESSION_LIFETIME`]: the
 //! X25519 agreement with payment-svc's key is made once per session
 //! (`crypto_box_beforenm`), each card gets a random 24-byte nonce, and the
 //! box carries the session's public key, from which payment-svc derives the
-//! same key (once per session, cached). Confidentiality is the same as the
-//! sealed box's — only payment-svc's secret key opens it — and order-svc
-//! holding its session key for a minute reveals nothing it does not already
-//! see (the card arrives at order-svc in clear). Boxes made the old way
-//! ([`SealScheme::SealedBox`]) still open.
+//! same key (once per session, cached). What travels and what is stored
+//! opens with payment-svc's secret key, as a sealed box does, or with the
+//! session's key — which order-svc holds in memory only, until it renews it
+//! at its first card after the minute (or stops), and which reveals
+//! nothing it does not already see: the card arrives at order-svc in clear.
+//! Boxes made the old way ([`SealScheme::SealedBox`]) still open.
 //!
 //! The box is bound to its order: what is sealed is the card *with* the
 //! order id and amount ([`CardBinding`]), and payment-svc opens it only for
@@ -105,8 +107,9 @@ pub struct SealedCard {
     #[schemars(
         description = "Opaque: standard base64 of a box (X25519 + XSalsa20-Poly1305, made \
                        as `scheme` says) to payment-svc's public key, bound to this order's \
-                       id and amount. Nobody but payment-svc can open it; consumers must not \
-                       interpret it.",
+                       id and amount. Only payment-svc can open it (and order-svc, while it \
+                       holds the session key it made it with); consumers must not interpret \
+                       it.",
         pattern(r"^[A-Za-z0-9+/]+={0,2}$"),
         extend("contentEncoding" = "base64", "contentMediaType" = "application/octet-stream")
     )]
@@ -257,8 +260,9 @@ impl Session {
 pub struct CardOpener {
     key_id: String,
     secret: SecretKey,
-    /// The boxes agreed with order-svc's session keys seen lately.
-    sessions: Arc<Mutex<HashMap<[u8; KEY_LEN], SalsaBox>>>,
+    /// The boxes agreed with order-svc's session keys lately seen to open
+    /// a card.
+    sessions: Arc<Mutex<HashMap<[u8; KEY_LEN], Arc<SalsaBox>>>>,
 }
 
 impl CardOpener {
@@ -328,15 +332,26 @@ impl CardOpener {
         let (session, rest) = bytes.split_at(KEY_LEN);
         let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
         let session: [u8; KEY_LEN] = session.try_into().ok()?;
+        let nonce = Nonce::from_slice(nonce);
+        let cached = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&session)
+            .cloned();
+        if let Some(cipher) = cached {
+            return cipher.decrypt(nonce, ciphertext).ok();
+        }
+        // A key agreement, kept only once it has opened a card: boxes that
+        // open nothing cannot crowd out the sessions in use.
+        let cipher = SalsaBox::new(&PublicKey::from(session), &self.secret);
+        let plain = cipher.decrypt(nonce, ciphertext).ok()?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if !sessions.contains_key(&session) && sessions.len() >= SESSIONS_CACHED {
+        if sessions.len() >= SESSIONS_CACHED {
             sessions.clear();
         }
-        sessions
-            .entry(session)
-            .or_insert_with(|| SalsaBox::new(&PublicKey::from(session), &self.secret))
-            .decrypt(Nonce::from_slice(nonce), ciphertext)
-            .ok()
+        sessions.insert(session, Arc::new(cipher));
+        Some(plain)
     }
 }
 

@@ -70,17 +70,6 @@ pub async fn connect_and_migrate(
 ) -> Result<PgPool, DbError> {
     // Bounded waits: a lock held by a stuck transaction, or a runaway
     // statement, fails (and is retried) instead of hanging a handler.
-    //
-    // Plans: every statement is prepared once per connection and planned
-    // once (a generic plan), instead of again at each execution for the
-    // arrays a batch binds — planning took a fifth of the hot path's
-    // statement time. A generic plan cannot see how many keys an array holds (it
-    // assumes ten), so random reads are priced as what they are on a
-    // database that fits in memory, not as disk seeks: the hot path's key
-    // lookups then stay index scans (at the default, 1,000-row tables such
-    // as the catalogue and the stock were scanned whole for two keys). A
-    // plan is made again when the statistics of its tables change, which
-    // `statistics` keeps fresh where autovacuum does not.
     let hosts: Vec<PgConnectOptions> = host_urls(url)
         .iter()
         .map(|u| {
@@ -89,8 +78,6 @@ pub async fn connect_and_migrate(
                     ("lock_timeout", "5s"),
                     ("statement_timeout", "30s"),
                     ("idle_in_transaction_session_timeout", "60s"),
-                    ("plan_cache_mode", "force_generic_plan"),
-                    ("random_page_cost", "1.1"),
                 ])
             })
         })

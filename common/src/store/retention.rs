@@ -135,7 +135,7 @@ pub async fn run_cleaner(
 
 /// True if the server runs no autovacuum (then the services vacuum their
 /// own databases).
-pub(crate) async fn autovacuum_is_off(pool: &PgPool) -> bool {
+async fn autovacuum_is_off(pool: &PgPool) -> bool {
     let setting: Result<String, _> = sqlx::query_scalar("select current_setting('autovacuum')")
         .fetch_one(pool)
         .await;

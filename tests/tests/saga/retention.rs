@@ -108,17 +108,22 @@ async fn a_replay_older_than_the_retention_window_is_parked_not_applied() {
     sys.shutdown().await;
 }
 
-/// The plan a service's connection uses for a lookup by a batch's keys:
+/// The plan a service's unit of work uses for a lookup by a batch's keys:
 /// the statement prepared once and planned once (a generic plan), then
 /// reused until the statistics of its table change.
-async fn plan_of_lookup(conn: &mut sqlx::PgConnection) -> String {
+async fn plan_of_lookup(pool: &sqlx::PgPool) -> String {
     let keys = format!("{{{},{}}}", Uuid::now_v7(), Uuid::now_v7());
+    let mut tx = pool
+        .begin_with(common::messaging::unit_of_work::BEGIN)
+        .await
+        .unwrap();
     let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "explain execute lookup('{keys}')"
     )))
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await
     .unwrap();
+    tx.rollback().await.unwrap();
     rows.join("\n")
 }
 
@@ -138,10 +143,11 @@ async fn insert_payments(pool: &sqlx::PgPool, n: i32) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lookup_planned_on_a_small_table_is_replanned_by_index_once_it_grew() {
     let sys = TestSystem::spawn().await;
-    // Connected as the service connects: generic plans, in-memory costs.
+    // Connected as the service connects, with one connection: the
+    // prepared statement lives on it.
     let pool = common::store::pool::connect_and_migrate(
         &sys.database_url(Svc::Payment),
-        2,
+        1,
         &payment_svc::MIGRATOR,
     )
     .await
@@ -151,14 +157,13 @@ async fn a_lookup_planned_on_a_small_table_is_replanned_by_index_once_it_grew() 
         .execute(&pool)
         .await
         .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
     sqlx::raw_sql("prepare lookup(uuid[]) as select * from payments where order_id = any($1)")
-        .execute(&mut *conn)
+        .execute(&pool)
         .await
         .unwrap();
     // Right for five rows, and cached: without a new analysis it stays
     // the plan however large the table grows.
-    let small = plan_of_lookup(&mut conn).await;
+    let small = plan_of_lookup(&pool).await;
     assert!(small.contains("Seq Scan on payments"), "{small}");
 
     insert_payments(&pool, 5000).await;
@@ -180,10 +185,9 @@ async fn a_lookup_planned_on_a_small_table_is_replanned_by_index_once_it_grew() 
     let again = common::store::statistics::analyze_due(&pool).await.unwrap();
     assert!(!again.iter().any(|t| t == "public.payments"), "{again:?}");
 
-    let grown = plan_of_lookup(&mut conn).await;
+    let grown = plan_of_lookup(&pool).await;
     assert!(grown.contains("payments_pkey"), "{grown}");
     assert!(!grown.contains("Seq Scan"), "{grown}");
-    drop(conn);
     pool.close().await;
     sys.shutdown().await;
 }
