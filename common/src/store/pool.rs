@@ -111,6 +111,20 @@ pub async fn connect_and_migrate(
     Ok(pool)
 }
 
+/// A transaction holding the advisory lock `key` until it ends, or `None`
+/// if another session holds it: one replica at a time does the job.
+pub async fn try_begin_exclusive(
+    pool: &PgPool,
+    key: i64,
+) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(locked.then_some(tx))
+}
+
 /// `DATABASE_URL` with libpq's multi-host form (`postgres://u@h1:5432,h2:5432/db?…`)
 /// as one URL per host (`target_session_attrs`, which the driver does not
 /// know, dropped: a writable host is what is always looked for).

@@ -76,14 +76,9 @@ pub async fn clean_once(
     let secs = retention.as_secs_f64();
     let (mut outbox, mut inbox) = (0, 0);
     loop {
-        let mut tx = pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-            .bind(LOCK_KEY)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
+        let Some(mut tx) = super::pool::try_begin_exclusive(pool, LOCK_KEY).await? else {
             return Ok(None);
-        }
+        };
         let o = delete_batch(&mut tx, DELETE_OLD_OUTBOX, secs).await?;
         let i = delete_batch(&mut tx, DELETE_OLD_INBOX, secs + MARGIN.as_secs_f64()).await?;
         tx.commit().await?;

@@ -98,14 +98,9 @@ pub async fn analyze_due(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     if due.is_empty() {
         return Ok(due);
     }
-    let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-        .bind(LOCK_KEY)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
+    let Some(mut tx) = super::pool::try_begin_exclusive(pool, LOCK_KEY).await? else {
         return Ok(Vec::new());
-    }
+    };
     // Names quoted by format('%I') above, from the catalogue.
     let sql = format!("analyze (skip_locked) {}", due.join(", "));
     sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *tx).await?;
