@@ -11,6 +11,9 @@
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+use crate::messaging::outbox::{self, OutboxMessage};
+use crate::messaging::publisher::Publisher;
+
 /// How a unit of work begins (one round trip, like a plain `BEGIN`): its
 /// statements are planned once per connection (a generic plan) instead of
 /// again at each execution for the arrays each batch binds — planning took
@@ -23,9 +26,6 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 /// other queries (searches with optional filters) keep PostgreSQL's choice.
 pub const BEGIN: &str =
     "begin; set local plan_cache_mode = force_generic_plan; set local random_page_cost = 1.1";
-
-use crate::messaging::outbox::{self, OutboxMessage};
-use crate::messaging::publisher::Publisher;
 
 type Callback = Box<dyn FnOnce() + Send>;
 

@@ -55,7 +55,7 @@ const DUE_FOR_ANALYZE: &str = r#"
 /// the server's autovacuum is off (returns once it has read that it is on).
 pub async fn run(service: &'static str, pool: PgPool, cancel: CancellationToken) {
     let mut seen = COMMITS.load(Ordering::Relaxed);
-    let mut autovacuum_off = None;
+    let mut autovacuum_checked = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -66,7 +66,7 @@ pub async fn run(service: &'static str, pool: PgPool, cancel: CancellationToken)
             continue;
         }
         seen = now;
-        if autovacuum_off.is_none() {
+        if !autovacuum_checked {
             match sqlx::query_scalar::<_, String>("select current_setting('autovacuum')")
                 .fetch_one(&pool)
                 .await
@@ -76,7 +76,7 @@ pub async fn run(service: &'static str, pool: PgPool, cancel: CancellationToken)
                         service,
                         "autovacuum is off: the service analyzes its own tables as they grow"
                     );
-                    autovacuum_off = Some(true);
+                    autovacuum_checked = true;
                 }
                 Ok(_) => return,
                 Err(error) => {
