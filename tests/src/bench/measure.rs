@@ -1,7 +1,7 @@
 //! What a run costs, measured rather than estimated: CPU by component (from
-//! `/proc`), each service's peak resident memory, PostgreSQL commits
-//! (`pg_stat_database.xact_commit`) and RabbitMQ messages (the management
-//! API's counters for the vhost).
+//! `/proc`), each service's peak resident memory, PostgreSQL write
+//! transactions (transaction ids the server assigned) and RabbitMQ messages
+//! (the management API's counters for the vhost).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -103,10 +103,10 @@ pub fn cpu_per_saga(
     by
 }
 
-/// Peak resident memory (`VmHWM`) of each service, in MiB (the largest
-/// replica's).
-pub fn peak_rss_mib(target: &Target) -> BTreeMap<&'static str, f64> {
-    let procs: Vec<(u32, &'static str)> = match &target.pids {
+/// The services' processes: the ones the benchmark started, or those
+/// found running.
+fn service_pids(target: &Target) -> Vec<(u32, &'static str)> {
+    match &target.pids {
         Some(p) => p.clone(),
         None => pids()
             .into_iter()
@@ -115,9 +115,26 @@ pub fn peak_rss_mib(target: &Target) -> BTreeMap<&'static str, f64> {
                 Some((pid, service_of(pid, &comm)?))
             })
             .collect(),
-    };
+    }
+}
+
+/// Starts each service's peak resident memory afresh (writing `5` to
+/// `/proc/<pid>/clear_refs`), so that [`peak_rss_mib`] tells the peak of
+/// the run that follows rather than of the process's whole life (a
+/// `--find-knee` search overloads the system before its run at half the
+/// knee). Where that is not allowed (another user's process), the peak
+/// stays the lifetime one.
+pub fn reset_peak_rss(target: &Target) {
+    for (pid, _) in service_pids(target) {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
+}
+
+/// Peak resident memory (`VmHWM`) of each service, in MiB (the largest
+/// replica's), since the process started or [`reset_peak_rss`].
+pub fn peak_rss_mib(target: &Target) -> BTreeMap<&'static str, f64> {
     let mut out: BTreeMap<&'static str, f64> = BTreeMap::new();
-    for (pid, svc) in procs {
+    for (pid, svc) in service_pids(target) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let kib: f64 = status
             .lines()
@@ -130,22 +147,29 @@ pub fn peak_rss_mib(target: &Target) -> BTreeMap<&'static str, f64> {
     out
 }
 
-/// Transactions committed so far in the system's databases, if PostgreSQL
-/// can be reached. Read once the run has settled: backends report their
-/// counts within a second or so.
+/// Write transactions started so far on the server: the next transaction
+/// id it will assign. Only a transaction that writes gets one, and each such
+/// commit waits for its WAL flush — the cost the figure is for; the
+/// read-only ones (the checks' queries, a GET) flush nothing and are not
+/// counted. Read from the server's transaction counter rather than from
+/// `pg_stat_database.xact_commit`, whose per-backend counts reach the
+/// statistics late (up to a minute when many backends flush at once: a run
+/// after a busy check phase took in tens of thousands of earlier
+/// commits). The counter is the whole server's: on a shared server, other
+/// tenants' writes during the run count too.
 pub async fn pg_commits(target: &Target) -> Option<i64> {
-    let (url, dbs) = &target.pg;
-    let mut conn = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url))
-        .await
-        .ok()?
-        .ok()?;
-    let n: Option<i64> = sqlx::query_scalar(
-        "select sum(xact_commit)::bigint from pg_stat_database where datname = any($1)",
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::PgConnection::connect(&target.pg),
     )
-    .bind(dbs)
-    .fetch_one(&mut conn)
     .await
+    .ok()?
     .ok()?;
+    let n: Option<i64> =
+        sqlx::query_scalar("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut conn)
+            .await
+            .ok();
     let _ = conn.close().await;
     n
 }
@@ -178,4 +202,41 @@ pub async fn rabbit_messages(http: &reqwest::Client, target: &Target) -> Option<
         stats["publish"].as_f64().unwrap_or(0.0),
         stats["deliver_get"].as_f64().unwrap_or(0.0),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This test process, as if it were one of the system's services.
+    fn this_process() -> Target {
+        Target {
+            order_urls: Vec::new(),
+            payment_url: String::new(),
+            inventory_url: String::new(),
+            notification_url: String::new(),
+            amqp_url: String::new(),
+            mgmt: Default::default(),
+            pg: String::new(),
+            pids: Some(vec![(std::process::id(), "order-svc")]),
+        }
+    }
+
+    #[test]
+    fn a_peak_started_afresh_forgets_what_came_before() {
+        let target = this_process();
+        // 96 MiB written (so resident), then given back to the system.
+        let block = vec![1u8; 96 << 20];
+        std::hint::black_box(&block);
+        drop(block);
+        let lifetime = peak_rss_mib(&target)["order-svc"];
+        assert!(lifetime >= 96.0, "peak {lifetime} MiB");
+
+        reset_peak_rss(&target);
+        let fresh = peak_rss_mib(&target)["order-svc"];
+        assert!(
+            fresh < lifetime - 64.0,
+            "peak {fresh} MiB after the reset, {lifetime} MiB before"
+        );
+    }
 }

@@ -173,6 +173,7 @@ impl Bench {
             (None, None)
         };
         let cpu0 = measure::cpu();
+        measure::reset_peak_rss(&self.target);
         let bar = progress(n as u64, label);
         let started = Instant::now();
         let measured_samples =

@@ -13,8 +13,7 @@
 //! | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` |
 //! | `RABBITMQ_MGMT_URL` | `http://127.0.0.1:15672` (user and password from `AMQP_URL`) |
 //! | `ADMIN_TOKEN` | unset; when the system requires tokens, sent with every request |
-//! | `BENCH_PG_URL` | `postgres://postgres@127.0.0.1:5432/postgres` |
-//! | `BENCH_DATABASES` | `orders,payments,inventory,notifications` |
+//! | `BENCH_PG_URL` | `postgres://postgres@127.0.0.1:5432/postgres` (the system's PostgreSQL server) |
 
 use common::runtime::config::DEFAULT_AMQP_URL;
 
@@ -31,9 +30,9 @@ pub struct Target {
     pub amqp_url: String,
     /// Management API base URL, user, password and vhost.
     pub mgmt: (String, String, String, String),
-    /// A PostgreSQL URL to read `pg_stat_database` through, and the
-    /// system's databases.
-    pub pg: (String, Vec<String>),
+    /// A PostgreSQL URL of the system's server, to read its transaction
+    /// counter through.
+    pub pg: String,
     /// The services' processes (pid, service), if the benchmark started them.
     pub pids: Option<Vec<(u32, &'static str)>>,
 }
@@ -117,15 +116,9 @@ impl Target {
                 pass,
                 vhost,
             ),
-            pg: (
-                env_or(
-                    "BENCH_PG_URL",
-                    "postgres://postgres@127.0.0.1:5432/postgres",
-                ),
-                env_or("BENCH_DATABASES", "orders,payments,inventory,notifications")
-                    .split(',')
-                    .map(|d| d.trim().to_owned())
-                    .collect(),
+            pg: env_or(
+                "BENCH_PG_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
             ),
             amqp_url,
             pids: None,
@@ -143,15 +136,9 @@ impl Target {
             notification_url: base(Svc::Notification),
             amqp_url: sys.amqp_url.clone(),
             mgmt: (crate::broker_mgmt_url(), user, pass, sys.prefix.clone()),
-            pg: (
-                format!(
-                    "{}/postgres",
-                    env_or("TEST_PG_BASE", "postgres://postgres@127.0.0.1:5432")
-                ),
-                Svc::ALL
-                    .iter()
-                    .map(|s| format!("{}_{}", sys.prefix, s.identity().database))
-                    .collect(),
+            pg: format!(
+                "{}/postgres",
+                env_or("TEST_PG_BASE", "postgres://postgres@127.0.0.1:5432")
             ),
             pids: Some(
                 sys.replicas
