@@ -443,3 +443,151 @@ pub async fn track_metrics(
         .record(started.elapsed().as_secs_f64());
     response
 }
+
+/// Plain-text error bodies longer than this are not carried over into the
+/// JSON one (the status's reason is used instead).
+const MAX_ERROR_TEXT_BYTES: usize = 4096;
+
+/// Middleware: every error answer is JSON `{"error": "..."}`, as the API
+/// documents — also those that are produced outside the handlers as plain
+/// text or with no body at all: a path or body that axum's extractors
+/// refuse, the body limit, the timeout, a panic, an unknown route or
+/// method. Their text becomes the message (without one, the status's
+/// reason). Answers with another media type (an HTML page) stay as they are.
+pub async fn errors_as_json(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or_default().trim_start())
+        .is_none_or(|v| {
+            v.get(..10)
+                .is_some_and(|t| t.eq_ignore_ascii_case("text/plain"))
+        });
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&ErrorBody::new(message)).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::routing::get;
+    use serde_json::{Value, json};
+    use tower_http::catch_panic::CatchPanicLayer;
+
+    use super::*;
+
+    /// Serves `router` behind the layers every service has, on a free port.
+    async fn serve(router: Router) -> String {
+        let router = router
+            .layer(CatchPanicLayer::new())
+            .layer(axum::middleware::from_fn(errors_as_json));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        base
+    }
+
+    async fn answer(request: reqwest::RequestBuilder) -> (u16, String, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let media = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = response.text().await.unwrap();
+        (
+            status,
+            media,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+
+    #[tokio::test]
+    async fn errors_made_outside_the_handlers_are_json_too() {
+        async fn item(Path(id): Path<String>) -> String {
+            id
+        }
+        async fn panics() -> &'static str {
+            panic!("a bug")
+        }
+        async fn conflict() -> ApiError {
+            ApiError::Conflict("taken".into())
+        }
+        async fn page() -> Response {
+            (
+                StatusCode::NOT_FOUND,
+                [("content-type", "text/html")],
+                "<h1>no such saga</h1>",
+            )
+                .into_response()
+        }
+        let base = serve(
+            Router::new()
+                .route("/items/{id}", get(item))
+                .route("/panic", get(panics))
+                .route("/conflict", get(conflict))
+                .route("/page", get(page)),
+        )
+        .await;
+        let http = reqwest::Client::new();
+        let json = "application/json".to_owned();
+
+        // A path segment that is not UTF-8: axum's own plain-text refusal.
+        let (status, media, body) = answer(http.get(format!("{base}/items/%FF"))).await;
+        assert_eq!((status, &media), (400, &json));
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+        // A panic: 500, and nothing of the panic's message.
+        assert_eq!(
+            answer(http.get(format!("{base}/panic"))).await,
+            (500, json.clone(), json!({"error": "Service panicked"}))
+        );
+        // No such route, no such method: no body at all before.
+        assert_eq!(
+            answer(http.get(format!("{base}/nowhere"))).await,
+            (404, json.clone(), json!({"error": "not found"}))
+        );
+        assert_eq!(
+            answer(http.delete(format!("{base}/items/a"))).await,
+            (405, json.clone(), json!({"error": "method not allowed"}))
+        );
+        // JSON errors and other media types pass as they are; so do successes.
+        assert_eq!(
+            answer(http.get(format!("{base}/conflict"))).await,
+            (409, json.clone(), json!({"error": "taken"}))
+        );
+        assert_eq!(
+            answer(http.get(format!("{base}/page"))).await,
+            (
+                404,
+                "text/html".to_owned(),
+                Value::String("<h1>no such saga</h1>".into())
+            )
+        );
+        let (status, _, body) = answer(http.get(format!("{base}/items/a%20b"))).await;
+        assert_eq!((status, body), (200, Value::String("a b".into())));
+    }
+}

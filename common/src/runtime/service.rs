@@ -256,6 +256,7 @@ impl ServiceRuntime {
                 http::track_metrics,
             ))
             .layer(CatchPanicLayer::new())
+            .layer(axum::middleware::from_fn(http::errors_as_json))
             // 503s are expected while a dependency is down (readiness):
             // warnings, not errors.
             .layer(

@@ -71,7 +71,7 @@ async fn bad_input_gets_a_clear_4xx_and_creates_nothing() {
     let mut huge = order_dict("input", &[("productA", 1)]);
     huge["customer_id"] = json!("x".repeat(100 * 1024));
     let huge = serde_json::to_vec(&huge).unwrap();
-    let (status, _) = send(
+    let (status, body) = send(
         &sys,
         post.clone(),
         Svc::Order,
@@ -81,6 +81,11 @@ async fn bad_input_gets_a_clear_4xx_and_creates_nothing() {
     )
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    // Refused by the framework, not a handler: still the API's JSON error.
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
 
     // Invalid orders: unknown fields, invisible characters in ids.
     let mut typo = order_dict("input", &[("productA", 1)]);
@@ -117,6 +122,19 @@ async fn bad_input_gets_a_clear_4xx_and_creates_nothing() {
     }
     let (status, _) = put(&sys, Svc::Inventory, "/items/a%00", json!({"available": 1})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Not UTF-8 at all: refused before the handler, as JSON too.
+    let (status, body) = put(
+        &sys,
+        Svc::Payment,
+        "/accounts/%FF",
+        json!({"balance_cents": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
     let (status, _) = put(
         &sys,
         Svc::Order,
