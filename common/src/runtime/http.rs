@@ -380,12 +380,7 @@ pub async fn require_json(req: Request, next: Next) -> Response {
             || req
                 .headers()
                 .contains_key(axum::http::header::TRANSFER_ENCODING));
-    let is_json = req
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    let is_json = media_type(req.headers()).is_some_and(|m| m.eq_ignore_ascii_case(JSON));
     if has_body && !is_json {
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -444,6 +439,18 @@ pub async fn track_metrics(
     response
 }
 
+const JSON: &str = "application/json";
+
+/// The media type of `Content-Type` without its parameters
+/// (`text/plain; charset=utf-8` → `text/plain`).
+fn media_type(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?;
+    value.split(';').next().map(str::trim)
+}
+
 /// Plain-text error bodies longer than this are not carried over into the
 /// JSON one (the status's reason is used instead).
 const MAX_ERROR_TEXT_BYTES: usize = 4096;
@@ -457,14 +464,10 @@ const MAX_ERROR_TEXT_BYTES: usize = 4096;
 pub async fn errors_as_json(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     let status = response.status();
-    let plain = response
+    let plain = !response
         .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or_default().trim_start())
-        .is_none_or(|v| {
-            v.get(..10)
-                .is_some_and(|t| t.eq_ignore_ascii_case("text/plain"))
-        });
+        .contains_key(axum::http::header::CONTENT_TYPE)
+        || media_type(response.headers()).is_some_and(|m| m.eq_ignore_ascii_case("text/plain"));
     if !(status.is_client_error() || status.is_server_error()) || !plain {
         return response;
     }
@@ -481,7 +484,7 @@ pub async fn errors_as_json(req: Request, next: Next) -> Response {
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts.headers.insert(
         axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/json"),
+        axum::http::HeaderValue::from_static(JSON),
     );
     let body = serde_json::to_vec(&ErrorBody::new(message)).unwrap_or_default();
     Response::from_parts(parts, axum::body::Body::from(body))
