@@ -330,7 +330,7 @@ impl<H: MessageHandler> Consumer<H> {
                     _ => break,
                 }
             }
-            if let Err(error) = self.process(batch, &republisher).await {
+            if let Err(error) = self.process(batch, &channel, &republisher).await {
                 break Err(error);
             }
             if let Some(error) = stream_error {
@@ -346,6 +346,7 @@ impl<H: MessageHandler> Consumer<H> {
     async fn process(
         &self,
         mut deliveries: Vec<Delivery>,
+        channel: &Channel,
         republisher: &Channel,
     ) -> Result<(), lapin::Error> {
         let max_attempts = self.settings.max_attempts;
@@ -377,7 +378,7 @@ impl<H: MessageHandler> Consumer<H> {
                 .record(took);
             }
 
-            let settle = self.settle(&deliveries, &messages, verdicts, republisher);
+            let settle = self.settle(&deliveries, &messages, verdicts, channel, republisher);
             match tokio::time::timeout(SETUP_TIMEOUT, settle).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(error),
@@ -636,6 +637,7 @@ impl<H: MessageHandler> Consumer<H> {
         deliveries: &[Delivery],
         messages: &[Incoming],
         verdicts: Vec<Verdict>,
+        channel: &Channel,
         republisher: &Channel,
     ) -> Result<(), lapin::Error> {
         let mut resolved = Vec::new();
@@ -682,18 +684,24 @@ impl<H: MessageHandler> Consumer<H> {
             crate::failpoints::crash("consumer::before_ack");
         }
         if let Some(last) = deliveries.last() {
-            let acked = last
-                .acker
-                .ack(BasicAckOptions { multiple: true })
-                .await
-                .map(|_| ());
+            // On the consuming channel itself, not through the delivery's
+            // `Acker`, which hands the ack to lapin's internal RPC task that
+            // then sends it on this channel: a task hop and a wake-up of
+            // lapin's I/O thread saved per batch (4 % of the services'
+            // context switches and CPU at 272 sagas/s, docs/benchmarks.md).
+            let acked = channel
+                .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                .await;
             if let Err(error) = acked {
                 // The channel is gone: the broker re-delivers the batch and
                 // the handler recognises what it already applied.
-                let nack = last.acker.nack(BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                });
+                let nack = channel.basic_nack(
+                    last.delivery_tag,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                );
                 let _ = tokio::time::timeout(Duration::from_secs(5), nack).await;
                 return Err(error);
             }
