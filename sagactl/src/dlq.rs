@@ -391,8 +391,16 @@ impl Snapshot {
         })
     }
 
-    /// Hands every message not acked back to the queue, in place.
-    async fn release(self) -> anyhow::Result<()> {
+    /// Hands every message not acked back to the queue, in place, and
+    /// returns once the queue shows them again.
+    ///
+    /// A quorum queue applies a requeue through its log, after the nack and
+    /// even after the channel's close have been answered: without the wait,
+    /// a `dlq show` run right after a `dlq list` could find the queue
+    /// empty and say nothing is parked.
+    async fn release(self, conn: &Connection) -> anyhow::Result<()> {
+        let released = self.messages.iter().filter(|m| !m.settled).count();
+        let settled = self.messages.len() - released;
         let last_unsettled = self.messages.iter().rev().find(|m| !m.settled);
         let result = match last_unsettled {
             Some(m) => m
@@ -414,8 +422,45 @@ impl Snapshot {
             None => Ok(()),
         };
         let _ = self.channel.close(200, "done".into()).await;
+        if result.is_ok() && released > 0 {
+            // Ready again: at least what was there, less what was acked
+            // (new copies only add to it).
+            let expected = (self.count as usize).saturating_sub(settled);
+            wait_ready(conn, &self.service.parking_queue(), expected).await;
+        }
         result
     }
+}
+
+/// Waits (a few seconds at most) until `queue` has `expected` messages
+/// ready. Another reader holding some is why it would not: then it gives
+/// up quietly, the broker hands them back when that reader is done.
+async fn wait_ready(conn: &Connection, queue: &str, expected: usize) {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+    let Ok(channel) = conn.create_channel().await else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let ready = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count() as usize);
+        match ready {
+            Ok(n) if n < expected && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            _ => break,
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
 }
 
 /// `dlq list`: per parking queue, its count and its messages.
@@ -471,7 +516,7 @@ pub async fn list(
             "count": snapshot.count,
             "messages": rows,
         }));
-        snapshot.release().await?;
+        snapshot.release(&conn).await?;
     }
     let _ = conn.close(200, "done".into()).await;
     if json {
@@ -508,7 +553,7 @@ pub async fn show(
                 .filter(|m| m.matches(selector))
                 .map(|m| m.detail(&svc)),
         );
-        snapshot.release().await?;
+        snapshot.release(&conn).await?;
     }
     let _ = conn.close(200, "done".into()).await;
     if found.is_empty() {
@@ -732,7 +777,7 @@ pub async fn replay(
         })
         .collect();
     if selected.is_empty() {
-        snapshot.release().await?;
+        snapshot.release(&conn).await?;
         let _ = conn.close(200, "done".into()).await;
         return Err(match which {
             Selection::All => Failure::NotFound(format!("nothing is parked at {}", svc.name)),
@@ -743,7 +788,7 @@ pub async fn replay(
         .into());
     }
     let outcome = replay_selected(broker, &conn, &mut snapshot, &selected).await;
-    let released = snapshot.release().await;
+    let released = snapshot.release(&conn).await;
     let _ = conn.close(200, "done".into()).await;
     let (done, skipped, error) = outcome;
     if json {

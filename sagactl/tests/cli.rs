@@ -245,6 +245,24 @@ async fn parked(sys: &TestSystem, service: &str) -> (u64, Vec<Value>) {
     )
 }
 
+/// Messages ready in `queue`, as the broker counts them now.
+async fn ready_in(conn: &lapin::Connection, queue: &str) -> u32 {
+    let channel = conn.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("the queue exists");
+    let _ = channel.close(200, "done".into()).await;
+    declared.message_count()
+}
+
 async fn wait_parked(sys: &TestSystem, service: &str, n: u64) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
@@ -304,6 +322,10 @@ async fn parked_messages_are_listed_shown_replayed_once_fixed_and_purged() {
         "{all:?}"
     );
     assert!(all.stdout.contains(&confirm_id), "{all:?}");
+    // Back in the queue the moment the command returns, not a little later
+    // (a quorum queue applies a requeue through its log): a `dlq show` run
+    // right after it finds them.
+    assert_eq!(ready_in(&conn, "inventory-svc.parking").await, 2);
 
     // Shown with headers and body.
     let shown = sagactl(&sys, &["dlq", "show", &confirm_id, "--json"]).await;
