@@ -348,15 +348,7 @@ impl Snapshot {
             .create_channel()
             .await
             .context("opening a broker channel")?;
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let count = ready_count(&channel, &queue)
             .await
             .map_err(|e| match protocol_code(&e) {
                 Some(404) => anyhow::anyhow!(
@@ -368,7 +360,6 @@ impl Snapshot {
                 }
                 _ => anyhow::anyhow!("looking up {queue}: {e}"),
             })?;
-        let count = declared.message_count();
         let wanted = limit.map_or(count as usize, |l| l.min(count as usize));
         let mut messages = Vec::with_capacity(wanted);
         while messages.len() < wanted {
@@ -399,8 +390,7 @@ impl Snapshot {
     /// a `dlq show` run right after a `dlq list` could find the queue
     /// empty and say nothing is parked.
     async fn release(self, conn: &Connection) -> anyhow::Result<()> {
-        let released = self.messages.iter().filter(|m| !m.settled).count();
-        let settled = self.messages.len() - released;
+        let settled = self.messages.iter().filter(|m| m.settled).count();
         let last_unsettled = self.messages.iter().rev().find(|m| !m.settled);
         let result = match last_unsettled {
             Some(m) => m
@@ -421,8 +411,9 @@ impl Snapshot {
                 }),
             None => Ok(()),
         };
+        let released_some = last_unsettled.is_some();
         let _ = self.channel.close(200, "done".into()).await;
-        if result.is_ok() && released > 0 {
+        if result.is_ok() && released_some {
             // Ready again: at least what was there, less what was acked
             // (new copies only add to it).
             let expected = (self.count as usize).saturating_sub(settled);
@@ -430,6 +421,21 @@ impl Snapshot {
         }
         result
     }
+}
+
+/// Messages ready in `queue` (a passive declaration: it must exist).
+async fn ready_count(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
 }
 
 /// Waits (a few seconds at most) until `queue` has `expected` messages
@@ -442,19 +448,8 @@ async fn wait_ready(conn: &Connection, queue: &str, expected: usize) {
     };
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let ready = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.message_count() as usize);
-        match ready {
-            Ok(n) if n < expected && tokio::time::Instant::now() < deadline => {
+        match ready_count(&channel, queue).await {
+            Ok(n) if (n as usize) < expected && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             _ => break,
