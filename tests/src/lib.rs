@@ -113,7 +113,9 @@ fn mgmt_base() -> String {
     )
 }
 
-fn pg_base() -> String {
+/// The PostgreSQL server the sandboxes' databases live on, without a
+/// database name (a role that may create databases).
+pub fn pg_base() -> String {
     env_or("TEST_PG_BASE", "postgres://postgres@127.0.0.1:5432")
 }
 
@@ -364,20 +366,31 @@ impl Sandbox {
         (user, url)
     }
 
+    /// The names of the queues in this sandbox's vhost.
+    pub async fn queue_names(&self) -> Vec<String> {
+        let queues: Vec<Value> = mgmt(self.http.get(format!(
+            "{}/api/queues/{}",
+            mgmt_base(),
+            self.prefix
+        )))
+        .send()
+        .await
+        .expect("list queues")
+        .json()
+        .await
+        .expect("queue list");
+        queues
+            .iter()
+            .filter_map(|q| q["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Every message waiting in every queue of this sandbox's vhost, read
     /// through the management API and put back: (queue, payload, headers).
     pub async fn queued_messages(&self) -> Vec<(String, String, String)> {
         let base = mgmt_base();
-        let queues: Vec<Value> = mgmt(self.http.get(format!("{base}/api/queues/{}", self.prefix)))
-            .send()
-            .await
-            .expect("list queues")
-            .json()
-            .await
-            .expect("queue list");
         let mut out = Vec::new();
-        for q in queues {
-            let name = q["name"].as_str().unwrap_or_default().to_owned();
+        for name in self.queue_names().await {
             let url = format!("{base}/api/queues/{}/{}/get", self.prefix, urlencode(&name));
             let r = mgmt(self.http.post(url))
                 .json(&json!({"count": 10_000, "ackmode": "ack_requeue_true", "encoding": "auto"}))
