@@ -92,8 +92,11 @@ fn database(run: &str, stage: usize) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if args.stages == 0 || args.orders == 0 || args.rates.iter().any(|r| *r <= 0.0) {
-        bail!("--stages, --orders and every rate must be positive");
+    if args.stages == 0
+        || args.orders == 0
+        || args.rates.iter().any(|r| !(r.is_finite() && *r > 0.0))
+    {
+        bail!("--stages, --orders and every rate must be positive (and finite)");
     }
     match (args.stage, args.run.clone()) {
         (Some(stage), Some(run)) => run_stage(&args, &run, stage).await,
