@@ -69,24 +69,29 @@ fn stat(pid: u32) -> Option<(String, Vec<String>)> {
     Some((comm, fields))
 }
 
+/// Every process on the machine: (pid, comm, CPU seconds, user + system,
+/// used so far).
+pub fn processes() -> Vec<(u32, String, f64)> {
+    let ticks = 100.0; // USER_HZ on Linux
+    pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let (comm, fields) = stat(pid)?;
+            let used: f64 = [fields.get(11)?, fields.get(12)?]
+                .iter()
+                .map(|f| f.parse::<f64>().unwrap_or(0.0))
+                .sum();
+            Some((pid, comm, used / ticks))
+        })
+        .collect()
+}
+
 /// CPU (user + system) used so far by every process of the system.
 pub fn cpu() -> CpuSnapshot {
-    let ticks = 100.0; // USER_HZ on Linux
-    let mut out = HashMap::new();
-    for pid in pids() {
-        let Some((comm, fields)) = stat(pid) else {
-            continue;
-        };
-        let Some(group) = component(pid, &comm) else {
-            continue;
-        };
-        let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) else {
-            continue;
-        };
-        let secs = (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / ticks;
-        out.insert(pid, (group, secs));
-    }
-    out
+    processes()
+        .into_iter()
+        .filter_map(|(pid, comm, secs)| Some((pid, (component(pid, &comm)?, secs))))
+        .collect()
 }
 
 /// CPU milliseconds per saga by component between two snapshots.

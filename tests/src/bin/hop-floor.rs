@@ -37,6 +37,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use saga_tests::bench::measure;
 use serde_json::json;
 use sqlx::Connection as _;
 use sqlx::postgres::PgPoolOptions;
@@ -411,7 +412,7 @@ struct Cpu {
     stages: f64,
 }
 
-/// What the processes' and the machine's counters count in: `USER_HZ`.
+/// What `/proc/stat` counts in: `USER_HZ`.
 const TICKS_PER_SEC: f64 = 100.0;
 
 impl Cpu {
@@ -434,34 +435,16 @@ impl Cpu {
             rabbitmq: 0.0,
             stages: 0.0,
         };
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return cpu;
-        };
-        let driver = std::process::id().to_string();
-        for entry in dir.flatten() {
-            if entry.file_name().to_str() == Some(driver.as_str()) {
-                continue;
-            }
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // comm is in parentheses and may hold spaces.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let slot = match &stat[open + 1..close] {
+        let driver = std::process::id();
+        for (pid, comm, used) in measure::processes() {
+            let slot = match comm.as_str() {
+                _ if pid == driver => continue,
                 "postgres" => &mut cpu.postgresql,
                 "beam.smp" => &mut cpu.rabbitmq,
                 "hop-floor" => &mut cpu.stages,
                 _ => continue,
             };
-            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-            // utime and stime.
-            let used: f64 = [11, 12]
-                .iter()
-                .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-                .sum();
-            *slot += used / TICKS_PER_SEC;
+            *slot += used;
         }
         cpu
     }
