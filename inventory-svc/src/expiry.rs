@@ -40,7 +40,7 @@ pub async fn run(pool: PgPool, grace: Duration, cancel: CancellationToken) {
     }
 }
 
-async fn release_expired(pool: &PgPool, grace: Duration) -> Result<u64, sqlx::Error> {
+pub async fn release_expired(pool: &PgPool, grace: Duration) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Stock rows first, in item order (as every batch locks them), then the
     // reservations: no deadlock with a batch or a PUT /items.

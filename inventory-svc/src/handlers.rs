@@ -18,13 +18,13 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
-use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{
     EventType, InventoryBackordered, InventoryReleased, InventoryReserved, PaymentActionRequired,
     PaymentCompleted, StepFailed,
 };
+use common::messaging::handler::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::inbox;
 use common::messaging::outbox::{OutboxMessage, OutboxRows};
 use common::messaging::unit_of_work::UnitOfWork;
@@ -49,9 +49,7 @@ impl MessageHandler for InventoryHandler {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
         match EventType::from_routing_key(routing_key) {
             Some(EventType::OrderConfirmed) => Some("stock commit"),
-            _ => {
-                common::messaging::consumer::compensation_on_rollback(routing_key, "stock release")
-            }
+            _ => common::messaging::handler::compensation_on_rollback(routing_key, "stock release"),
         }
     }
 
@@ -164,6 +162,10 @@ impl Work {
             stock: mut levels,
         } = db::batch_state(uow.conn(), &ids, &finishing, &items).await?;
         let status_of = |id: &Uuid| existing.get(id).and_then(|s| ReservationStatus::parse(s));
+        // Orders rolled back in this very batch: the rollback wins over a
+        // forward event of the same order, whatever their order in the
+        // batch (nothing is reserved, held or announced for them).
+        let aborting: HashSet<Uuid> = abort.iter().map(|(_, e)| e.order_id).collect();
 
         // New reservations: a duplicate or a late request (tombstone) is
         // recognised by the record it finds.
@@ -174,6 +176,10 @@ impl Work {
         let fresh: Vec<(Envelope, PaymentCompleted)> = reserve
             .into_iter()
             .filter_map(|(_, env, paid)| match status_of(&env.order_id) {
+                _ if aborting.contains(&env.order_id) => {
+                    late += 1;
+                    None
+                }
                 Some(ReservationStatus::Cancelled) => {
                     late += 1;
                     None

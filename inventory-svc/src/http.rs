@@ -23,18 +23,14 @@ use utoipa_axum::routes;
 
 use crate::SERVICE;
 use crate::db;
+use crate::domain::MAX_STOCK;
 use crate::domain::ReservationStatus;
-use crate::domain::{self, MAX_STOCK};
+use crate::restock;
 use chrono::{DateTime, Utc};
-use common::messaging::envelope::SagaContext;
-use common::messaging::events::EventType;
 use common::messaging::publisher::Publisher;
-use common::messaging::unit_of_work::UnitOfWork;
-use common::metric_definitions::step_outcome;
 use common::saga::order::OrderLine;
 use common::saga::timeline::{self, LogState, Step, StepKind, StepSource};
 use sqlx::PgConnection;
-use tracing::info;
 use uuid::Uuid;
 
 /// What inventory-svc's endpoints need: setting the stock may fill
@@ -197,55 +193,16 @@ async fn put_item(
             "available must be from 0 to {MAX_STOCK}"
         )));
     }
-    // The new stock, and the backorders it fills, in one transaction. Stock
-    // rows are locked first, in item order — the order every batch locks
-    // them in — then reservations, so the two cannot deadlock.
-    let mut uow = UnitOfWork::begin(&state.pool).await?;
-    let mut items = db::backorder_items(uow.conn(), &item_id).await?;
-    items.push(item_id.clone());
-    items.sort_unstable();
-    items.dedup();
-    let refs: Vec<&str> = items.iter().map(String::as_str).collect();
-    db::lock_stock(uow.conn(), &refs).await?;
-    let item = db::put_item(uow.conn(), &item_id, available, frozen, backorderable).await?;
-    let filled = fill_backorders(&mut uow, &item_id).await?;
-    uow.commit(&state.publisher).await?;
-    if filled > 0 {
-        step_outcome(SERVICE, "backorder_filled", filled);
-    }
+    let item = restock::restock(
+        &state.pool,
+        &state.publisher,
+        &item_id,
+        available,
+        frozen,
+        backorderable,
+    )
+    .await?;
     Ok(Json(item).into_response())
-}
-
-/// Reserves, oldest first, the backorders waiting for `item_id` that the
-/// stock now covers, and announces each (`inventory.reserved`, under the
-/// saga's long deadline). Returns how many.
-async fn fill_backorders(uow: &mut UnitOfWork, item_id: &str) -> Result<u64, sqlx::Error> {
-    let mut filled = 0;
-    for (order_id, pending) in db::backorders_for(uow.conn(), item_id).await? {
-        let pending = pending.0;
-        if Utc::now() >= pending.deadline_at {
-            // Its rollback is on its way.
-            continue;
-        }
-        let lines = db::lines(uow.conn(), order_id).await?;
-        let items: Vec<&str> = lines.iter().map(|l| l.item_id.as_str()).collect();
-        let levels = db::lock_stock(uow.conn(), &items).await?;
-        if domain::check_availability(&lines, &levels).is_err() {
-            continue;
-        }
-        db::fill_backorder(uow.conn(), order_id, &lines).await?;
-        let ctx = SagaContext {
-            order_id,
-            deadline_at: pending.deadline_at,
-            causation_id: pending.causation_id,
-            producer: SERVICE,
-            trail: pending.trail,
-        };
-        uow.emit(ctx.event(EventType::InventoryReserved, &pending.data));
-        info!(%order_id, "backorder filled: stock reserved");
-        filled += 1;
-    }
-    Ok(filled)
 }
 
 /// `GET /items/{item_id}`: an item's stock; `held` counts units reserved by

@@ -13,6 +13,7 @@ pub mod domain;
 pub mod expiry;
 pub mod handlers;
 pub mod http;
+pub mod restock;
 
 use std::net::SocketAddr;
 

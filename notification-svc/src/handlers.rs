@@ -20,10 +20,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::Utc;
-use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{EventType, InventoryReserved, NotificationSent, StepFailed};
+use common::messaging::handler::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::inbox;
 use common::messaging::outbox::OutboxRows;
 use common::messaging::unit_of_work::UnitOfWork;
@@ -48,7 +48,7 @@ pub struct NotificationHandler {
 
 impl MessageHandler for NotificationHandler {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
-        common::messaging::consumer::compensation_on_rollback(routing_key, "cancellation email")
+        common::messaging::handler::compensation_on_rollback(routing_key, "cancellation email")
     }
 
     async fn handle_batch(

@@ -18,10 +18,10 @@ use std::sync::Arc;
 
 use sha2::Digest as _;
 
-use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::Envelope;
 use common::messaging::events::{EventType, StepFailed};
+use common::messaging::handler::{HandlerError, MessageHandler, MessageResult};
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions as metric;
 use tracing::warn;

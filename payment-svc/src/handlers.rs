@@ -13,12 +13,12 @@
 use std::collections::HashSet;
 
 use chrono::{Datelike as _, Utc};
-use common::messaging::consumer::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::delivery::Incoming;
 use common::messaging::envelope::{Envelope, SagaContext};
 use common::messaging::events::{
     EventType, OrderCreated, PaymentActionRequired, PaymentCompleted, PaymentRefunded, StepFailed,
 };
+use common::messaging::handler::{HandlerError, MessageHandler, MessageResult, StepBatch};
 use common::messaging::inbox;
 use common::messaging::outbox::{OutboxMessage, OutboxRows};
 use common::messaging::unit_of_work::UnitOfWork;
@@ -48,7 +48,7 @@ struct ChargeRequest {
 
 impl MessageHandler for PaymentHandler {
     fn compensation(&self, routing_key: &str) -> Option<&'static str> {
-        common::messaging::consumer::compensation_on_rollback(routing_key, "refund")
+        common::messaging::handler::compensation_on_rollback(routing_key, "refund")
     }
 
     async fn handle_batch(

@@ -13,10 +13,14 @@
 //!
 //! The hot path, for each batch of deliveries:
 //! - [`delivery`]: a delivery as handlers see it;
-//! - [`consumer`]: takes what is ready, runs the handler on the whole batch
-//!   in one [`unit_of_work`], acks after the commit, retries or parks what
-//!   failed (one message at a time, so one bad message never sinks others);
-//!   [`fault`] can slow it down on purpose (tests, benchmarks);
+//! - [`handler`]: what a service implements — a batch in, a result per
+//!   message out, and which failures are worth retrying;
+//! - [`judge`]: runs the handler on the whole batch in one [`unit_of_work`]
+//!   (one message at a time if the batch fails, so one bad message never
+//!   sinks others) and gives each message its verdict;
+//! - [`consumer`]: takes what is ready, has it judged, acks after the
+//!   commit, retries or parks what failed; [`fault`] can slow it down on
+//!   purpose (tests, benchmarks);
 //! - [`outbox`]: the durable record of every event a commit caused, and the
 //!   sweeper that publishes whatever the fast path did not;
 //! - [`publisher`]: the fast path — publishes committed events right after
@@ -40,7 +44,9 @@ pub mod envelope;
 pub mod escalation;
 pub mod events;
 pub mod fault;
+pub mod handler;
 pub mod inbox;
+pub mod judge;
 pub mod outbox;
 pub mod publisher;
 pub mod retry;

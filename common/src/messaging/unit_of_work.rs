@@ -79,6 +79,14 @@ impl UnitOfWork {
         self.tx.commit().await?;
         crate::store::statistics::count_commit();
         crate::failpoints::crash_if_set("outbox::after_commit");
+        if crate::failpoints::is_set("unit_of_work::commit_lost") {
+            // The COMMIT took effect, and its answer was lost with the
+            // connection: the caller cannot tell it from a failed one.
+            return Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "failpoint unit_of_work::commit_lost: the answer to COMMIT was lost",
+            )));
+        }
         for f in self.on_commit {
             f();
         }

@@ -43,7 +43,8 @@ use tracing::{Level, info, warn};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::messaging::broker::Broker;
-use crate::messaging::consumer::{Consumer, ConsumerSettings, MessageHandler};
+use crate::messaging::consumer::{Consumer, ConsumerSettings};
+use crate::messaging::handler::MessageHandler;
 use crate::messaging::outbox::{Confirmed, Janitor, OutboxSettings, Sweeper};
 use crate::messaging::publisher::{Publisher, PublisherTask};
 use crate::messaging::retry;

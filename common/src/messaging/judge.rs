@@ -1,0 +1,357 @@
+//! What becomes of each message of a batch, decided without the broker:
+//! screened (size, sender, age, crash loops), handled as one unit of work,
+//! handled again one message at a time if the batch fails as a whole, and a
+//! [`Verdict`] per message. The consumer ([`crate::messaging::consumer`])
+//! takes the deliveries and carries the verdicts out on the broker; the
+//! interleaving checker (`tests/tests/interleaving`) drives this very code
+//! against a model of the broker.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use sqlx::PgPool;
+use tracing::debug;
+
+use crate::messaging::delivery::Incoming;
+use crate::messaging::events::{EXCHANGE, EventType};
+use crate::messaging::handler::{HandlerError, MessageHandler, MessageResult};
+use crate::messaging::publisher::Publisher;
+use crate::messaging::topology::{DELIVERY_LIMIT, ServiceIdentity};
+use crate::messaging::trust::{ProducerTrust, Untrusted};
+use crate::messaging::unit_of_work::UnitOfWork;
+use crate::metric_definitions as metric;
+use crate::store::pool as db;
+
+/// Messages larger than this are parked unread.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What becomes of one delivery.
+#[derive(Debug)]
+pub enum Verdict {
+    Ack,
+    Retry(String),
+    Park { reason: String, label: &'static str },
+    Escalate { step: &'static str, error: String },
+}
+
+impl Verdict {
+    /// The `outcome` label of what becomes of the message.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Ack => "ok",
+            Verdict::Retry(_) => "retry",
+            Verdict::Park { .. } => "parked",
+            Verdict::Escalate { .. } => "escalated",
+        }
+    }
+}
+
+/// What the judge needs to know of the consumer's settings.
+#[derive(Debug, Clone)]
+pub struct JudgeSettings {
+    /// Messages older than this are refused (parked): the service may no
+    /// longer remember whether they were applied. See [`crate::store::retention`].
+    pub replay_window: Duration,
+    /// A batch (or a single message) whose handler runs longer than this is
+    /// abandoned, rolled back, and its messages retried.
+    pub handler_timeout: Duration,
+    /// Which broker user may publish which event.
+    pub trust: ProducerTrust,
+}
+
+/// Judges the batches of one service's queue.
+pub struct Judge<H> {
+    service: ServiceIdentity,
+    pool: PgPool,
+    publisher: Publisher,
+    settings: JudgeSettings,
+    handler: Arc<H>,
+}
+
+impl<H: MessageHandler> Judge<H> {
+    pub fn new(
+        service: ServiceIdentity,
+        pool: PgPool,
+        publisher: Publisher,
+        settings: JudgeSettings,
+        handler: Arc<H>,
+    ) -> Self {
+        Self {
+            service,
+            pool,
+            publisher,
+            settings,
+            handler,
+        }
+    }
+
+    /// The handler (its [`MessageHandler::compensation`] decides escalations).
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// The verdict on every message: screened, then handled as a batch (and
+    /// one by one if the batch fails).
+    pub async fn judge(&self, messages: &[Incoming]) -> Vec<Verdict> {
+        let mut verdicts: Vec<Option<Verdict>> = messages.iter().map(|m| self.screen(m)).collect();
+        let work: Vec<usize> = (0..messages.len())
+            .filter(|&i| verdicts[i].is_none())
+            .collect();
+        if work.is_empty() {
+            return verdicts.into_iter().flatten().collect();
+        }
+        let screened_out;
+        let batch: &[Incoming] = if work.len() == messages.len() {
+            messages
+        } else {
+            screened_out = work
+                .iter()
+                .map(|&i| messages[i].clone())
+                .collect::<Vec<_>>();
+            &screened_out
+        };
+        match self.run_batch(batch).await {
+            Ok(results) => {
+                for (&i, result) in work.iter().zip(results) {
+                    verdicts[i] = Some(self.verdict(&messages[i], result));
+                }
+            }
+            Err(error) if batch.len() > 1 => {
+                metrics::counter!(metric::CONSUMER_BATCH_FALLBACKS, "service" => self.service.name)
+                    .increment(1);
+                debug!(%error, size = batch.len(), "batch failed; handling its messages one by one");
+                for &i in &work {
+                    let single = std::slice::from_ref(&messages[i]);
+                    let result = match self.run_batch(single).await {
+                        Ok(mut results) => results.pop().unwrap_or(Ok(())),
+                        Err(error) => Err(error),
+                    };
+                    verdicts[i] = Some(self.verdict(&messages[i], result));
+                }
+            }
+            Err(error) => {
+                verdicts[work[0]] = Some(self.verdict(&messages[work[0]], Err(error)));
+            }
+        }
+        verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or(Verdict::Ack))
+            .collect()
+    }
+
+    /// Messages refused before any handler sees them: parked, or escalated
+    /// if they carry a step that must happen (see
+    /// [`MessageHandler::compensation`]).
+    fn screen(&self, msg: &Incoming) -> Option<Verdict> {
+        if msg.body.len() > MAX_BODY_BYTES {
+            return Some(Verdict::Park {
+                reason: format!(
+                    "message body of {} bytes exceeds the {MAX_BODY_BYTES}-byte limit",
+                    msg.body.len()
+                ),
+                label: "too_large",
+            });
+        }
+        let head = MessageHead::read(&msg.body);
+        if let Some((reason, label)) = self.untrusted(msg, &head) {
+            // Never escalated, even if it claims to be a compensation: it
+            // was not sent by the service that owns it.
+            return Some(Verdict::Park { reason, label });
+        }
+        let refusal = if msg.escalation_id.is_some() {
+            None
+        } else if let Some(age) = head.age()
+            && age > self.settings.replay_window
+        {
+            Some((
+                format!(
+                    "message is {}s old, older than the {}s retention window: the service may \
+                     no longer know whether it was applied, so it is refused",
+                    age.as_secs(),
+                    self.settings.replay_window.as_secs()
+                ),
+                "too_old",
+            ))
+        } else if msg.delivery_count >= DELIVERY_LIMIT {
+            // The broker's last delivery before it dead-letters the message
+            // itself: whatever handles it keeps killing the process.
+            Some((
+                format!(
+                    "delivered {} times without being settled: its handler keeps crashing the process",
+                    msg.delivery_count + 1
+                ),
+                "crash_loop",
+            ))
+        } else {
+            None
+        };
+        let (reason, label) = refusal?;
+        Some(match self.handler.compensation(&msg.routing_key) {
+            Some(step) => Verdict::Escalate {
+                step,
+                error: reason,
+            },
+            None => Verdict::Park { reason, label },
+        })
+    }
+
+    /// Why a message must not be applied although it is well-formed: it was
+    /// not published by the service that owns its event type, it carries
+    /// control headers that only this service may set, or its routing key
+    /// is not the event type it contains. See [`crate::messaging::trust`].
+    fn untrusted(&self, msg: &Incoming, head: &MessageHead) -> Option<(String, &'static str)> {
+        let trust = &self.settings.trust;
+        let sender = msg.sender.as_deref();
+        if !msg.control_headers.is_empty() && !trust.is_own(sender) {
+            let error = Untrusted::ForgedHeaders {
+                headers: msg.control_headers.join(", "),
+                sender: msg.sender.clone(),
+            };
+            return Some((error.to_string(), "forged"));
+        }
+        // Events arrive through the exchange, by their routing key. A
+        // message put straight into the work queue (the default exchange)
+        // names no event and so would escape the producer check.
+        let Some(event) = EventType::from_routing_key(&msg.routing_key) else {
+            let error = format!(
+                "routing key {:?} is not an event type: events are published to {EXCHANGE} \
+                 with their event type as the routing key",
+                msg.routing_key
+            );
+            return Some((error, "unroutable"));
+        };
+        // Our own re-publication (a retry, an operator's retry of an
+        // escalation) of a message checked when it first arrived: stamped
+        // with our user, as the broker requires, and so not the owner's.
+        let reissued = !msg.control_headers.is_empty() && trust.is_own(sender);
+        if !reissued && let Err(error) = trust.check(event, sender) {
+            return Some((error.to_string(), "unauthenticated"));
+        }
+        match head.event_type.as_deref() {
+            Some(inside) if event != EventType::OrderRequested && inside != event.routing_key() => {
+                Some((
+                    format!(
+                        "routing key {} does not match the envelope's event_type {:?}",
+                        event.routing_key(),
+                        inside
+                    ),
+                    "mismatch",
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs the handler on `batch` in one transaction and commits it.
+    async fn run_batch(&self, batch: &[Incoming]) -> Result<Vec<MessageResult>, HandlerError> {
+        let work = async {
+            if crate::failpoints::is_set("consumer::hang") {
+                // A handler stuck on, say, a half-open database socket.
+                std::future::pending::<()>().await;
+            }
+            let mut uow = UnitOfWork::begin(&self.pool).await?;
+            let mut results = self.handler.handle_batch(&mut uow, batch).await?;
+            if results.len() != batch.len() {
+                return Err(HandlerError::Transient(anyhow::anyhow!(
+                    "handler returned {} results for {} messages",
+                    results.len(),
+                    batch.len()
+                )));
+            }
+            // A statement that failed for one message has aborted the whole
+            // transaction: PostgreSQL answers its COMMIT with a rollback, not
+            // an error. Committing it would publish events of changes that
+            // never happened, so the batch fails as a whole (and is handled
+            // again one message at a time).
+            if let Some(failed) = results
+                .iter()
+                .position(|r| matches!(r, Err(HandlerError::Db(_))))
+                && let Err(error) = results.swap_remove(failed)
+            {
+                return Err(error);
+            }
+            uow.commit(&self.publisher).await?;
+            Ok(results)
+        };
+        let timeout = self.settings.handler_timeout;
+        match tokio::time::timeout(timeout, AssertUnwindSafe(work).catch_unwind()).await {
+            Ok(Ok(results)) => results,
+            Ok(Err(_)) => Err(HandlerError::transient("handler panicked")),
+            Err(_) => Err(HandlerError::transient(format!(
+                "handler did not finish within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    fn verdict(&self, msg: &Incoming, result: MessageResult) -> Verdict {
+        let error = match result {
+            Ok(()) => return Verdict::Ack,
+            Err(HandlerError::Permanent(e)) => {
+                return Verdict::Park {
+                    reason: format!("{e:#}"),
+                    label: "invalid",
+                };
+            }
+            Err(HandlerError::Db(e)) if db::permanent(&e) => {
+                let reason = format!("the database refuses this message's data: {e}");
+                return match self.handler.compensation(&msg.routing_key) {
+                    Some(step) => Verdict::Escalate {
+                        step,
+                        error: reason,
+                    },
+                    None => Verdict::Park {
+                        reason,
+                        label: "invalid",
+                    },
+                };
+            }
+            Err(HandlerError::Db(e)) => {
+                if let Some(kind) = db::retryable(&e) {
+                    db::record_retryable(self.service.name, kind);
+                }
+                format!("database: {e}")
+            }
+            Err(HandlerError::Transient(e)) => format!("{e:#}"),
+        };
+        if msg.is_last_attempt() {
+            if let Some(step) = self.handler.compensation(&msg.routing_key) {
+                return Verdict::Escalate { step, error };
+            }
+            Verdict::Park {
+                reason: format!(
+                    "gave up after {} attempts; last error: {error}",
+                    msg.attempt
+                ),
+                label: "exhausted",
+            }
+        } else {
+            debug!(%error, attempt = msg.attempt, "transient failure; will retry");
+            Verdict::Retry(error)
+        }
+    }
+}
+
+/// What the consumer reads of a body before any handler does: the
+/// envelope's type and age (both absent for bodies that are not envelopes,
+/// which the handler then refuses).
+#[derive(Default, serde::Deserialize)]
+struct MessageHead {
+    #[serde(default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl MessageHead {
+    fn read(body: &[u8]) -> Self {
+        serde_json::from_slice(body).unwrap_or_default()
+    }
+
+    /// How old the envelope is (by its `occurred_at`).
+    fn age(&self) -> Option<Duration> {
+        (chrono::Utc::now() - self.occurred_at?).to_std().ok()
+    }
+}

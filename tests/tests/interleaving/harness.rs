@@ -1,0 +1,414 @@
+//! What every service's checker shares: a laboratory (the service's own
+//! database, created for the run, and its real handler behind the real
+//! [`Judge`]), a model of the broker's queue (deliveries, batches,
+//! redeliveries, retries), and the proptest runner that makes a failure
+//! deterministic and minimal.
+//!
+//! The broker model delivers what is ready in order, a batch at a time, and
+//! carries out each verdict as the consumer does on RabbitMQ: an ack
+//! removes the message, a retry puts it back at the end of the queue with
+//! one attempt more (published by the service itself, as a delay queue
+//! returns it), a park or an escalation takes it out for good. Two faults
+//! can hit a batch: the process crashes after the commit and before the
+//! ack (every message of the batch is delivered again, counted as a
+//! redelivery by the broker), or the answer to the COMMIT is lost after it
+//! took effect (the `unit_of_work::commit_lost` failpoint: the batch
+//! fails, and the judge handles its messages again one at a time).
+
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use common::messaging::broker::Broker;
+use common::messaging::delivery::{
+    H_ORIGINAL_EXCHANGE, H_ORIGINAL_ROUTING_KEY, H_RETRY_ATTEMPT, Incoming,
+};
+use common::messaging::handler::MessageHandler;
+use common::messaging::judge::{Judge, JudgeSettings, Verdict};
+use common::messaging::outbox::{Confirmed, OutboxMessage};
+use common::messaging::publisher::Publisher;
+use common::messaging::topology::{QueueType, ServiceIdentity};
+use common::messaging::trust::ProducerTrust;
+use proptest::strategy::{Strategy, ValueTree};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
+use saga_tests::Sandbox;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use uuid::Uuid;
+
+/// The broker user every event of a checker is published as (the services
+/// all trust it: one shared user, as on a development machine).
+pub const USER: &str = "checker";
+
+/// Attempts before a failing message is given up on (as configured).
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// Serialises the checkers of this binary: the commit-lost failpoint is
+/// process-wide.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What the histories of a run made the service do (events committed,
+/// verdicts), counted: the report says what was explored.
+static COVERAGE: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Counts one `what` for the run's report.
+pub fn cover(what: &str) {
+    if let Ok(mut c) = COVERAGE.lock() {
+        *c.entry(what.to_owned()).or_default() += 1;
+    }
+}
+
+fn take_coverage() -> String {
+    let mut c = COVERAGE
+        .lock()
+        .map(|mut c| std::mem::take(&mut *c))
+        .unwrap_or_default();
+    let parts: Vec<String> = std::mem::take(&mut c)
+        .into_iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    parts.join(", ")
+}
+
+/// How many histories each checker tries: `CHECKER_CASES`, or a number
+/// that fits the CI budget.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("CHECKER_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The seed of the run: `CHECKER_SEED` (a number), or a fixed one, so that
+/// CI explores the same histories every time and a failure reproduces.
+pub fn seed() -> u64 {
+    std::env::var("CHECKER_SEED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0x5a6a_2026)
+}
+
+/// Runs `check` on `cases` histories drawn from `strategy` (in a runtime of
+/// its own per case); on a failure, shrinks it and panics with the minimal
+/// history and the seed that reproduces it.
+pub fn explore<S>(
+    name: &str,
+    default_cases: u32,
+    strategy: S,
+    check: impl Fn(S::Value) -> Result<(), String>,
+) where
+    S: Strategy,
+    S::Value: Debug,
+{
+    let seed = seed();
+    let cases = cases(default_cases);
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 2048,
+        ..Config::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let started = std::time::Instant::now();
+    take_coverage();
+    let outcome = runner.run(&strategy, |case| check(case).map_err(TestCaseError::fail));
+    match outcome {
+        Ok(()) => eprintln!(
+            "{name}: {cases} histories, no violation ({:.1} s; CHECKER_SEED={seed}); they made: {}",
+            started.elapsed().as_secs_f64(),
+            take_coverage()
+        ),
+        Err(TestError::Fail(why, minimal)) => panic!(
+            "{name}: a violation — {why}\nminimal history (CHECKER_SEED={seed} CHECKER_CASES={cases} reproduces it):\n{minimal:#?}"
+        ),
+        Err(TestError::Abort(why)) => panic!("{name}: aborted: {why}"),
+    }
+}
+
+/// Draws one value (for a unit test of a strategy).
+#[allow(dead_code)]
+pub fn sample<S: Strategy>(strategy: &S) -> S::Value {
+    let mut runner = TestRunner::deterministic();
+    strategy.new_tree(&mut runner).expect("a value").current()
+}
+
+/// A service's database for the run (its migrations applied) and its
+/// handler behind the real judge. Removed with the sandbox.
+pub struct Lab<H> {
+    pub sandbox: Sandbox,
+    pub pool: PgPool,
+    pub publisher: Publisher,
+    pub judge: Judge<H>,
+}
+
+impl<H: MessageHandler> Lab<H> {
+    pub async fn new(
+        service: ServiceIdentity,
+        database: saga_tests::Svc,
+        migrator: &Migrator,
+        handler: impl FnOnce(PgPool, Publisher) -> H,
+    ) -> Lab<H> {
+        let sandbox = Sandbox::new().await;
+        let pool =
+            common::store::pool::connect_and_migrate(&sandbox.database_url(database), 4, migrator)
+                .await
+                .expect("the service's database");
+        // Never run: what a batch commits stays in the outbox, where the
+        // checker reads it (the relay's own tests prove that the outbox
+        // gets published).
+        let broker = Broker::new(
+            sandbox.amqp_url.clone(),
+            "checker".to_owned(),
+            QueueType::Quorum,
+        );
+        let (publisher, _task) = Publisher::new(service.name, broker, Confirmed::default());
+        let handler = Arc::new(handler(pool.clone(), publisher.clone()));
+        let judge = Judge::new(
+            service,
+            pool.clone(),
+            publisher.clone(),
+            JudgeSettings {
+                replay_window: std::time::Duration::from_secs(3600),
+                handler_timeout: std::time::Duration::from_secs(10),
+                trust: ProducerTrust::new(USER, None).expect("trust"),
+            },
+            handler,
+        );
+        Lab {
+            sandbox,
+            pool,
+            publisher,
+            judge,
+        }
+    }
+
+    /// Where the outbox ends now: a history reads only what it committed.
+    pub async fn outbox_end(&self) -> i64 {
+        sqlx::query_scalar("select coalesce(max(seq), 0) from outbox")
+            .fetch_one(&self.pool)
+            .await
+            .expect("read the outbox")
+    }
+
+    /// Every event the service committed after `since` (an
+    /// [`Lab::outbox_end`]), oldest first.
+    pub async fn outbox(&self, since: i64) -> Vec<Committed> {
+        let rows: Vec<(String, Option<Vec<u8>>)> =
+            sqlx::query_as("select routing_key, body from outbox where seq > $1 order by seq")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await
+                .expect("read the outbox");
+        rows.into_iter()
+            .map(|(routing_key, body)| {
+                let body = body.unwrap_or_default();
+                let order_id = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["order_id"].as_str().and_then(|s| s.parse().ok()));
+                Committed {
+                    routing_key,
+                    order_id,
+                }
+            })
+            .collect()
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+        self.sandbox.close().await;
+    }
+}
+
+/// Counts what a history made the service commit, for the report.
+pub fn cover_committed(events: &[Committed]) {
+    for e in events {
+        cover(&e.routing_key);
+    }
+}
+
+/// An event in the service's outbox.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub routing_key: String,
+    pub order_id: Option<Uuid>,
+}
+
+/// A message as a publisher sent it: delivered for the first time.
+pub fn incoming(message: &OutboxMessage) -> Incoming {
+    Incoming {
+        routing_key: message.routing_key.clone(),
+        message_id: Some(message.id.to_string()),
+        correlation_id: message.correlation_id.clone(),
+        reply_to: None,
+        message_type: Some(message.message_type.clone()),
+        traceparent: None,
+        body: message.body.clone(),
+        attempt: 1,
+        max_attempts: MAX_ATTEMPTS,
+        escalation_id: None,
+        delivery_count: 0,
+        sender: Some(USER.to_owned()),
+        control_headers: Vec::new(),
+    }
+}
+
+/// What can go wrong with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// The process crashes after the commit, before the ack.
+    CrashBeforeAck,
+    /// The COMMIT takes effect and its answer is lost.
+    CommitLost,
+}
+
+pub fn fault() -> impl Strategy<Value = Fault> {
+    proptest::prop_oneof![
+        8 => proptest::strategy::Just(Fault::None),
+        1 => proptest::strategy::Just(Fault::CrashBeforeAck),
+        1 => proptest::strategy::Just(Fault::CommitLost),
+    ]
+}
+
+/// What became of one delivery of a batch.
+#[derive(Debug)]
+pub struct Outcome {
+    pub message: Incoming,
+    pub verdict: Verdict,
+    /// The process crashed before the ack: the verdict was not carried out
+    /// and the message is delivered again.
+    pub crashed: bool,
+}
+
+/// The queue of one service, as the broker keeps it.
+#[derive(Default)]
+pub struct Queue {
+    ready: VecDeque<Incoming>,
+    /// Messages taken out for good: parked or escalated, with the reason.
+    pub dead: Vec<(Incoming, String)>,
+}
+
+impl Queue {
+    pub fn publish(&mut self, message: Incoming) {
+        self.ready.push_back(message);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Delivers up to `size` ready messages as one batch, judges it and
+    /// carries out the verdicts (or not, if the process crashes).
+    pub async fn deliver<H: MessageHandler>(
+        &mut self,
+        judge: &Judge<H>,
+        size: usize,
+        fault: Fault,
+    ) -> Vec<Outcome> {
+        let n = size.max(1).min(self.ready.len());
+        let batch: Vec<Incoming> = self.ready.drain(..n).collect();
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        if fault == Fault::CommitLost {
+            fail::cfg("unit_of_work::commit_lost", "1*return").expect("failpoint");
+        }
+        let verdicts = judge.judge(&batch).await;
+        if fault == Fault::CommitLost {
+            fail::remove("unit_of_work::commit_lost");
+        }
+        let crashed = fault == Fault::CrashBeforeAck;
+        if crashed {
+            // Returned to the head of the queue, in order, each counted as
+            // delivered once more.
+            for message in batch.iter().rev() {
+                let mut again = message.clone();
+                again.delivery_count += 1;
+                self.ready.push_front(again);
+            }
+        }
+        cover(match fault {
+            Fault::None => "batches",
+            Fault::CrashBeforeAck => "crashes before the ack",
+            Fault::CommitLost => "COMMIT answers lost",
+        });
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (message, verdict) in batch.into_iter().zip(verdicts) {
+            cover(&format!("{} {}", message.routing_key, verdict.label()));
+            if !crashed {
+                match &verdict {
+                    Verdict::Ack => {}
+                    Verdict::Retry(_) => self.ready.push_back(retried(&message)),
+                    Verdict::Park { reason, .. } => {
+                        self.dead.push((message.clone(), reason.clone()))
+                    }
+                    Verdict::Escalate { error, .. } => {
+                        self.dead.push((message.clone(), error.clone()))
+                    }
+                }
+            }
+            outcomes.push(Outcome {
+                message,
+                verdict,
+                crashed,
+            });
+        }
+        outcomes
+    }
+}
+
+/// The message as it comes back from a delay queue: one attempt more,
+/// re-published by the service itself with its control headers.
+fn retried(message: &Incoming) -> Incoming {
+    let mut again = message.clone();
+    again.attempt += 1;
+    again.delivery_count = 0;
+    again.control_headers = vec![H_RETRY_ATTEMPT, H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_EXCHANGE];
+    again
+}
+
+/// Fails the check with `what` unless `ok`.
+pub fn ensure(ok: bool, what: impl FnOnce() -> String) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(what()) }
+}
+
+/// The order a message is about.
+pub fn order_of(message: &common::messaging::delivery::Incoming) -> Option<Uuid> {
+    serde_json::from_slice::<serde_json::Value>(&message.body)
+        .ok()
+        .and_then(|v| v["order_id"].as_str().and_then(|s| s.parse().ok()))
+}
+
+/// A message, for the log of a history: its type, its order's number in
+/// the history, and how often it came back.
+pub fn describe(message: &common::messaging::delivery::Incoming, orders: &[Uuid]) -> String {
+    let n = order_of(message)
+        .and_then(|id| orders.iter().position(|o| *o == id))
+        .map_or_else(|| "?".to_owned(), |n| n.to_string());
+    let mut s = format!("{} #{n}", message.routing_key);
+    if message.delivery_count > 0 {
+        s.push_str(&format!(" (redelivered {}×)", message.delivery_count));
+    }
+    if message.attempt > 1 {
+        s.push_str(&format!(" (attempt {})", message.attempt));
+    }
+    s
+}
+
+/// A verdict, for the log of a history.
+pub fn verdict(v: &Verdict) -> String {
+    match v {
+        Verdict::Ack => "ack".to_owned(),
+        Verdict::Retry(why) => format!("retry ({why})"),
+        Verdict::Park { reason, .. } => format!("parked ({reason})"),
+        Verdict::Escalate { error, .. } => format!("escalated ({error})"),
+    }
+}
