@@ -1,8 +1,15 @@
 //! Every SQL statement of payment-svc. Functions take `&mut PgConnection` so
 //! the caller decides the transaction; the hot path's are set-based (one
 //! statement for a whole batch of orders).
+//!
+//! Deadlock prevention: every transaction takes its row locks in one global
+//! order — the existing payment rows it changes (sorted by order), then the
+//! accounts it debits or credits (sorted by customer), then the payment
+//! records it creates (sorted by order). A batch takes the first two in one
+//! statement ([`batch_state`]), the gateway's answer one row of each
+//! ([`lock_payment`], then [`debit`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
@@ -48,21 +55,6 @@ pub struct PendingCompletion {
     /// confirmed payment can still be decided in time.
     #[serde(default)]
     pub confirm_by: Option<DateTime<Utc>>,
-}
-
-/// Voids a waiting authorisation (nothing was charged) and forgets what it
-/// would have published.
-pub async fn void(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        r#"
-        update payments set status = 'voided', completion = null, updated_at = now()
-        where order_id = $1 and status = 'action_required'
-        "#,
-    )
-    .bind(order_id)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Keeps, for each payment that waits for its confirmation, until when it
@@ -159,128 +151,123 @@ pub struct NewPayment<'a> {
     pub card_last4: Option<&'a str>,
 }
 
-/// Inserts the order's payment record; false if the order already has one
-/// (charged, declined, or a rollback tombstone).
-pub async fn insert_payment(
-    conn: &mut PgConnection,
-    p: &NewPayment<'_>,
-) -> Result<bool, sqlx::Error> {
-    let n = sqlx::query(
-        r#"
-        insert into payments (order_id, customer_id, amount_cents, currency, status,
-                              decline_code, reason, card_brand, card_last4)
-        values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-        on conflict (order_id) do nothing
-        "#,
-    )
-    .bind(p.order_id)
-    .bind(p.customer_id)
-    .bind(p.amount_cents)
-    .bind(p.currency)
-    .bind(p.status.as_str())
-    .bind(p.decline_code)
-    .bind(p.reason)
-    .bind(p.card_brand)
-    .bind(p.card_last4)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(n == 1)
+/// A payment a batch finds: its customer, amount and status.
+pub struct Existing {
+    pub customer_id: String,
+    pub amount_cents: i64,
+    pub status: String,
 }
 
-/// What a batch of charges starts from, read in one round trip: the orders
-/// that already have a payment record (their status), and the accounts of
-/// `customer_ids` — opened with `default_balance` if new, locked in one
-/// global order (sorted), so concurrent batches cannot deadlock.
-pub struct ChargeState {
-    pub existing: HashMap<Uuid, String>,
+impl Existing {
+    pub fn status(&self) -> Option<PaymentStatus> {
+        PaymentStatus::parse(&self.status)
+    }
+}
+
+/// What a batch starts from, read in one round trip: the payment of each of
+/// `order_ids` that has one — those of `undoing` (orders rolled back)
+/// locked — and the accounts of `customer_ids` and of the charged payments
+/// to refund, opened with `default_balance` if new and locked. In the
+/// global lock order: payment rows, then accounts, each sorted.
+pub struct BatchState {
+    pub existing: HashMap<Uuid, Existing>,
+    /// (balance, frozen) per customer.
     pub accounts: HashMap<String, (i64, bool)>,
 }
 
-pub async fn charge_state(
+pub async fn batch_state(
     conn: &mut PgConnection,
     order_ids: &[Uuid],
     customer_ids: &[&str],
+    undoing: &[Uuid],
     default_balance: i64,
-) -> Result<ChargeState, sqlx::Error> {
-    // An account opened here is invisible to `locked` (one snapshot per
-    // statement): it comes back through `opened`'s RETURNING instead.
+) -> Result<BatchState, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
         kind: String,
         key: String,
-        balance: Option<i64>,
-        frozen: Option<bool>,
+        customer_id: Option<String>,
+        number: Option<i64>,
         status: Option<String>,
+        frozen: Option<bool>,
     }
+    // The accounts are locked by an upsert whose rows come sorted, and only
+    // once `undoing` (which they read) has locked its rows: the order holds
+    // within the statement. An existing account is "updated" to itself,
+    // which locks it like `FOR UPDATE` and opens new ones in the same pass.
     let rows: Vec<Row> = sqlx::query_as(
         r#"
-        with opened as (
-            insert into accounts (customer_id, balance_cents)
-            select c, $3 from unnest($2::text[]) as t(c)
-            on conflict (customer_id) do nothing
-            returning customer_id, balance_cents, frozen
+        with undoing as (
+            select order_id, customer_id, amount_cents, status from payments
+            where order_id = any($4)
+            order by order_id
+            for update
+        ),
+        existing as (
+            select order_id, customer_id, amount_cents, status from payments
+            where order_id = any($1) and order_id <> all($4)
+            union all
+            select order_id, customer_id, amount_cents, status from undoing
         ),
         locked as (
-            select customer_id, balance_cents, frozen from accounts
-            where customer_id = any($2)
-            order by customer_id
-            for update
+            insert into accounts (customer_id, balance_cents)
+            select c, $3 from (
+                select unnest($2::text[]) as c
+                union
+                select customer_id from undoing where status = 'charged'
+            ) t
+            order by c
+            on conflict (customer_id) do update set frozen = accounts.frozen
+            returning customer_id, balance_cents, frozen
         )
-        select 'payment' as kind, order_id::text as key, null::bigint as balance,
-               null::bool as frozen, status
-        from payments where order_id = any($1)
+        select 'payment' as kind, order_id::text as key, customer_id, amount_cents as number,
+               status, null::bool as frozen
+        from existing
         union all
-        select 'account', customer_id, balance_cents, frozen, null from locked
-        union all
-        select 'account', customer_id, balance_cents, frozen, null from opened
+        select 'account', customer_id, null, balance_cents, null, frozen from locked
         "#,
     )
     .bind(order_ids)
     .bind(customer_ids)
     .bind(default_balance)
+    .bind(undoing)
     .fetch_all(&mut *conn)
     .await?;
-    let mut state = ChargeState {
+    let mut state = BatchState {
         existing: HashMap::new(),
         accounts: HashMap::new(),
     };
-    for Row {
-        kind,
-        key,
-        balance,
-        frozen,
-        status,
-    } in rows
-    {
-        if kind == "payment" {
-            if let (Ok(id), Some(status)) = (key.parse(), status) {
-                state.existing.insert(id, status);
+    for row in rows {
+        if row.kind == "payment" {
+            if let (Ok(id), Some(customer_id), Some(status)) =
+                (row.key.parse(), row.customer_id, row.status)
+            {
+                state.existing.insert(
+                    id,
+                    Existing {
+                        customer_id,
+                        amount_cents: row.number.unwrap_or(0),
+                        status,
+                    },
+                );
             }
         } else {
-            state
-                .accounts
-                .insert(key, (balance.unwrap_or(0), frozen.unwrap_or(true)));
+            state.accounts.insert(
+                row.key,
+                (row.number.unwrap_or(0), row.frozen.unwrap_or(true)),
+            );
         }
-    }
-    // Opened by a concurrent batch that committed while this statement ran:
-    // neither seen nor opened here. Lock it now.
-    let missing: Vec<&str> = customer_ids
-        .iter()
-        .copied()
-        .filter(|c| !state.accounts.contains_key(*c))
-        .collect();
-    if !missing.is_empty() {
-        state.accounts.extend(lock_accounts(conn, &missing).await?);
     }
     Ok(state)
 }
 
-/// Records a batch's payments, debits every account by its charged total and
-/// writes the batch's events, keeping only those of the orders that got a
-/// record — one statement. Returns those orders (an order that already had
-/// a record, e.g. a tombstone written since [`charge_state`], keeps it).
-pub async fn record_charges(
+/// Records a batch's new payments (charges, declines, payments waiting for
+/// their confirmation, and rollback tombstones; sorted by order), debits
+/// every account by its charged total and writes the batch's events,
+/// keeping only those of the orders that got a record — one statement.
+/// Returns those orders (an order that already had a record, e.g. one
+/// written by a concurrent batch since [`batch_state`], keeps it).
+pub async fn record_payments(
     conn: &mut PgConnection,
     payments: &[NewPayment<'_>],
     events: OutboxRows<'_>,
@@ -348,24 +335,66 @@ pub async fn record_charges(
     rows.iter().map(|r| r.try_get(0)).collect()
 }
 
-/// Locks the accounts of `customer_ids`, in one global order (sorted), so
-/// that concurrent batches cannot deadlock; returns (balance, frozen).
-pub async fn lock_accounts(
+/// What [`undo_payments`] changed.
+#[derive(Debug, Default)]
+pub struct Undone {
+    pub refunded: HashSet<Uuid>,
+    pub voided: HashSet<Uuid>,
+}
+
+/// Rolls back payments locked by [`batch_state`]: refunds the charged ones
+/// among `refunds` (their accounts, locked too, credited), voids the ones
+/// among `voids` still waiting for their confirmation, and writes the
+/// refunds' events — one statement.
+pub async fn undo_payments(
     conn: &mut PgConnection,
-    customer_ids: &[&str],
-) -> Result<HashMap<String, (i64, bool)>, sqlx::Error> {
-    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
-        r#"
-        select customer_id, balance_cents, frozen from accounts
-        where customer_id = any($1)
-        order by customer_id
-        for update
-        "#,
-    )
-    .bind(customer_ids)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(|(c, b, f)| (c, (b, f))).collect())
+    refunds: &[Uuid],
+    voids: &[Uuid],
+    events: OutboxRows<'_>,
+) -> Result<Undone, sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"
+            with refunded as (
+                update payments set status = 'refunded', updated_at = now()
+                where order_id = any($1) and status = 'charged'
+                returning order_id, customer_id, amount_cents
+            ),
+            voided as (
+                update payments set status = 'voided', completion = null, updated_at = now()
+                where order_id = any($2) and status = 'action_required'
+                returning order_id
+            ),
+            credited as (
+                update accounts a
+                set balance_cents = a.balance_cents + d.total, updated_at = now()
+                from (select customer_id, sum(amount_cents) as total from refunded
+                      group by customer_id) d
+                where a.customer_id = d.customer_id
+            ),
+            events as ({})
+            select 'refunded' as kind, order_id from refunded
+            union all
+            select 'voided', order_id from voided
+            "#,
+            insert_cte(3, Some("select order_id from refunded"))
+        )
+    });
+    let query = sqlx::query(AssertSqlSafe(SQL.as_str()))
+        .bind(refunds)
+        .bind(voids);
+    let rows = events.bind(query).fetch_all(conn).await?;
+    let mut undone = Undone::default();
+    for row in rows {
+        let kind: String = row.try_get(0)?;
+        let id: Uuid = row.try_get(1)?;
+        if kind == "refunded" {
+            undone.refunded.insert(id);
+        } else {
+            undone.voided.insert(id);
+        }
+    }
+    Ok(undone)
 }
 
 pub async fn lock_payment(
@@ -388,20 +417,7 @@ pub async fn get_payment(
         .await
 }
 
-pub async fn set_status(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    status: PaymentStatus,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("update payments set status = $2, updated_at = now() where order_id = $1")
-        .bind(order_id)
-        .bind(status.as_str())
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// What a debit or credit did.
+/// What a debit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Posting {
     Done,
@@ -446,30 +462,6 @@ pub async fn debit(
     .execute(conn)
     .await?;
     Ok(Posting::Done)
-}
-
-/// Credits the account unless it is frozen.
-pub async fn credit(
-    conn: &mut PgConnection,
-    customer_id: &str,
-    amount: i64,
-) -> Result<Posting, sqlx::Error> {
-    let n = sqlx::query(
-        r#"
-        update accounts set balance_cents = balance_cents + $2, updated_at = now()
-        where customer_id = $1 and not frozen
-        "#,
-    )
-    .bind(customer_id)
-    .bind(amount)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(if n == 1 {
-        Posting::Done
-    } else {
-        Posting::Frozen
-    })
 }
 
 /// A customer's account (`GET`/`PUT /accounts/{customer_id}`).

@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::SERVICE;
-use crate::db::{self, NewPayment, PendingCompletion, Posting};
+use crate::db::{self, NewPayment, PendingCompletion};
 use crate::domain::{self, Approval, PaymentStatus};
 
 pub struct PaymentHandler {
@@ -59,18 +59,11 @@ impl MessageHandler for PaymentHandler {
         let StepBatch {
             mut results,
             forward,
-            rollbacks: aborts,
+            rollbacks,
             ..
         } = StepBatch::<OrderCreated>::sort(SERVICE, batch, EventType::OrderCreated, &[]);
-        let charges: Vec<ChargeRequest> = forward
-            .into_iter()
-            .map(|(_, env, order)| ChargeRequest { env, order })
-            .collect();
-        if !charges.is_empty() {
-            self.charge(uow, charges).await?;
-        }
-        for (i, env) in aborts {
-            results[i] = self.on_abort(uow, &env).await;
+        if !forward.is_empty() || !rollbacks.is_empty() {
+            self.apply(uow, forward, rollbacks, &mut results).await?;
         }
         Ok(results)
     }
@@ -78,6 +71,17 @@ impl MessageHandler for PaymentHandler {
 
 /// What the gateway and the ledger say about one charge.
 type Verdict = Result<Approval, StepFailed>;
+
+/// What a rollback does to an order's payment, decided under its lock.
+enum Undo {
+    /// Nothing recorded yet: a tombstone, so a late `order.created` is
+    /// never charged.
+    Tombstone(usize),
+    /// Charged: refunded (its account credited).
+    Refund(usize),
+    /// Waiting for its 3-D Secure confirmation: voided (nothing charged).
+    Void(usize),
+}
 
 impl PaymentHandler {
     /// The gateway's verdict on a card, before any money moves.
@@ -121,16 +125,40 @@ impl PaymentHandler {
         }
     }
 
-    /// Charges every new order of the batch: one statement reads what the
-    /// batch starts from, one writes every payment, debit and event.
-    async fn charge(
+    /// Charges every new order of the batch and rolls back the orders the
+    /// batch fails, with a handful of set-based statements whatever its
+    /// size. A rollback wins over the charge of the same order in the same
+    /// batch, whatever their order: that order is never charged.
+    ///
+    /// Locks are taken in one global order, the one [`crate::gateway`]
+    /// takes too: the payment rows to roll back (sorted), then every
+    /// account the batch debits or credits (sorted), then the new payment
+    /// records (sorted) — so concurrent batches cannot deadlock.
+    async fn apply(
         &self,
         uow: &mut UnitOfWork,
-        requests: Vec<ChargeRequest>,
+        forward: Vec<(usize, Envelope, OrderCreated)>,
+        aborts: Vec<(usize, Envelope)>,
+        results: &mut [MessageResult],
     ) -> Result<(), HandlerError> {
+        let aborting: HashSet<Uuid> = aborts.iter().map(|(_, e)| e.order_id).collect();
+        let (mut duplicates, mut late) = (0u64, 0u64);
+        let mut requests = Vec::with_capacity(forward.len());
+        for (_, env, order) in forward {
+            if aborting.contains(&env.order_id) {
+                late += 1;
+            } else {
+                requests.push(ChargeRequest { env, order });
+            }
+        }
         // The gateway first: no money moves for a declined card.
         let screened: Vec<Verdict> = requests.iter().map(|r| self.screen(r)).collect();
-        let order_ids: Vec<Uuid> = requests.iter().map(|r| r.env.order_id).collect();
+        let mut order_ids: Vec<Uuid> = requests.iter().map(|r| r.env.order_id).collect();
+        let mut undoing: Vec<Uuid> = aborting.iter().copied().collect();
+        undoing.sort_unstable();
+        order_ids.extend(&undoing);
+        order_ids.sort_unstable();
+        order_ids.dedup();
         let mut customers: Vec<&str> = requests
             .iter()
             .zip(&screened)
@@ -139,10 +167,11 @@ impl PaymentHandler {
             .collect();
         customers.sort_unstable();
         customers.dedup();
-        let mut state = db::charge_state(
+        let mut state = db::batch_state(
             uow.conn(),
             &order_ids,
             &customers,
+            &undoing,
             self.default_balance_cents,
         )
         .await?;
@@ -150,22 +179,14 @@ impl PaymentHandler {
         // An order that already has a record is a duplicate, or late (a
         // rollback got here first and left a tombstone): nothing to do.
         let mut seen = HashSet::new();
-        let (mut duplicates, mut late) = (0, 0);
         let mut fresh = Vec::with_capacity(requests.len());
         for (req, verdict) in requests.into_iter().zip(screened) {
             match state.existing.get(&req.env.order_id) {
-                Some(status) if status == PaymentStatus::Cancelled.as_str() => late += 1,
+                Some(p) if p.status == PaymentStatus::Cancelled.as_str() => late += 1,
                 Some(_) => duplicates += 1,
                 None if !seen.insert(req.env.order_id) => duplicates += 1,
                 None => fresh.push((req, verdict)),
             }
-        }
-        uow.on_commit(move || {
-            inbox::count_duplicates(SERVICE, EventType::OrderCreated.routing_key(), duplicates);
-            inbox::count_late(SERVICE, EventType::OrderCreated.routing_key(), late);
-        });
-        if fresh.is_empty() {
-            return Ok(());
         }
 
         // The ledger, in the batch's order, against the locked balances.
@@ -186,20 +207,72 @@ impl PaymentHandler {
             };
         }
 
-        let events: Vec<OutboxMessage> = fresh
+        // The rollbacks, against the locked payment rows.
+        let mut undos: Vec<Undo> = Vec::new();
+        let mut handled = HashSet::new();
+        for (i, env) in &aborts {
+            if !handled.insert(env.order_id) {
+                continue;
+            }
+            match state.existing.get(&env.order_id) {
+                None => undos.push(Undo::Tombstone(*i)),
+                Some(p) => match compensation_for(p.status()) {
+                    Compensation::Undo if p.status() == Some(PaymentStatus::ActionRequired) => {
+                        undos.push(Undo::Void(*i));
+                    }
+                    Compensation::Undo => match state.accounts.get(&p.customer_id) {
+                        Some((_, false)) => undos.push(Undo::Refund(*i)),
+                        // Nothing written for this message: retried with
+                        // backoff, then escalated for an operator.
+                        _ => {
+                            results[*i] = Err(HandlerError::Transient(anyhow::anyhow!(
+                                "account {:?} is frozen: the refund of {} cents cannot be credited yet",
+                                p.customer_id,
+                                p.amount_cents
+                            )));
+                        }
+                    },
+                    _ => {}
+                },
+            }
+        }
+        let envelope = |i: usize| {
+            aborts
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map(|(_, e)| e)
+                .expect("an abort of this batch")
+        };
+
+        // New records: the charges and declines, and the tombstones.
+        let mut events: Vec<(Uuid, OutboxMessage)> = fresh
             .iter()
             .map(|(req, verdict)| {
                 let ctx = SagaContext::caused_by(&req.env, SERVICE);
-                match verdict {
+                let event = match verdict {
                     Ok(Approval::RequiresAction) => action_required_event(req),
                     Ok(Approval::Charge) => {
                         ctx.event(EventType::PaymentCompleted, &completed_of(req))
                     }
                     Err(failure) => ctx.event(EventType::PaymentFailed, failure),
-                }
+                };
+                (req.env.order_id, event)
             })
             .collect();
-        let records: Vec<NewPayment<'_>> = fresh
+        let tombstone_customers: Vec<(Uuid, String)> = undos
+            .iter()
+            .filter_map(|u| match u {
+                Undo::Tombstone(i) => {
+                    let env = envelope(*i);
+                    Some((
+                        env.order_id,
+                        env.data_str("customer_id").unwrap_or_default().to_owned(),
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut records: Vec<NewPayment<'_>> = fresh
             .iter()
             .map(|(r, v)| NewPayment {
                 order_id: r.env.order_id,
@@ -216,16 +289,33 @@ impl PaymentHandler {
                 card_brand: Some(&r.order.payment.brand),
                 card_last4: Some(&r.order.payment.last4),
             })
+            .chain(
+                tombstone_customers
+                    .iter()
+                    .map(|(order_id, customer_id)| NewPayment {
+                        order_id: *order_id,
+                        customer_id,
+                        amount_cents: 0,
+                        currency: crate::CURRENCY,
+                        status: PaymentStatus::Cancelled,
+                        decline_code: None,
+                        reason: Some("saga rolled back before any charge"),
+                        card_brand: None,
+                        card_last4: None,
+                    }),
+            )
             .collect();
-        let rows = OutboxRows::new(fresh.iter().map(|(r, _)| r.env.order_id).zip(&events));
-        // An order that got no record met a tombstone written since we
-        // looked: it is late; its debit and event were left out with it (its
-        // amount still counted above, which can only make a later order of
-        // the same customer in this batch decline, never overdraw).
-        let inserted: HashSet<Uuid> = db::record_charges(uow.conn(), &records, rows)
-            .await?
-            .into_iter()
-            .collect();
+        // One global order for the new records' keys too.
+        records.sort_by_key(|r| r.order_id);
+        let inserted: HashSet<Uuid> = if records.is_empty() {
+            HashSet::new()
+        } else {
+            let rows = OutboxRows::new(events.iter().map(|(id, e)| (*id, e)));
+            db::record_payments(uow.conn(), &records, rows)
+                .await?
+                .into_iter()
+                .collect()
+        };
         drop(records);
         // What a confirmation needs later, for those that wait (rare: one
         // more statement only when the batch has some).
@@ -238,10 +328,46 @@ impl PaymentHandler {
             .collect();
         db::await_confirmations(uow.conn(), &awaiting).await?;
 
-        let (mut charged, mut declined, mut raced) = (Vec::new(), 0, 0);
-        let mut waiting = 0;
-        let mut published = Vec::with_capacity(inserted.len());
-        for ((req, verdict), event) in fresh.into_iter().zip(events) {
+        // Refunds and voids of the locked payments: one statement.
+        let refunds: Vec<(Uuid, OutboxMessage)> = undos
+            .iter()
+            .filter_map(|u| match u {
+                Undo::Refund(i) => {
+                    let env = envelope(*i);
+                    let p = &state.existing[&env.order_id];
+                    Some((
+                        env.order_id,
+                        SagaContext::caused_by(env, SERVICE).event(
+                            EventType::PaymentRefunded,
+                            &PaymentRefunded {
+                                customer_id: p.customer_id.clone(),
+                                amount_cents: p.amount_cents,
+                            },
+                        ),
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        let voids: Vec<Uuid> = undos
+            .iter()
+            .filter_map(|u| match u {
+                Undo::Void(i) => Some(envelope(*i).order_id),
+                _ => None,
+            })
+            .collect();
+        let undone = if refunds.is_empty() && voids.is_empty() {
+            db::Undone::default()
+        } else {
+            let ids: Vec<Uuid> = refunds.iter().map(|(id, _)| *id).collect();
+            let rows = OutboxRows::new(refunds.iter().map(|(id, e)| (*id, e)));
+            db::undo_payments(uow.conn(), &ids, &voids, rows).await?
+        };
+
+        let (mut charged, mut declined, mut raced, mut waiting) = (Vec::new(), 0, 0, 0);
+        let mut published = Vec::with_capacity(inserted.len() + undone.refunded.len());
+        let mut forward_events = std::mem::take(&mut events).into_iter();
+        for ((req, verdict), (_, event)) in fresh.into_iter().zip(forward_events.by_ref()) {
             if !inserted.contains(&req.env.order_id) {
                 raced += 1;
                 continue;
@@ -259,89 +385,52 @@ impl PaymentHandler {
             }
             published.push(event);
         }
+        let mut tombstoned = 0u64;
+        for undo in &undos {
+            if let Undo::Tombstone(i) = undo {
+                let order_id = envelope(*i).order_id;
+                if inserted.contains(&order_id) {
+                    tombstoned += 1;
+                } else {
+                    // A payment appeared since we looked (a concurrent
+                    // batch): look again, on its own, shortly.
+                    results[*i] = Err(HandlerError::transient(format!(
+                        "the payment of order {order_id} appeared while rolling it back; retrying"
+                    )));
+                }
+            }
+        }
+        let refunded: Vec<(Uuid, i64)> = refunds
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| undone.refunded.contains(id))
+            .map(|id| (id, state.existing[&id].amount_cents))
+            .collect();
+        published.extend(
+            refunds
+                .into_iter()
+                .filter(|(id, _)| undone.refunded.contains(id))
+                .map(|(_, e)| e),
+        );
+        let voided = undone.voided.len() as u64;
         uow.enqueued(published);
         uow.on_commit(move || {
+            let key = EventType::OrderCreated.routing_key();
+            inbox::count_duplicates(SERVICE, key, duplicates);
+            inbox::count_late(SERVICE, key, late + raced);
             step_outcome(SERVICE, "charged", charged.len() as u64);
             step_outcome(SERVICE, "declined", declined);
             step_outcome(SERVICE, "action_required", waiting);
-            inbox::count_late(SERVICE, EventType::OrderCreated.routing_key(), raced);
+            step_outcome(SERVICE, "refunded", refunded.len() as u64);
+            step_outcome(SERVICE, "voided", voided);
+            step_outcome(SERVICE, "cancelled_before_charge", tombstoned);
             for (order_id, amount_cents) in charged {
                 info!(%order_id, amount_cents, "charged");
             }
+            for (order_id, amount_cents) in refunded {
+                info!(%order_id, amount_cents, "refunded");
+            }
         });
-        Ok(())
-    }
-
-    /// Refunds a charge, or tombstones an order not charged yet.
-    async fn on_abort(&self, uow: &mut UnitOfWork, env: &Envelope) -> MessageResult {
-        let customer_id = env.data_str("customer_id").unwrap_or_default().to_owned();
-        let tombstone = NewPayment {
-            order_id: env.order_id,
-            customer_id: &customer_id,
-            amount_cents: 0,
-            currency: crate::CURRENCY,
-            status: PaymentStatus::Cancelled,
-            decline_code: None,
-            reason: Some("saga rolled back before any charge"),
-            card_brand: None,
-            card_last4: None,
-        };
-        // Insert-or-lock: either the tombstone goes in (nothing was charged)
-        // or the existing record is locked against a concurrent charge.
-        let current = if db::insert_payment(uow.conn(), &tombstone).await? {
-            None
-        } else {
-            db::lock_payment(uow.conn(), env.order_id).await?
-        };
-        let current_status = current.as_ref().and_then(db::PaymentRow::status);
-        let order_id = env.order_id;
-        match (compensation_for(current_status), current) {
-            // Waiting for a confirmation: nothing was charged; the
-            // authorisation is voided and a late confirmation refused.
-            (Compensation::Undo, Some(_))
-                if current_status == Some(PaymentStatus::ActionRequired) =>
-            {
-                db::void(uow.conn(), order_id).await?;
-                uow.on_commit(move || {
-                    step_outcome(SERVICE, "voided", 1);
-                    info!(%order_id, "authorisation voided: the saga was rolled back");
-                });
-            }
-            (Compensation::Undo, Some(payment)) => {
-                if db::credit(uow.conn(), &payment.customer_id, payment.amount_cents).await?
-                    != Posting::Done
-                {
-                    // Nothing written for this message: retried with
-                    // backoff, then escalated for an operator.
-                    return Err(HandlerError::Transient(anyhow::anyhow!(
-                        "account {:?} is frozen: the refund of {} cents cannot be credited yet",
-                        payment.customer_id,
-                        payment.amount_cents
-                    )));
-                }
-                db::set_status(uow.conn(), order_id, PaymentStatus::Refunded).await?;
-                let ctx = SagaContext::caused_by(env, SERVICE);
-                uow.emit(ctx.event(
-                    EventType::PaymentRefunded,
-                    &PaymentRefunded {
-                        customer_id: payment.customer_id.clone(),
-                        amount_cents: payment.amount_cents,
-                    },
-                ));
-                let amount_cents = payment.amount_cents;
-                uow.on_commit(move || {
-                    step_outcome(SERVICE, "refunded", 1);
-                    info!(%order_id, amount_cents, "refunded");
-                });
-            }
-            (Compensation::Tombstone, _) => {
-                uow.on_commit(move || {
-                    step_outcome(SERVICE, "cancelled_before_charge", 1);
-                    info!(%order_id, "rollback before any charge; tombstone recorded");
-                });
-            }
-            _ => {}
-        }
         Ok(())
     }
 }

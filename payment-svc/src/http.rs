@@ -25,15 +25,12 @@ use utoipa_axum::routes;
 use crate::SERVICE;
 use crate::db;
 use crate::domain::{self, PaymentStatus};
+use crate::gateway::{self, AnswerError};
 use chrono::{DateTime, Utc};
-use common::messaging::envelope::SagaContext;
-use common::messaging::events::{EventType, StepFailed};
+use common::messaging::events::StepFailed;
 use common::messaging::publisher::Publisher;
-use common::messaging::unit_of_work::UnitOfWork;
-use common::metric_definitions::step_outcome;
 use common::saga::timeline::{self, LogState, Step, StepKind, StepSource};
 use sqlx::PgConnection;
-use tracing::info;
 use uuid::Uuid;
 
 /// payment-svc's endpoints, documented.
@@ -120,85 +117,34 @@ async fn decline_payment(
     gateway_answer(gateway, &order_id, Err(domain::authentication_declined())).await
 }
 
-/// Applies the gateway's answer to a payment waiting for it, once: charges
-/// (or declines) and publishes `payment.completed` (or `payment.failed`)
-/// under the saga's long deadline, in one transaction. 409 once the payment
-/// no longer waits (answered, or voided by the saga's rollback) or past the
-/// long deadline; 404 for an order with no payment.
+/// Applies the gateway's answer (see [`gateway::answer`]) and says where
+/// the payment stands: 409 once it no longer waits or it is too late, 404
+/// for an order with no payment.
 async fn gateway_answer(
     gateway: Gateway,
     order_id: &str,
     answer: Result<(), StepFailed>,
 ) -> Result<Response, ApiError> {
     let order_id = parse_uuid(order_id, "order_id")?;
-    let mut uow = UnitOfWork::begin(&gateway.pool).await?;
-    let payment = db::lock_payment(uow.conn(), order_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no payment for order {order_id}")))?;
-    if payment.status() != Some(PaymentStatus::ActionRequired) {
-        return Err(ApiError::Conflict(format!(
-            "the payment of order {order_id} is {}: it no longer waits for a confirmation",
-            payment.status
-        )));
-    }
-    let (Some(deadline_at), Some(completion)) =
-        (payment.action_deadline_at, payment.completion.clone())
-    else {
-        return Err(ApiError::Internal(anyhow::anyhow!(
-            "payment of order {order_id} waits with no deadline or completion recorded"
-        )));
-    };
-    if Utc::now() >= deadline_at {
-        return Err(ApiError::Conflict(format!(
-            "the order {order_id} is past its long deadline ({deadline_at}): it is rolled back, \
-             not confirmed"
-        )));
-    }
-    // A confirmation must leave the rest of the saga its ordinary time.
-    let confirm_by = completion.0.confirm_by.unwrap_or(deadline_at);
-    if answer.is_ok() && Utc::now() >= confirm_by {
-        return Err(ApiError::Conflict(format!(
-            "the order {order_id} can no longer be confirmed: confirmations are taken until \
-             {confirm_by}, to leave the rest of the saga its time before the long deadline \
-             ({deadline_at}); it will be rolled back"
-        )));
-    }
-    let outcome = db::settle_confirmation(
-        uow.conn(),
-        &payment,
-        answer.as_ref().map(|_| ()),
+    let outcome = gateway::answer(
+        &gateway.pool,
+        &gateway.publisher,
+        order_id,
+        answer,
         gateway.default_balance_cents,
     )
-    .await?;
-    let completion = completion.0;
-    let ctx = SagaContext {
-        order_id,
-        deadline_at,
-        causation_id: completion.causation_id,
-        producer: SERVICE,
-        trail: completion.trail,
-    };
-    let (status, event) = match &outcome {
-        Ok(()) => (
-            PaymentStatus::Charged,
-            ctx.event(EventType::PaymentCompleted, &completion.data),
-        ),
-        Err(failure) => (
-            PaymentStatus::Declined,
-            ctx.event(EventType::PaymentFailed, failure),
-        ),
-    };
-    uow.emit(event);
-    let outcome_label = if outcome.is_ok() {
-        "charged_after_action"
+    .await
+    .map_err(|e| match e {
+        AnswerError::NoPayment => ApiError::NotFound(e.to_string()),
+        AnswerError::Db(db) => ApiError::from(db),
+        AnswerError::Inconsistent => ApiError::Internal(anyhow::anyhow!("{e}")),
+        _ => ApiError::Conflict(e.to_string()),
+    })?;
+    let status = if outcome.is_ok() {
+        PaymentStatus::Charged
     } else {
-        "declined_after_action"
+        PaymentStatus::Declined
     };
-    uow.on_commit(move || {
-        step_outcome(SERVICE, outcome_label, 1);
-        info!(%order_id, outcome = outcome_label, "3-D Secure answer applied");
-    });
-    uow.commit(&gateway.publisher).await?;
     let failure = outcome.err();
     Ok(Json(GatewayOutcome {
         order_id,

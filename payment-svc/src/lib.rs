@@ -11,6 +11,7 @@
 
 pub mod db;
 pub mod domain;
+pub mod gateway;
 pub mod handlers;
 pub mod http;
 

@@ -15,7 +15,7 @@
 //! took effect (the `unit_of_work::commit_lost` failpoint: the batch
 //! fails, and the judge handles its messages again one at a time).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -373,6 +373,185 @@ fn retried(message: &Incoming) -> Incoming {
     again.delivery_count = 0;
     again.control_headers = vec![H_RETRY_ATTEMPT, H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_EXCHANGE];
     again
+}
+
+/// A history being played: the messages sent so far, the queue, what
+/// happened (for the report of a violation), and the orders whose rollback
+/// was handled.
+pub struct Player<'a, H> {
+    pub lab: &'a Lab<H>,
+    pub queue: Queue,
+    pub orders: Vec<Uuid>,
+    sent: Vec<Incoming>,
+    log: Vec<String>,
+    /// Where the outbox ended when the history began.
+    since: i64,
+    /// Orders whose rollback was handled (acked), with how many events the
+    /// outbox held then.
+    pub rolled_back: HashMap<Uuid, usize>,
+    /// Messages acked, by order and routing key.
+    pub acked: HashMap<(Uuid, String), usize>,
+    rest_rounds: usize,
+}
+
+impl<'a, H: MessageHandler> Player<'a, H> {
+    pub async fn new(lab: &'a Lab<H>, orders: usize) -> Player<'a, H> {
+        Player {
+            lab,
+            queue: Queue::default(),
+            orders: (0..orders).map(|_| Uuid::now_v7()).collect(),
+            sent: Vec::new(),
+            log: Vec::new(),
+            since: lab.outbox_end().await,
+            rolled_back: HashMap::new(),
+            acked: HashMap::new(),
+            rest_rounds: 0,
+        }
+    }
+
+    /// Notes what happened.
+    pub fn note(&mut self, what: String) {
+        self.log.push(what);
+    }
+
+    /// The violation, with what led to it.
+    pub fn explain(&self, violation: String) -> String {
+        format!("{violation}\nwhat happened:\n  {}", self.log.join("\n  "))
+    }
+
+    /// Publishes a message to the service's queue.
+    pub fn send(&mut self, message: &OutboxMessage) {
+        let incoming = incoming(message);
+        self.log
+            .push(format!("send {}", describe(&incoming, &self.orders)));
+        self.sent.push(incoming.clone());
+        self.queue.publish(incoming);
+    }
+
+    /// Publishes a copy of the `nth` message sent so far (modulo), same id.
+    pub fn resend(&mut self, nth: usize) {
+        if self.sent.is_empty() {
+            return;
+        }
+        let again = self.sent[nth % self.sent.len()].clone();
+        self.log
+            .push(format!("send a copy of {}", describe(&again, &self.orders)));
+        self.queue.publish(again);
+    }
+
+    /// Every event the service committed in this history, oldest first.
+    pub async fn outbox(&self) -> Vec<Committed> {
+        self.lab.outbox(self.since).await
+    }
+
+    /// Delivers a batch and notes what became of it.
+    pub async fn deliver(&mut self, size: usize, fault: Fault) -> Vec<Outcome> {
+        let outcomes = self.queue.deliver(&self.lab.judge, size, fault).await;
+        if outcomes.is_empty() {
+            return outcomes;
+        }
+        let described: Vec<String> = outcomes
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} → {}",
+                    describe(&o.message, &self.orders),
+                    verdict(&o.verdict)
+                )
+            })
+            .collect();
+        self.log.push(format!(
+            "deliver a batch{}: [{}]",
+            match fault {
+                Fault::None => "",
+                Fault::CrashBeforeAck => " (crash before the ack)",
+                Fault::CommitLost => " (the COMMIT's answer lost)",
+            },
+            described.join(", ")
+        ));
+        let committed = self.outbox().await.len();
+        for o in &outcomes {
+            if o.crashed || !matches!(o.verdict, Verdict::Ack) {
+                continue;
+            }
+            let Some(order_id) = order_of(&o.message) else {
+                continue;
+            };
+            *self
+                .acked
+                .entry((order_id, o.message.routing_key.clone()))
+                .or_default() += 1;
+            if matches!(
+                o.message.routing_key.as_str(),
+                "order.failed" | "order.cancelled"
+            ) {
+                self.rolled_back.entry(order_id).or_insert(committed);
+            }
+        }
+        outcomes
+    }
+
+    /// Delivers one more batch of what is left (no fault); false once
+    /// nothing is left (or the history is taking too long to settle).
+    pub async fn deliver_rest(&mut self) -> bool {
+        if self.queue.is_empty() || self.rest_rounds >= 200 {
+            return false;
+        }
+        self.rest_rounds += 1;
+        self.deliver(8, Fault::None).await;
+        true
+    }
+
+    /// Fails if a message never settled, or ended parked or escalated.
+    pub async fn finish(&self) -> Result<(), String> {
+        cover_committed(&self.outbox().await);
+        ensure(self.queue.is_empty(), || {
+            self.explain(format!("{} messages never settled", self.queue.len()))
+        })?;
+        ensure(self.queue.dead.is_empty(), || {
+            let dead: Vec<String> = self
+                .queue
+                .dead
+                .iter()
+                .map(|(m, why)| format!("{} ({why})", describe(m, &self.orders)))
+                .collect();
+            self.explain(format!("messages parked or escalated: {dead:?}"))
+        })
+    }
+
+    /// Whether `key` for `order_id` is in the outbox after its rollback was
+    /// handled.
+    pub fn after_rollback(&self, outbox: &[Committed], order_id: Uuid, key: &str) -> bool {
+        self.rolled_back.get(&order_id).is_some_and(|&then| {
+            outbox[then.min(outbox.len())..]
+                .iter()
+                .any(|e| e.order_id == Some(order_id) && e.routing_key == key)
+        })
+    }
+
+    /// How many events of `key` for `order_id` the outbox holds.
+    pub fn count(outbox: &[Committed], order_id: Uuid, key: &str) -> usize {
+        outbox
+            .iter()
+            .filter(|e| e.order_id == Some(order_id) && e.routing_key == key)
+            .count()
+    }
+}
+
+/// Waits (10 s at most) until `condition` holds.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Fails the check with `what` unless `ok`.

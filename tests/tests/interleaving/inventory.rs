@@ -19,14 +19,13 @@
 //!   one `inventory.released`, never both reserved and failed;
 //! - no message is parked or escalated (every one of them can be applied).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{Duration, Utc};
 use common::messaging::envelope::SagaContext;
 use common::messaging::events::{
     EventType, OrderCancelled, OrderDecided, PaymentActionRequired, PaymentCompleted,
 };
-use common::messaging::judge::Verdict;
 use common::messaging::outbox::OutboxMessage;
 use common::messaging::topology::INVENTORY_SVC;
 use common::saga::order::{OrderLine, SagaResult};
@@ -35,7 +34,7 @@ use proptest::prelude::*;
 use saga_tests::Svc;
 use uuid::Uuid;
 
-use crate::harness::{self, Fault, Lab, Queue, describe, ensure, order_of, verdict};
+use crate::harness::{self, Fault, Lab, Player, ensure};
 
 const ITEMS: usize = 2;
 
@@ -149,7 +148,7 @@ async fn inventory_keeps_its_promises_under_every_interleaving() {
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         harness::explore("inventory-svc", 96, history(), |h| {
-            handle.block_on(Run::new(&lab, &h).play())
+            handle.block_on(async { Run::new(&lab, &h).await.play().await })
         });
     });
     lab.close().await;
@@ -217,8 +216,8 @@ async fn regression_a_rollback_in_the_batch_of_its_payment_wins_whatever_their_o
             orders: vec![order(three_ds)],
             steps: steps.into_iter().chain([batch.clone()]).collect(),
         };
-        let run = Run::new(&lab, &history);
-        let (items, id) = (run.items.clone(), run.orders[0]);
+        let run = Run::new(&lab, &history).await;
+        let (items, id) = (run.items.clone(), run.p.orders[0]);
         if let Err(violation) = run.play().await {
             panic!("{history:#?}\n{violation}");
         }
@@ -238,51 +237,31 @@ async fn regression_a_rollback_in_the_batch_of_its_payment_wins_whatever_their_o
 
 /// One history played against the laboratory.
 struct Run<'a> {
-    lab: &'a Lab<InventoryHandler>,
+    p: Player<'a, InventoryHandler>,
     history: &'a History,
     items: Vec<String>,
-    orders: Vec<Uuid>,
-    queue: Queue,
-    sent: Vec<common::messaging::delivery::Incoming>,
     /// Per item: what was stocked (available + held + committed).
     supply: Vec<i64>,
     /// The decision sent for each order (its messages, to send again).
     decisions: HashMap<usize, Vec<OutboxMessage>>,
-    confirmed: HashSet<usize>,
-    /// Orders whose rollback was handled, with the number of
-    /// `inventory.reserved` they had then.
-    rolled_back: HashMap<Uuid, usize>,
-    /// Orders whose confirmation was handled.
-    committed: HashSet<Uuid>,
-    log: Vec<String>,
-    /// Where the outbox ended when the history began.
-    since: i64,
 }
 
 impl<'a> Run<'a> {
-    fn new(lab: &'a Lab<InventoryHandler>, history: &'a History) -> Self {
+    async fn new(lab: &'a Lab<InventoryHandler>, history: &'a History) -> Run<'a> {
         let tag = &Uuid::new_v4().simple().to_string()[..8];
         Run {
-            lab,
+            p: Player::new(lab, history.orders.len()).await,
             history,
             items: (0..ITEMS).map(|i| format!("item{i}-{tag}")).collect(),
-            orders: history.orders.iter().map(|_| Uuid::now_v7()).collect(),
-            queue: Queue::default(),
-            sent: Vec::new(),
             supply: history.stock.iter().map(|(n, _)| i64::from(*n)).collect(),
             decisions: HashMap::new(),
-            confirmed: HashSet::new(),
-            rolled_back: HashMap::new(),
-            committed: HashSet::new(),
-            log: Vec::new(),
-            since: 0,
         }
     }
 
     async fn play(mut self) -> Result<(), String> {
-        self.since = self.lab.outbox_end().await;
-        let mut conn = self.lab.pool.acquire().await.map_err(|e| e.to_string())?;
+        let pool = &self.p.lab.pool;
         for (item, (available, backorderable)) in self.items.iter().zip(&self.history.stock) {
+            let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
             inventory_svc::db::put_item(
                 &mut conn,
                 item,
@@ -293,40 +272,14 @@ impl<'a> Run<'a> {
             .await
             .map_err(|e| e.to_string())?;
         }
-        drop(conn);
         for step in &self.history.steps {
             self.step(step).await?;
-            self.check().await.map_err(|e| self.explain(e))?;
+            self.check().await.map_err(|e| self.p.explain(e))?;
         }
-        // Whatever is left is delivered, in batches, without faults.
-        for _ in 0..200 {
-            if self.queue.is_empty() {
-                break;
-            }
-            self.step(&Step::Deliver {
-                size: 8,
-                fault: Fault::None,
-            })
-            .await?;
-            self.check().await.map_err(|e| self.explain(e))?;
+        while self.p.deliver_rest().await {
+            self.check().await.map_err(|e| self.p.explain(e))?;
         }
-        harness::cover_committed(&self.lab.outbox(self.since).await);
-        ensure(self.queue.is_empty(), || {
-            self.explain(format!("{} messages never settled", self.queue.len()))
-        })?;
-        ensure(self.queue.dead.is_empty(), || {
-            let dead: Vec<String> = self
-                .queue
-                .dead
-                .iter()
-                .map(|(m, why)| format!("{} ({why})", m.routing_key))
-                .collect();
-            self.explain(format!("messages parked or escalated: {dead:?}"))
-        })
-    }
-
-    fn explain(&self, violation: String) -> String {
-        format!("{violation}\nwhat happened:\n  {}", self.log.join("\n  "))
+        self.p.finish().await
     }
 
     fn lines(&self, order: usize) -> Vec<OrderLine> {
@@ -350,22 +303,16 @@ impl<'a> Run<'a> {
             (false, false) => now + Duration::seconds(60),
         };
         SagaContext {
-            order_id: self.orders[order],
+            order_id: self.p.orders[order],
             deadline_at,
-            causation_id: format!("{cause}:{}", self.orders[order]),
+            causation_id: format!("{cause}:{}", self.p.orders[order]),
             producer: "checker",
             trail: Vec::new(),
         }
     }
 
-    fn send(&mut self, message: &OutboxMessage) {
-        let incoming = harness::incoming(message);
-        self.sent.push(incoming.clone());
-        self.queue.publish(incoming);
-    }
-
     async fn step(&mut self, step: &Step) -> Result<(), String> {
-        let n_orders = self.orders.len();
+        let n_orders = self.p.orders.len();
         match *step {
             Step::Send { order, what } => {
                 let order = order % n_orders;
@@ -374,8 +321,7 @@ impl<'a> Run<'a> {
                 let lines = self.lines(order);
                 match what {
                     Send::Hold if spec.three_ds => {
-                        let ctx = self.context(order, "hold", true);
-                        let m = ctx.event(
+                        let m = self.context(order, "hold", true).event(
                             EventType::PaymentActionRequired,
                             &PaymentActionRequired {
                                 customer_id: "c".into(),
@@ -386,14 +332,11 @@ impl<'a> Run<'a> {
                                 action: "3ds_confirmation".into(),
                             },
                         );
-                        self.log
-                            .push(format!("send payment.action_required #{order}"));
-                        self.send(&m);
+                        self.p.send(&m);
                     }
                     Send::Paid | Send::Hold => {
-                        let ctx = self.context(order, "paid", false);
                         let long = spec.three_ds.then(|| Utc::now() + Duration::seconds(600));
-                        let m = ctx.event(
+                        let m = self.context(order, "paid", false).event(
                             EventType::PaymentCompleted,
                             &PaymentCompleted {
                                 customer_id: "c".into(),
@@ -404,129 +347,43 @@ impl<'a> Run<'a> {
                                 long_deadline_at: long,
                             },
                         );
-                        self.log.push(format!("send payment.completed #{order}"));
-                        self.send(&m);
+                        self.p.send(&m);
                     }
                     Send::Decide { confirm, timeout } => {
                         if let Some(messages) = self.decisions.get(&order).cloned() {
-                            self.log
-                                .push(format!("send the decision of #{order} again"));
                             for m in &messages {
-                                self.send(m);
+                                self.p.send(m);
                             }
                             return Ok(());
                         }
-                        let id = self.orders[order];
-                        let announced = self.lab.outbox(self.since).await.iter().any(|e| {
-                            e.order_id == Some(id) && e.routing_key == "inventory.reserved"
-                        });
-                        let ctx = self.context(order, "decision", false);
-                        let mut messages = Vec::new();
-                        if confirm && announced {
-                            messages.push(ctx.event(
-                                EventType::OrderConfirmed,
-                                &OrderDecided {
-                                    customer_id: "c".into(),
-                                    amount_cents: amount,
-                                    result: SagaResult::Success { order_id: id },
-                                },
-                            ));
-                            self.confirmed.insert(order);
-                            self.log.push(format!("send order.confirmed #{order}"));
-                        } else {
-                            if timeout {
-                                messages.push(ctx.event(
-                                    EventType::OrderCancelled,
-                                    &OrderCancelled {
-                                        customer_id: "c".into(),
-                                        reason: "timed out".into(),
-                                    },
-                                ));
-                            }
-                            messages.push(ctx.event(
-                                EventType::OrderFailed,
-                                &OrderDecided {
-                                    customer_id: "c".into(),
-                                    amount_cents: amount,
-                                    result: SagaResult::order_failed(id, "Order timed out", "x"),
-                                },
-                            ));
-                            self.log.push(format!(
-                                "send {}order.failed #{order}",
-                                if timeout { "order.cancelled + " } else { "" }
-                            ));
-                        }
+                        let id = self.p.orders[order];
+                        let outbox = self.p.outbox().await;
+                        let announced =
+                            Player::<InventoryHandler>::count(&outbox, id, "inventory.reserved")
+                                > 0;
+                        let messages = decision(
+                            &self.context(order, "decision", false),
+                            amount,
+                            confirm && announced,
+                            timeout,
+                        );
                         for m in &messages {
-                            self.send(m);
+                            self.p.send(m);
                         }
                         self.decisions.insert(order, messages);
                     }
                 }
             }
-            Step::Resend { nth } => {
-                if !self.sent.is_empty() {
-                    let again = self.sent[nth % self.sent.len()].clone();
-                    self.log
-                        .push(format!("send a copy of {}", describe(&again, &self.orders)));
-                    self.queue.publish(again);
-                }
-            }
+            Step::Resend { nth } => self.p.resend(nth),
             Step::Deliver { size, fault } => {
-                let outcomes = self.queue.deliver(&self.lab.judge, size, fault).await;
-                if outcomes.is_empty() {
-                    return Ok(());
-                }
-                let outbox = self.lab.outbox(self.since).await;
-                let described: Vec<String> = outcomes
-                    .iter()
-                    .map(|o| {
-                        format!(
-                            "{} → {}",
-                            describe(&o.message, &self.orders),
-                            verdict(&o.verdict)
-                        )
-                    })
-                    .collect();
-                self.log.push(format!(
-                    "deliver a batch{}: [{}]",
-                    match fault {
-                        Fault::None => "",
-                        Fault::CrashBeforeAck => " (crash before the ack)",
-                        Fault::CommitLost => " (the COMMIT's answer lost)",
-                    },
-                    described.join(", ")
-                ));
-                for o in outcomes {
-                    if o.crashed || !matches!(o.verdict, Verdict::Ack) {
-                        continue;
-                    }
-                    let Some(order_id) = order_of(&o.message) else {
-                        continue;
-                    };
-                    match o.message.routing_key.as_str() {
-                        "order.failed" | "order.cancelled" => {
-                            let reserved = outbox
-                                .iter()
-                                .filter(|e| {
-                                    e.order_id == Some(order_id)
-                                        && e.routing_key == "inventory.reserved"
-                                })
-                                .count();
-                            self.rolled_back.entry(order_id).or_insert(reserved);
-                        }
-                        "order.confirmed" => {
-                            self.committed.insert(order_id);
-                        }
-                        _ => {}
-                    }
-                }
+                self.p.deliver(size, fault).await;
             }
             Step::Restock { item, units } => {
                 let (held, committed) = self.units(item).await?;
                 self.supply[item] = i64::from(units) + held + committed;
                 inventory_svc::restock::restock(
-                    &self.lab.pool,
-                    &self.lab.publisher,
+                    &self.p.lab.pool,
+                    &self.p.lab.publisher,
                     &self.items[item],
                     units,
                     None,
@@ -534,25 +391,25 @@ impl<'a> Run<'a> {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-                self.log
-                    .push(format!("restock item{item} to {units} available"));
+                self.p
+                    .note(format!("restock item{item} to {units} available"));
             }
             Step::ExpireHolds => {
                 sqlx::query(
                     "update reservations set expires_at = now() - interval '1 second' \
                      where order_id = any($1) and awaiting_payment",
                 )
-                .bind(&self.orders)
-                .execute(&self.lab.pool)
+                .bind(&self.p.orders)
+                .execute(&self.p.lab.pool)
                 .await
                 .map_err(|e| e.to_string())?;
                 let released = inventory_svc::expiry::release_expired(
-                    &self.lab.pool,
+                    &self.p.lab.pool,
                     std::time::Duration::ZERO,
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-                self.log.push(format!("holds expire ({released} released)"));
+                self.p.note(format!("holds expire ({released} released)"));
             }
         }
         Ok(())
@@ -570,7 +427,7 @@ impl<'a> Run<'a> {
             "#,
         )
         .bind(&self.items[item])
-        .fetch_one(&self.lab.pool)
+        .fetch_one(&self.p.lab.pool)
         .await
         .map_err(|e| e.to_string())?;
         Ok((i64::from(held), committed))
@@ -592,7 +449,7 @@ impl<'a> Run<'a> {
                 "#,
             )
             .bind(&self.items[item])
-            .fetch_one(&self.lab.pool)
+            .fetch_one(&self.p.lab.pool)
             .await
             .map_err(|e| e.to_string())?;
             let total = i64::from(available) + i64::from(held) + committed;
@@ -611,19 +468,14 @@ impl<'a> Run<'a> {
         }
         let statuses: Vec<(Uuid, String)> =
             sqlx::query_as("select order_id, status from reservations where order_id = any($1)")
-                .bind(&self.orders)
-                .fetch_all(&self.lab.pool)
+                .bind(&self.p.orders)
+                .fetch_all(&self.p.lab.pool)
                 .await
                 .map_err(|e| e.to_string())?;
         let status: HashMap<Uuid, String> = statuses.into_iter().collect();
-        let outbox = self.lab.outbox(self.since).await;
-        for (n, id) in self.orders.iter().enumerate() {
-            let count = |key: &str| {
-                outbox
-                    .iter()
-                    .filter(|e| e.order_id == Some(*id) && e.routing_key == key)
-                    .count()
-            };
+        let outbox = self.p.outbox().await;
+        for (n, id) in self.p.orders.iter().enumerate() {
+            let count = |key| Player::<InventoryHandler>::count(&outbox, *id, key);
             let (reserved, failed, released) = (
                 count("inventory.reserved"),
                 count("inventory.failed"),
@@ -638,7 +490,7 @@ impl<'a> Run<'a> {
                 format!("#{n}: both reserved and failed")
             })?;
             let current = status.get(id).map(String::as_str);
-            if let Some(&before) = self.rolled_back.get(id) {
+            if self.p.rolled_back.contains_key(id) {
                 ensure(
                     !matches!(current, Some("held" | "backordered" | "committed")),
                     || {
@@ -647,11 +499,16 @@ impl<'a> Run<'a> {
                         )
                     },
                 )?;
-                ensure(reserved <= before, || {
-                    format!("#{n}: inventory.reserved after its rollback was handled")
-                })?;
+                ensure(
+                    !self.p.after_rollback(&outbox, *id, "inventory.reserved"),
+                    || format!("#{n}: inventory.reserved after its rollback was handled"),
+                )?;
             }
-            if self.committed.contains(id) {
+            if self
+                .p
+                .acked
+                .contains_key(&(*id, "order.confirmed".to_owned()))
+            {
                 ensure(current == Some("committed"), || {
                     format!(
                         "#{n}: its confirmation was handled, yet its reservation is {current:?}"
@@ -661,4 +518,44 @@ impl<'a> Run<'a> {
         }
         Ok(())
     }
+}
+
+/// The saga's decision for an order: `order.confirmed`, or `order.failed`
+/// (after `order.cancelled` for a timeout).
+pub fn decision(
+    ctx: &SagaContext,
+    amount_cents: i64,
+    confirm: bool,
+    timeout: bool,
+) -> Vec<OutboxMessage> {
+    let id = ctx.order_id;
+    if confirm {
+        return vec![ctx.event(
+            EventType::OrderConfirmed,
+            &OrderDecided {
+                customer_id: "c".into(),
+                amount_cents,
+                result: SagaResult::Success { order_id: id },
+            },
+        )];
+    }
+    let mut messages = Vec::new();
+    if timeout {
+        messages.push(ctx.event(
+            EventType::OrderCancelled,
+            &OrderCancelled {
+                customer_id: "c".into(),
+                reason: "timed out".into(),
+            },
+        ));
+    }
+    messages.push(ctx.event(
+        EventType::OrderFailed,
+        &OrderDecided {
+            customer_id: "c".into(),
+            amount_cents,
+            result: SagaResult::order_failed(id, "Order timed out", "x"),
+        },
+    ));
+    messages
 }

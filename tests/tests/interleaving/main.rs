@@ -14,3 +14,4 @@
 
 mod harness;
 mod inventory;
+mod payment;
