@@ -8,12 +8,14 @@
 //! |---|---|
 //! | `outbox::after_commit` | a transaction has committed, its events are in the outbox, nothing is published yet |
 //! | `consumer::before_ack` | a batch is committed and its events confirmed by the broker, the deliveries not yet acked |
+//! | `unit_of_work::before_commit` | a batch's handler is done (emails sent, say), its transaction not committed (paused while set) |
 //! | `unit_of_work::commit_lost` | a transaction has committed and the answer to its COMMIT is lost (the caller sees an error) |
 //! | `consumer::hang` | a batch's handler starts (it then never finishes) |
 //! | `inventory::stock_commit` | a batch with `order.confirmed` starts (it then fails) |
 //! | `order::before_reply_target` | an order placed earlier gets a new reply target (paused while set) |
 //! | `escalation::publish` | an operator's retry publishes the escalated message (it then fails) |
 //! | `notification::after_send` | a batch's confirmation emails went out, nothing of it is recorded yet (it then fails) |
+//! | `notification::queue_after_send` | the queued sender handed an email to the relay, its outcome is not recorded (paused for good) |
 //!
 //! All but the first two are configured by in-process tests (`fail::cfg`).
 

@@ -85,30 +85,52 @@ pub async fn claim_sending(
     Ok(claimed)
 }
 
-/// Locks the records of `order_ids` that are still `sending` (a rollback
-/// that got there first has retracted them); returns their orders.
-pub async fn lock_sending(
+/// An order's notification record, locked.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Locked {
+    pub order_id: Uuid,
+    pub status: String,
+    pub recipient: Option<String>,
+    pub relay_may_have_it: bool,
+}
+
+impl Locked {
+    pub fn status(&self) -> Option<NotificationStatus> {
+        NotificationStatus::parse(&self.status)
+    }
+}
+
+/// Locks the notification records of `order_ids` in one global order
+/// (sorted), so that batches and the queued sender cannot deadlock.
+pub async fn lock_notifications(
     conn: &mut PgConnection,
     order_ids: &[Uuid],
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
-        "select order_id from notifications where order_id = any($1) and status = 'sending' \
-         order by order_id for update",
+) -> Result<HashMap<Uuid, Locked>, sqlx::Error> {
+    if order_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<Locked> = sqlx::query_as(
+        "select order_id, status, recipient, relay_may_have_it from notifications \
+         where order_id = any($1) order by order_id for update",
     )
     .bind(order_ids)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.order_id, r)).collect())
 }
 
 /// Records a batch's sent emails, marks `sent` the notifications claimed as
 /// `sending` whose email went out (`delivered`) and `bounced` those whose
-/// email the relay refused, and writes the batch's events — one statement.
+/// email the relay refused (`refused`; of those, `refused_for_sure` were
+/// never tried before, so the relay has nothing of them), and writes the
+/// batch's events — one statement.
 pub async fn record_confirmations(
     conn: &mut PgConnection,
     emails: &[&Email],
     transport: &str,
     delivered: &[Uuid],
     refused: &[Uuid],
+    refused_for_sure: &[Uuid],
     events: OutboxRows<'_>,
 ) -> Result<(), sqlx::Error> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
@@ -126,13 +148,15 @@ pub async fn record_confirmations(
                 where order_id = any($8) and status = 'sending'
             ),
             refused as (
-                update notifications set status = 'bounced', updated_at = now()
-                where order_id = any($9)
+                update notifications
+                set status = 'bounced', updated_at = now(),
+                    relay_may_have_it = relay_may_have_it and not (order_id = any($10))
+                where order_id = any($9) and status = 'sending'
             ),
             events as ({})
             select 1
             "#,
-            insert_cte(10, None)
+            insert_cte(11, None)
         )
     });
     let mut ids = Vec::with_capacity(emails.len());
@@ -158,7 +182,8 @@ pub async fn record_confirmations(
         .bind(bodies)
         .bind(transport)
         .bind(delivered)
-        .bind(refused);
+        .bind(refused)
+        .bind(refused_for_sure);
     events.bind(query).execute(conn).await?;
     Ok(())
 }
@@ -170,6 +195,8 @@ pub struct NewNotification<'a> {
     pub recipient: Option<&'a str>,
     pub status: NotificationStatus,
     pub reason: Option<&'a str>,
+    /// A confirmation is about to be handed to the relay.
+    pub relay_may_have_it: bool,
 }
 
 /// Inserts notification records (one statement); returns the orders that
@@ -183,17 +210,24 @@ pub async fn insert_notifications(
     let mut recipients = Vec::with_capacity(records.len());
     let mut statuses = Vec::with_capacity(records.len());
     let mut reasons = Vec::with_capacity(records.len());
-    for r in records {
+    let mut relay = Vec::with_capacity(records.len());
+    let mut sorted: Vec<&NewNotification<'_>> = records.iter().collect();
+    // One global order for new keys too (see `lock_notifications`).
+    sorted.sort_by_key(|r| r.order_id);
+    for r in sorted {
         ids.push(r.order_id);
         customers.push(r.customer_id);
         recipients.push(r.recipient);
         statuses.push(r.status.as_str());
         reasons.push(r.reason);
+        relay.push(r.relay_may_have_it);
     }
     sqlx::query_scalar(
         r#"
-        insert into notifications (order_id, customer_id, recipient, status, reason)
-        select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+        insert into notifications (order_id, customer_id, recipient, status, reason,
+                                   relay_may_have_it)
+        select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::bool[])
         on conflict (order_id) do nothing
         returning order_id
         "#,
@@ -203,6 +237,7 @@ pub async fn insert_notifications(
     .bind(recipients)
     .bind(statuses)
     .bind(reasons)
+    .bind(relay)
     .fetch_all(conn)
     .await
 }
@@ -223,33 +258,6 @@ pub async fn put_customer_email(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Inserts the order's notification record; false if it already has one.
-pub async fn insert_notification(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    customer_id: &str,
-    recipient: Option<&str>,
-    status: NotificationStatus,
-    reason: Option<&str>,
-) -> Result<bool, sqlx::Error> {
-    let n = sqlx::query(
-        r#"
-        insert into notifications (order_id, customer_id, recipient, status, reason)
-        values ($1, $2, $3, $4, $5)
-        on conflict (order_id) do nothing
-        "#,
-    )
-    .bind(order_id)
-    .bind(customer_id)
-    .bind(recipient)
-    .bind(status.as_str())
-    .bind(reason)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(n == 1)
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -287,31 +295,6 @@ pub async fn notification_summary(
         .bind(order_id)
         .fetch_optional(conn)
         .await
-}
-
-pub async fn lock_notification(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-) -> Result<Option<NotificationRow>, sqlx::Error> {
-    sqlx::query_as(
-        "select order_id, customer_id, recipient, status from notifications where order_id = $1 for update",
-    )
-    .bind(order_id)
-    .fetch_optional(conn)
-    .await
-}
-
-pub async fn set_status(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    status: NotificationStatus,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("update notifications set status = $2, updated_at = now() where order_id = $1")
-        .bind(order_id)
-        .bind(status.as_str())
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 pub async fn record_email(
@@ -365,8 +348,14 @@ pub async fn emails_for(
 // ----- confirmations queued while the mail relay is down -----
 
 /// Queues the confirmations the relay could not take and marks their
-/// notifications `deferred` (one statement each; none if empty).
-pub async fn defer_emails(conn: &mut PgConnection, emails: &[Email]) -> Result<(), sqlx::Error> {
+/// notifications `deferred` (those still `sending`: one a rollback retracted
+/// meanwhile stays retracted); `uncertain` ones may have been taken by the
+/// relay all the same. One statement each; none if empty.
+pub async fn defer_emails(
+    conn: &mut PgConnection,
+    emails: &[Email],
+    uncertain: &[Uuid],
+) -> Result<(), sqlx::Error> {
     if emails.is_empty() {
         return Ok(());
     }
@@ -378,8 +367,17 @@ pub async fn defer_emails(conn: &mut PgConnection, emails: &[Email]) -> Result<(
     let bodies: Vec<&str> = emails.iter().map(|e| e.body.as_str()).collect();
     sqlx::query(
         r#"
+        with deferred as (
+            update notifications
+            set status = 'deferred', updated_at = now(),
+                relay_may_have_it = relay_may_have_it or order_id = any($7)
+            where order_id = any($1) and status in ('sending', 'deferred')
+            returning order_id
+        )
         insert into deferred_emails (order_id, email_id, kind, recipient, subject, body)
-        select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+        select q.* from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                               $6::text[]) as q(order_id, email_id, kind, recipient, subject, body)
+        where q.order_id in (select order_id from deferred)
         on conflict (order_id) do nothing
         "#,
     )
@@ -389,105 +387,272 @@ pub async fn defer_emails(conn: &mut PgConnection, emails: &[Email]) -> Result<(
     .bind(recipients)
     .bind(subjects)
     .bind(bodies)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "update notifications set status = 'deferred', updated_at = now() where order_id = any($1)",
-    )
-    .bind(&ids)
+    .bind(uncertain)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Queued confirmations due for another attempt, locked with their
-/// notification (skipping any a rollback holds), oldest due first.
-pub async fn due_emails(conn: &mut PgConnection, limit: i64) -> Result<Vec<Email>, sqlx::Error> {
-    let rows: Vec<(Uuid, Uuid, String, String, String)> = sqlx::query_as(
+/// What a rollback does to the notification records it locked (see
+/// [`lock_notifications`]), in one statement.
+pub struct Rollbacks<'a> {
+    /// Records whose status changes (retracted, or cancelled before any email).
+    pub statuses: &'a [(Uuid, NotificationStatus)],
+    /// Orders whose queued confirmation is dropped (it never went out, or
+    /// a cancellation takes its place in the queue).
+    pub drop_queued: &'a [Uuid],
+    /// Cancellations handed to the queued sender (an external relay: no
+    /// call to it inside a batch), each due once its confirmation, if one
+    /// is being handed to the relay right now, is done.
+    pub queue: &'a [&'a Email],
+    /// Cancellations sent already (a transport that only records them).
+    pub sent: &'a [&'a Email],
+    pub transport: &'a str,
+}
+
+pub async fn roll_back(conn: &mut PgConnection, r: &Rollbacks<'_>) -> Result<(), sqlx::Error> {
+    let (ids, statuses): (Vec<Uuid>, Vec<&str>) =
+        r.statuses.iter().map(|(id, s)| (*id, s.as_str())).unzip();
+    let columns = |emails: &[&Email]| {
+        let mut c = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for e in emails {
+            c.0.push(e.order_id);
+            c.1.push(e.id);
+            c.2.push(e.kind.as_str().to_owned());
+            c.3.push(e.recipient.clone());
+            c.4.push(e.subject.clone());
+            c.5.push(e.body.clone());
+        }
+        c
+    };
+    let q = columns(r.queue);
+    let sent = columns(r.sent);
+    sqlx::query(
         r#"
-        select d.order_id, d.email_id, d.recipient, d.subject, d.body
+        with dropped as (
+            delete from deferred_emails
+            where order_id = any($3) and order_id <> all($4)
+        ),
+        changed as (
+            update notifications n set status = s.status, updated_at = now()
+            from unnest($1::uuid[], $2::text[]) as s(order_id, status)
+            where n.order_id = s.order_id
+        ),
+        queue as (
+            select * from unnest($4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[],
+                                 $9::text[])
+                as q(order_id, email_id, kind, recipient, subject, body)
+        ),
+        replaced as (
+            -- A queued confirmation becomes its cancellation, due once the
+            -- confirmation, if it is being handed to the relay, is done.
+            update deferred_emails d
+            set email_id = q.email_id, kind = q.kind, recipient = q.recipient,
+                subject = q.subject, body = q.body, attempts = 0, last_error = null,
+                next_attempt_at = greatest(now(), d.in_flight_until)
+            from queue q
+            where d.order_id = q.order_id
+        ),
+        queued as (
+            insert into deferred_emails (order_id, email_id, kind, recipient, subject, body)
+            select q.* from queue q
+            where not exists (select 1 from deferred_emails d where d.order_id = q.order_id)
+            on conflict (order_id) do nothing
+        )
+        insert into emails (id, order_id, kind, recipient, subject, body, transport)
+        select e.id, e.order_id, e.kind, e.recipient, e.subject, e.body, $16
+        from unnest($10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[])
+            as e(order_id, id, kind, recipient, subject, body)
+        on conflict do nothing
+        "#,
+    )
+    .bind(ids)
+    .bind(statuses)
+    .bind(r.drop_queued)
+    .bind(q.0)
+    .bind(q.1)
+    .bind(q.2)
+    .bind(q.3)
+    .bind(q.4)
+    .bind(q.5)
+    .bind(sent.0)
+    .bind(sent.1)
+    .bind(sent.2)
+    .bind(sent.3)
+    .bind(sent.4)
+    .bind(sent.5)
+    .bind(r.transport)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A queued email handed to the relay, for [`settle_queued`].
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub email: Email,
+    /// Attempts before this one.
+    pub attempts: i32,
+}
+
+/// Takes the queued email due first (skipping any a rollback holds) for
+/// `lease`: it is not taken again before the lease ends, unless settled.
+/// A confirmation is marked as one the relay may have from now on. Commits
+/// at once: nothing is locked while the relay is being talked to.
+pub async fn lease_due(
+    pool: &PgPool,
+    lease: std::time::Duration,
+) -> Result<Option<Leased>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(Uuid, Uuid, String, String, String, String, i32)> = sqlx::query_as(
+        r#"
+        select d.order_id, d.email_id, d.kind, d.recipient, d.subject, d.body, d.attempts
         from deferred_emails d join notifications n using (order_id)
-        where d.next_attempt_at <= now() and n.status = 'deferred'
+        where d.next_attempt_at <= now()
+          and (d.kind = 'cancellation' or n.status = 'deferred')
         order by d.next_attempt_at
-        limit $1
+        limit 1
         for update of d, n skip locked
         "#,
     )
-    .bind(limit)
-    .fetch_all(conn)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(order_id, id, recipient, subject, body)| Email {
-            id,
-            order_id,
-            kind: crate::domain::EmailKind::Confirmation,
-            recipient,
-            subject,
-            body,
-        })
-        .collect())
-}
-
-/// A queued confirmation went out (or was refused for good): off the queue,
-/// its notification `sent` (or `bounced`).
-pub async fn dequeue_email(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    status: NotificationStatus,
-    reason: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from deferred_emails where order_id = $1")
-        .bind(order_id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(
-        "update notifications set status = $2, reason = coalesce($3, reason), updated_at = now() where order_id = $1",
-    )
-    .bind(order_id)
-    .bind(status.as_str())
-    .bind(reason)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Attempts so far of a queued confirmation.
-pub async fn queued_attempts(conn: &mut PgConnection, order_id: Uuid) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar("select attempts from deferred_emails where order_id = $1")
-        .bind(order_id)
-        .fetch_one(conn)
-        .await
-}
-
-/// A queued confirmation the relay still cannot take: tried again later.
-pub async fn postpone_email(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    delay: std::time::Duration,
-    error: &str,
-) -> Result<(), sqlx::Error> {
+    let Some((order_id, id, kind, recipient, subject, body, attempts)) = row else {
+        return Ok(None);
+    };
+    let kind = if kind == crate::domain::EmailKind::Cancellation.as_str() {
+        crate::domain::EmailKind::Cancellation
+    } else {
+        crate::domain::EmailKind::Confirmation
+    };
     sqlx::query(
         r#"
-        update deferred_emails
-        set attempts = attempts + 1, last_error = $3,
-            next_attempt_at = now() + make_interval(secs => $2)
-        where order_id = $1
+        with leased as (
+            update deferred_emails
+            set attempts = attempts + 1,
+                in_flight_until = now() + make_interval(secs => $2),
+                next_attempt_at = now() + make_interval(secs => $2)
+            where order_id = $1
+        )
+        update notifications set relay_may_have_it = true
+        where order_id = $1 and $3
         "#,
     )
     .bind(order_id)
-    .bind(delay.as_secs_f64())
-    .bind(error)
-    .execute(conn)
+    .bind(lease.as_secs_f64())
+    .bind(kind == crate::domain::EmailKind::Confirmation)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    tx.commit().await?;
+    Ok(Some(Leased {
+        email: Email {
+            id,
+            order_id,
+            kind,
+            recipient,
+            subject,
+            body,
+        },
+        attempts,
+    }))
 }
 
-/// A rollback drops a queued confirmation (it never went out).
-pub async fn drop_queued_email(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from deferred_emails where order_id = $1")
-        .bind(order_id)
-        .execute(conn)
+/// What the relay said about a leased email.
+#[derive(Debug, Clone)]
+pub enum QueuedOutcome<'a> {
+    Sent,
+    /// Refused for good.
+    Rejected(&'a str),
+    /// Try again after this long.
+    Later(std::time::Duration, &'a str),
+}
+
+/// Records what became of a leased email: sent (off the queue, recorded; a
+/// confirmation's notification `sent`, unless a rollback retracted it
+/// meanwhile), refused for good (off the queue; a confirmation `bounced`),
+/// or to be tried again later. A queued email a rollback replaced or
+/// dropped meanwhile stays as the rollback left it.
+pub async fn settle_queued(
+    pool: &PgPool,
+    leased: &Leased,
+    outcome: QueuedOutcome<'_>,
+    transport: &str,
+) -> Result<(), sqlx::Error> {
+    let email = &leased.email;
+    let confirmation = email.kind == crate::domain::EmailKind::Confirmation;
+    let mut tx = pool.begin().await?;
+    // The notification first, then its queued email: the order a rollback
+    // locks them in.
+    sqlx::query("select 1 from notifications where order_id = $1 for update")
+        .bind(email.order_id)
+        .execute(&mut *tx)
         .await?;
-    Ok(())
+    let still_queued: bool = sqlx::query_scalar(
+        "select exists (select 1 from deferred_emails where order_id = $1 and email_id = $2 \
+         for update)",
+    )
+    .bind(email.order_id)
+    .bind(email.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    match outcome {
+        QueuedOutcome::Sent => {
+            record_email(&mut tx, email, transport).await?;
+            if still_queued {
+                sqlx::query("delete from deferred_emails where order_id = $1")
+                    .bind(email.order_id)
+                    .execute(&mut *tx)
+                    .await?;
+                if confirmation {
+                    sqlx::query(
+                        "update notifications set status = 'sent', updated_at = now() \
+                         where order_id = $1 and status = 'deferred'",
+                    )
+                    .bind(email.order_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        QueuedOutcome::Rejected(reason) if still_queued => {
+            sqlx::query("delete from deferred_emails where order_id = $1")
+                .bind(email.order_id)
+                .execute(&mut *tx)
+                .await?;
+            if confirmation {
+                sqlx::query(
+                    "update notifications set status = 'bounced', updated_at = now(), \
+                     reason = $2 where order_id = $1 and status = 'deferred'",
+                )
+                .bind(email.order_id)
+                .bind(format!("Email rejected: {reason}"))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        QueuedOutcome::Later(delay, error) if still_queued => {
+            sqlx::query(
+                r#"
+                update deferred_emails
+                set in_flight_until = null, last_error = $3,
+                    next_attempt_at = now() + make_interval(secs => $2)
+                where order_id = $1
+                "#,
+            )
+            .bind(email.order_id)
+            .bind(delay.as_secs_f64())
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+        }
+        _ => {}
+    }
+    tx.commit().await
 }

@@ -1,20 +1,25 @@
 //! Message handlers of notification-svc, one batch at a time.
 //!
-//! - `inventory.reserved`: email the confirmation → `notification.sent`, or
-//!   `notification.failed` if the address bounces. A batch claims every
-//!   order's notification record with one statement first (which serialises
-//!   it against a concurrent rollback, which then sees the email), sends, and
-//!   records the emails with one more.
-//! - `order.failed`, `order.cancelled`: if a confirmation went out, email a
-//!   cancellation; if nothing went out yet, tombstone so a late
-//!   `inventory.reserved` sends nothing.
+//! - `inventory.reserved`: email the confirmation → `notification.sent`,
+//!   `notification.failed` if the address bounces, or `notification.deferred`
+//!   if the mail relay is down (the email is queued: [`crate::queue`]).
+//! - `order.failed`, `order.cancelled`: a cancellation follows every
+//!   confirmation the relay may have taken; a queued confirmation never
+//!   sent is dropped; an order that got no email yet is tombstoned, so a
+//!   late `inventory.reserved` sends nothing. A rollback wins over the
+//!   confirmation of the same order in its batch, whatever their order.
 //!
 //! With the default transport the email *is* the row, written in the
-//! batch's transaction: exactly-once. With SMTP the email leaves the process,
-//! so its record is committed as `sending` before the send and marked `sent`
-//! with the batch: a crash in between re-sends it on redelivery
-//! (at-least-once, as email always is), and a rollback that finds `sending`
-//! sends the cancellation, since the confirmation may have gone out.
+//! batch's transaction: exactly-once. With SMTP the email leaves the
+//! process: its record is committed as `sending` (and as one the relay may
+//! have) before the send, the send holds no lock, and a crash before the
+//! outcome is recorded re-sends it on redelivery (at-least-once, as email
+//! always is). `relay_may_have_it` outlives every status that follows (a
+//! resumed send the relay now refuses, or queues): a rollback that finds it
+//! sends the cancellation. Nothing a batch does waits for an external
+//! relay more than once: a rollback queues its cancellation, and once a
+//! send finds the relay down the batches queue their confirmations without
+//! trying it until the queue gets one through.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -28,7 +33,6 @@ use common::messaging::inbox;
 use common::messaging::outbox::OutboxRows;
 use common::messaging::unit_of_work::UnitOfWork;
 use common::metric_definitions::step_outcome;
-use common::saga::compensation::{Compensation, compensation_for};
 use common::saga::order::SagaResult;
 use sqlx::PgPool;
 use tracing::info;
@@ -37,6 +41,7 @@ use uuid::Uuid;
 use crate::SERVICE;
 use crate::db::{self, NewNotification};
 use crate::domain::{self, Email, NotificationStatus};
+use crate::queue::RelayHealth;
 use crate::transport::{EmailTransport, SendError};
 
 pub struct NotificationHandler {
@@ -44,6 +49,8 @@ pub struct NotificationHandler {
     pub transport: Arc<dyn EmailTransport>,
     /// Domain of the default address of customers without one on file.
     pub default_email_domain: String,
+    /// What batches know of the mail relay (shared with the queued sender).
+    pub relay: Arc<RelayHealth>,
 }
 
 impl MessageHandler for NotificationHandler {
@@ -59,16 +66,32 @@ impl MessageHandler for NotificationHandler {
         let StepBatch {
             mut results,
             forward,
-            rollbacks: aborts,
+            rollbacks,
             ..
         } = StepBatch::<InventoryReserved>::sort(SERVICE, batch, EventType::InventoryReserved, &[]);
-        let confirmations: Vec<(Envelope, InventoryReserved)> =
-            forward.into_iter().map(|(_, env, r)| (env, r)).collect();
+        // A rollback wins over the confirmation of the same order in the
+        // same batch, whatever their order: no email goes out for it.
+        let aborting: HashSet<Uuid> = rollbacks.iter().map(|(_, e)| e.order_id).collect();
+        let mut late = 0u64;
+        let confirmations: Vec<(Envelope, InventoryReserved)> = forward
+            .into_iter()
+            .filter_map(|(_, env, r)| {
+                if aborting.contains(&env.order_id) {
+                    late += 1;
+                    None
+                } else {
+                    Some((env, r))
+                }
+            })
+            .collect();
+        uow.on_commit(move || {
+            inbox::count_late(SERVICE, EventType::InventoryReserved.routing_key(), late);
+        });
         if !confirmations.is_empty() {
             self.confirm(uow, confirmations).await?;
         }
-        for (i, env) in aborts {
-            results[i] = self.on_abort(uow, &env).await;
+        if !rollbacks.is_empty() {
+            self.roll_back(uow, &rollbacks, &mut results).await?;
         }
         Ok(results)
     }
@@ -80,9 +103,11 @@ struct Planned {
     reserved: InventoryReserved,
     recipient: String,
     precheck: Result<(), StepFailed>,
-    /// The status to record; `None` for a confirmation resumed from a
-    /// `sending` record, which already has one.
-    status: Option<NotificationStatus>,
+    /// The precheck failed because the saga's deadline had passed.
+    expired: bool,
+    /// Resumed from a `sending` record: an earlier attempt may have gone
+    /// out (a crash before its outcome was recorded).
+    resumed: bool,
 }
 
 impl Planned {
@@ -94,18 +119,35 @@ impl Planned {
             recipient: Some(&self.recipient),
             status,
             reason: self.precheck.as_ref().err().map(|f| f.reason.as_str()),
+            relay_may_have_it: status == NotificationStatus::Sending,
         }
+    }
+
+    fn email(&self) -> Email {
+        domain::confirmation(
+            self.env.order_id,
+            &self.recipient,
+            &self.reserved.items,
+            self.reserved.amount_cents,
+            &self.reserved.currency,
+        )
     }
 }
 
 impl NotificationHandler {
     /// Sends the confirmation of every new order of the batch.
     ///
-    /// With an external transport (SMTP) each email is first claimed as
-    /// `sending` in a transaction of its own, committed before the send, and
-    /// marked `sent` with the batch: a crash in between leaves `sending`,
-    /// which a redelivery resumes (sends again) and a rollback treats as
-    /// sent (a cancellation follows).
+    /// With a transport that only records emails, the email *is* the row,
+    /// written in the batch's transaction: exactly-once. With an external
+    /// relay (SMTP) each email is first claimed as `sending` in a
+    /// transaction of its own, committed before the send — from then on the
+    /// relay may have it, and a rollback sends a cancellation whatever
+    /// follows — and the sends happen with no lock held: only then does the
+    /// batch lock its records (in one global order) and record what the
+    /// relay said of each, for those still `sending` (a rollback may have
+    /// retracted one meanwhile). A crash in between leaves `sending`, which
+    /// a redelivery resumes (sends again: at-least-once, as email always
+    /// is).
     async fn confirm(
         &self,
         uow: &mut UnitOfWork,
@@ -121,7 +163,6 @@ impl NotificationHandler {
         let (mut existing, on_file) =
             db::confirmation_state(uow.conn(), &order_ids, &customers).await?;
         drop(customers);
-        let external = self.transport.is_external();
         let mut seen = HashSet::new();
         let (mut duplicates, mut late) = (0u64, 0u64);
         let now = Utc::now();
@@ -163,242 +204,423 @@ impl NotificationHandler {
             } else {
                 domain::check_deliverable(&recipient)
             };
-            // A resumed `sending` record stays as it is if the email is not
-            // sent again: it may have gone out, so a rollback retracts it.
-            let status = match (&precheck, is_resumed) {
-                (_, true) => None,
-                (Ok(()), false) if external => Some(NotificationStatus::Sending),
-                (Ok(()), false) => Some(NotificationStatus::Sent),
-                (Err(_), false) if expired => Some(NotificationStatus::Expired),
-                (Err(_), false) => Some(NotificationStatus::Bounced),
-            };
             planned.push(Planned {
                 env,
                 reserved,
                 recipient,
                 precheck,
-                status,
+                expired,
+                resumed: is_resumed,
             });
         }
         drop(existing);
-
-        let mut claimed: HashSet<Uuid> = HashSet::new();
-        if external {
-            // Claimed and committed before anything else of the batch, then
-            // locked: a concurrent rollback waits for our record of the send.
-            let sending: Vec<NewNotification<'_>> = planned
-                .iter()
-                .filter_map(|p| match p.status {
-                    Some(s @ NotificationStatus::Sending) => Some(p.record(s)),
-                    _ => None,
-                })
-                .collect();
-            let mut to_lock = if sending.is_empty() {
-                Vec::new()
-            } else {
-                db::claim_sending(&self.pool, &sending).await?
-            };
-            drop(sending);
-            to_lock.extend(
-                planned
-                    .iter()
-                    .filter(|p| p.status.is_none())
-                    .map(|p| p.env.order_id),
-            );
-            if !to_lock.is_empty() {
-                claimed.extend(db::lock_sending(uow.conn(), &to_lock).await?);
-            }
+        let mut tally = Tally {
+            duplicates,
+            late,
+            ..Tally::default()
+        };
+        if self.transport.is_external() {
+            self.confirm_through_relay(uow, planned, &mut tally).await?;
+        } else {
+            self.confirm_recorded(uow, planned, &mut tally).await?;
         }
-        // Claim the other records in the batch's transaction: it serialises
-        // us against a concurrent rollback, which then sees the email.
+        uow.on_commit(move || tally.record());
+        Ok(())
+    }
+
+    /// Confirmations with a transport that only records them (and logs).
+    async fn confirm_recorded(
+        &self,
+        uow: &mut UnitOfWork,
+        planned: Vec<Planned>,
+        tally: &mut Tally,
+    ) -> Result<(), HandlerError> {
         let records: Vec<NewNotification<'_>> = planned
             .iter()
-            .filter_map(|p| match p.status {
-                Some(NotificationStatus::Sending) | None => None,
-                Some(s) => Some(p.record(s)),
+            .map(|p| {
+                p.record(match &p.precheck {
+                    Ok(()) => NotificationStatus::Sent,
+                    Err(_) if p.expired => NotificationStatus::Expired,
+                    Err(_) => NotificationStatus::Bounced,
+                })
             })
             .collect();
-        if !records.is_empty() {
-            claimed.extend(db::insert_notifications(uow.conn(), &records).await?);
-        }
+        // Claimed in the batch's transaction: a concurrent rollback waits for
+        // it, and then sees the email.
+        let claimed: HashSet<Uuid> = if records.is_empty() {
+            HashSet::new()
+        } else {
+            db::insert_notifications(uow.conn(), &records)
+                .await?
+                .into_iter()
+                .collect()
+        };
         drop(records);
-
-        let mut sent_emails: Vec<Email> = Vec::new();
-        let mut queued: Vec<Email> = Vec::new();
-        // Once the relay is found down, the rest of the batch is queued
-        // without trying it again (each try may take its whole timeout).
-        let mut relay_down = false;
-        let mut refused: Vec<Uuid> = Vec::new();
+        let mut sent_emails = Vec::new();
         let mut events = Vec::new();
         for p in planned {
             if !claimed.contains(&p.env.order_id) {
-                late += 1;
+                tally.late += 1;
                 continue;
             }
-            let email = domain::confirmation(
-                p.env.order_id,
-                &p.recipient,
-                &p.reserved.items,
-                p.reserved.amount_cents,
-                &p.reserved.currency,
-            );
-            let sent = if relay_down && p.precheck.is_ok() {
-                Err(SendError::Unavailable(
-                    "the relay was down earlier in this batch".into(),
-                ))
-            } else if p.precheck.is_ok() {
-                self.transport.send(&email).await
+            let ctx = SagaContext::caused_by(&p.env, SERVICE);
+            match &p.precheck {
+                Ok(()) => {
+                    let email = p.email();
+                    // Never fails: it only logs.
+                    let _ = self.transport.send(&email).await;
+                    events.push(sent_event(&ctx, &email));
+                    sent_emails.push(email);
+                }
+                Err(failure) => {
+                    info!(order_id = %p.env.order_id, reason = %failure.reason, "confirmation not sent");
+                    tally.bounced += 1;
+                    events.push(ctx.event(EventType::NotificationFailed, failure));
+                }
+            }
+        }
+        tally.sent += sent_emails.len() as u64;
+        self.record(uow, &sent_emails, &[], &[], &[], events).await
+    }
+
+    /// Confirmations through an external relay (see [`Self::confirm`]).
+    async fn confirm_through_relay(
+        &self,
+        uow: &mut UnitOfWork,
+        planned: Vec<Planned>,
+        tally: &mut Tally,
+    ) -> Result<(), HandlerError> {
+        // Claimed and committed before any send: the relay may have them
+        // from then on.
+        let fresh: Vec<NewNotification<'_>> = planned
+            .iter()
+            .filter(|p| !p.resumed)
+            .map(|p| {
+                p.record(match &p.precheck {
+                    Ok(()) => NotificationStatus::Sending,
+                    Err(_) if p.expired => NotificationStatus::Expired,
+                    Err(_) => NotificationStatus::Bounced,
+                })
+            })
+            .collect();
+        let claimed: HashSet<Uuid> = if fresh.is_empty() {
+            HashSet::new()
+        } else {
+            db::claim_sending(&self.pool, &fresh)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        drop(fresh);
+
+        // The sends, with no lock held. Once the relay is found down, the
+        // rest is queued without trying it (each try may take its whole
+        // timeout), and so are the next batches' until the queue gets an
+        // email through.
+        let mut outcomes: Vec<(Planned, Option<Result<(), SendError>>)> = Vec::new();
+        for p in planned {
+            if !p.resumed && !claimed.contains(&p.env.order_id) {
+                tally.late += 1;
+                continue;
+            }
+            let outcome = if p.precheck.is_err() {
+                None
+            } else if self.relay.is_down() {
+                Some(Err(SendError::Unavailable(
+                    "the mail relay was found down".into(),
+                )))
             } else {
-                Ok(())
+                let sent = self.transport.send(&p.email()).await;
+                if matches!(
+                    sent,
+                    Err(SendError::Unavailable(_) | SendError::Uncertain(_))
+                ) {
+                    self.relay.mark_down();
+                }
+                Some(sent)
             };
-            let outcome = match p.precheck {
-                Ok(()) => match sent {
-                    Ok(()) => Ok(()),
-                    Err(SendError::Rejected(reason)) => {
-                        refused.push(p.env.order_id);
-                        Err(StepFailed {
-                            code: "email_rejected".into(),
-                            reason: format!("Email rejected: {reason}"),
-                        })
-                    }
-                    // The relay is down: the email is queued and retried
-                    // (crate::queue), the saga goes on past the pivot.
-                    Err(SendError::Unavailable(why)) => {
-                        relay_down = true;
-                        info!(order_id = %p.env.order_id, %why,
-                              "mail relay unavailable: the confirmation is queued");
-                        let ctx = SagaContext::caused_by(&p.env, SERVICE);
-                        events.push(ctx.event(
-                            EventType::NotificationDeferred,
-                            &NotificationSent {
-                                email_id: email.id,
-                                kind: email.kind.as_str().to_owned(),
-                            },
-                        ));
-                        queued.push(email);
-                        continue;
-                    }
-                },
-                Err(f) => Err(f),
-            };
+            outcomes.push((p, outcome));
+        }
+        if common::failpoints::is_set("notification::after_send") {
+            return Err(HandlerError::transient(
+                "failpoint notification::after_send: the batch fails after its emails went out",
+            ));
+        }
+
+        // Now the records, locked in one global order: only those still
+        // `sending` take the outcome (a rollback may have retracted one).
+        let mut ids: Vec<Uuid> = outcomes.iter().map(|(p, _)| p.env.order_id).collect();
+        ids.sort_unstable();
+        let locked = db::lock_notifications(uow.conn(), &ids).await?;
+        let still_sending = |id: &Uuid| {
+            locked
+                .get(id)
+                .is_some_and(|r| r.status() == Some(NotificationStatus::Sending))
+        };
+        let (mut sent_emails, mut delivered, mut refused, mut refused_for_sure) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut queued, mut uncertain) = (Vec::new(), Vec::new());
+        let mut events = Vec::new();
+        for (p, outcome) in outcomes {
+            let id = p.env.order_id;
             let ctx = SagaContext::caused_by(&p.env, SERVICE);
             match outcome {
-                Ok(()) => {
+                // Not sent: the precheck failed (its record says why).
+                None => {
+                    if let Err(failure) = &p.precheck {
+                        info!(order_id = %id, reason = %failure.reason, "confirmation not sent");
+                        tally.bounced += 1;
+                        events.push(ctx.event(EventType::NotificationFailed, failure));
+                    }
+                }
+                Some(Ok(())) => {
+                    let email = p.email();
+                    if still_sending(&id) {
+                        events.push(sent_event(&ctx, &email));
+                        delivered.push(id);
+                    } else {
+                        tally.late += 1;
+                    }
+                    // What the relay took is recorded, whatever happened since.
+                    sent_emails.push(email);
+                }
+                Some(Err(_)) if !still_sending(&id) => tally.late += 1,
+                Some(Err(SendError::Rejected(reason))) => {
+                    refused.push(id);
+                    if !p.resumed {
+                        refused_for_sure.push(id);
+                    }
+                    tally.bounced += 1;
                     events.push(ctx.event(
-                        EventType::NotificationSent,
+                        EventType::NotificationFailed,
+                        &StepFailed {
+                            code: "email_rejected".into(),
+                            reason: format!("Email rejected: {reason}"),
+                        },
+                    ));
+                }
+                // The relay is down: the email is queued and retried
+                // (crate::queue), the saga goes on past the pivot.
+                Some(Err(e)) => {
+                    info!(order_id = %id, why = %e,
+                          "mail relay unavailable: the confirmation is queued");
+                    if e.may_have_delivered() {
+                        uncertain.push(id);
+                    }
+                    let email = p.email();
+                    events.push(ctx.event(
+                        EventType::NotificationDeferred,
                         &NotificationSent {
                             email_id: email.id,
                             kind: email.kind.as_str().to_owned(),
                         },
                     ));
-                    sent_emails.push(email);
-                }
-                Err(failure) => {
-                    info!(order_id = %p.env.order_id, reason = %failure.reason, "confirmation not sent");
-                    events.push(ctx.event(EventType::NotificationFailed, &failure));
+                    queued.push(email);
                 }
             }
         }
-        if !sent_emails.is_empty() && common::failpoints::is_set("notification::after_send") {
-            return Err(HandlerError::transient(
-                "failpoint notification::after_send: the batch fails after its emails went out",
-            ));
+        tally.sent += delivered.len() as u64;
+        tally.deferred += queued.len() as u64;
+        db::defer_emails(uow.conn(), &queued, &uncertain).await?;
+        self.record(
+            uow,
+            &sent_emails,
+            &delivered,
+            &refused,
+            &refused_for_sure,
+            events,
+        )
+        .await
+    }
+
+    /// Records the emails sent, the notifications sent or refused, and the
+    /// batch's events: one statement.
+    async fn record(
+        &self,
+        uow: &mut UnitOfWork,
+        sent_emails: &[Email],
+        delivered: &[Uuid],
+        refused: &[Uuid],
+        refused_for_sure: &[Uuid],
+        events: Vec<common::messaging::outbox::OutboxMessage>,
+    ) -> Result<(), HandlerError> {
+        if events.is_empty() && sent_emails.is_empty() {
+            return Ok(());
         }
-        let bounced = (events.len() - sent_emails.len() - queued.len()) as u64;
-        db::defer_emails(uow.conn(), &queued).await?;
-        if !events.is_empty() {
-            // The emails sent, the ones the relay refused after all, and the
-            // events: one statement.
-            let refs: Vec<&Email> = sent_emails.iter().collect();
-            let delivered: Vec<Uuid> = if external {
-                sent_emails.iter().map(|e| e.order_id).collect()
-            } else {
-                Vec::new()
-            };
-            let rows = OutboxRows::new(events.iter().map(|e| (Uuid::nil(), e)));
-            db::record_confirmations(
-                uow.conn(),
-                &refs,
-                self.transport.name(),
-                &delivered,
-                &refused,
-                rows,
-            )
-            .await?;
-            uow.enqueued(events);
-        }
-        let sent = sent_emails.len() as u64;
-        let queued_n = queued.len() as u64;
-        uow.on_commit(move || {
-            let key = EventType::InventoryReserved.routing_key();
-            inbox::count_duplicates(SERVICE, key, duplicates);
-            inbox::count_late(SERVICE, key, late);
-            step_outcome(SERVICE, "sent", sent);
-            step_outcome(SERVICE, "bounced", bounced);
-            step_outcome(SERVICE, "deferred", queued_n);
-        });
+        let refs: Vec<&Email> = sent_emails.iter().collect();
+        let rows = OutboxRows::new(events.iter().map(|e| (Uuid::nil(), e)));
+        db::record_confirmations(
+            uow.conn(),
+            &refs,
+            self.transport.name(),
+            delivered,
+            refused,
+            refused_for_sure,
+            rows,
+        )
+        .await?;
+        uow.enqueued(events);
         Ok(())
     }
 
-    /// Sends a cancellation after a confirmation, or tombstones an order
-    /// that got no email yet.
-    async fn on_abort(&self, uow: &mut UnitOfWork, env: &Envelope) -> MessageResult {
-        let customer_id = env.data_str("customer_id").unwrap_or_default().to_owned();
-        let current = if db::insert_notification(
-            uow.conn(),
-            env.order_id,
-            &customer_id,
-            None,
-            NotificationStatus::Cancelled,
-            Some("saga rolled back before any email"),
-        )
-        .await?
-        {
-            None
-        } else {
-            db::lock_notification(uow.conn(), env.order_id).await?
-        };
-        let order_id = env.order_id;
-        match (
-            compensation_for(current.as_ref().and_then(db::NotificationRow::status)),
-            current,
-        ) {
-            // Queued, never sent: dropped from the queue; nothing to retract.
-            (Compensation::Undo, Some(row))
-                if row.status() == Some(NotificationStatus::Deferred) =>
-            {
-                db::drop_queued_email(uow.conn(), order_id).await?;
-                db::set_status(uow.conn(), order_id, NotificationStatus::Cancelled).await?;
-                uow.on_commit(move || {
-                    step_outcome(SERVICE, "cancelled_before_email", 1);
-                    info!(%order_id, "rollback: the queued confirmation is dropped");
-                });
+    /// Rolls back the notifications of the batch's failed orders, on their
+    /// records locked in one global order: a cancellation follows every
+    /// confirmation the relay may have taken (sent, being sent, or tried
+    /// with an outcome not known for sure), a queued confirmation never
+    /// sent is dropped, and an order that got no email yet is tombstoned so
+    /// a late `inventory.reserved` sends nothing. No call to an external
+    /// relay here: its cancellations are queued (see [`crate::queue`]).
+    async fn roll_back(
+        &self,
+        uow: &mut UnitOfWork,
+        aborts: &[(usize, Envelope)],
+        results: &mut [MessageResult],
+    ) -> Result<(), HandlerError> {
+        let mut ids: Vec<Uuid> = aborts.iter().map(|(_, e)| e.order_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let locked = db::lock_notifications(uow.conn(), &ids).await?;
+        let external = self.transport.is_external();
+        let mut handled = HashSet::new();
+        let mut tombstones: Vec<(usize, Uuid, String)> = Vec::new();
+        let mut statuses: Vec<(Uuid, NotificationStatus)> = Vec::new();
+        let mut drop_queued: Vec<Uuid> = Vec::new();
+        let mut cancellations: Vec<Email> = Vec::new();
+        let (mut dropped, mut cancelled) = (0u64, Vec::new());
+        for (i, env) in aborts {
+            let order_id = env.order_id;
+            if !handled.insert(order_id) {
+                continue;
             }
-            (Compensation::Undo, Some(row)) => {
+            let Some(row) = locked.get(&order_id) else {
+                let customer = env.data_str("customer_id").unwrap_or_default().to_owned();
+                tombstones.push((*i, order_id, customer));
+                continue;
+            };
+            let status = row.status();
+            let queued = status == Some(NotificationStatus::Deferred);
+            let retract = !matches!(
+                status,
+                Some(NotificationStatus::Retracted | NotificationStatus::Cancelled)
+            ) && (row.relay_may_have_it
+                || matches!(
+                    status,
+                    Some(NotificationStatus::Sent | NotificationStatus::Sending)
+                ));
+            if queued {
+                drop_queued.push(order_id);
+            }
+            if retract {
                 let reason = abort_reason(env);
-                let recipient = row.recipient.unwrap_or_default();
-                let email = domain::cancellation(order_id, &recipient, &reason);
-                // A cancellation that cannot be delivered is still recorded
-                // as attempted: the saga is already rolled back.
-                if let Err(SendError::Unavailable(e)) = self.transport.send(&email).await {
-                    return Err(HandlerError::Transient(anyhow::anyhow!(
-                        "email relay unavailable: {e}"
-                    )));
-                }
-                db::record_email(uow.conn(), &email, self.transport.name()).await?;
-                db::set_status(uow.conn(), order_id, NotificationStatus::Retracted).await?;
-                uow.on_commit(move || {
-                    step_outcome(SERVICE, "cancellation_sent", 1);
-                    info!(%order_id, "cancellation email sent");
-                });
+                let recipient = row.recipient.clone().unwrap_or_default();
+                cancellations.push(domain::cancellation(order_id, &recipient, &reason));
+                statuses.push((order_id, NotificationStatus::Retracted));
+                cancelled.push(order_id);
+            } else if queued {
+                // Queued, never sent: dropped; nothing to retract.
+                statuses.push((order_id, NotificationStatus::Cancelled));
+                dropped += 1;
             }
-            (Compensation::Tombstone, _) => {
-                uow.on_commit(move || step_outcome(SERVICE, "cancelled_before_email", 1));
-            }
-            _ => {}
         }
+        let tombstoned = if tombstones.is_empty() {
+            HashSet::new()
+        } else {
+            let records: Vec<NewNotification<'_>> = tombstones
+                .iter()
+                .map(|(_, order_id, customer)| NewNotification {
+                    order_id: *order_id,
+                    customer_id: customer,
+                    recipient: None,
+                    status: NotificationStatus::Cancelled,
+                    reason: Some("saga rolled back before any email"),
+                    relay_may_have_it: false,
+                })
+                .collect();
+            db::insert_notifications(uow.conn(), &records)
+                .await?
+                .into_iter()
+                .collect::<HashSet<Uuid>>()
+        };
+        for (i, order_id, _) in &tombstones {
+            if !tombstoned.contains(order_id) {
+                // A confirmation claimed its record since we looked: look
+                // again, on its own, shortly.
+                results[*i] = Err(HandlerError::transient(format!(
+                    "the notification of order {order_id} appeared while rolling it back; retrying"
+                )));
+            }
+        }
+        if !statuses.is_empty() || !drop_queued.is_empty() {
+            let refs: Vec<&Email> = cancellations.iter().collect();
+            let (queue, sent): (&[&Email], &[&Email]) = if external {
+                (&refs, &[])
+            } else {
+                for email in &cancellations {
+                    // Never fails: it only logs.
+                    let _ = self.transport.send(email).await;
+                }
+                (&[], &refs)
+            };
+            db::roll_back(
+                uow.conn(),
+                &db::Rollbacks {
+                    statuses: &statuses,
+                    drop_queued: &drop_queued,
+                    queue,
+                    sent,
+                    transport: self.transport.name(),
+                },
+            )
+            .await?;
+        }
+        let relay = self.relay.clone();
+        let (n_tombstoned, queued) = (tombstoned.len() as u64, external && !cancelled.is_empty());
+        uow.on_commit(move || {
+            step_outcome(SERVICE, "cancelled_before_email", n_tombstoned + dropped);
+            if queued {
+                step_outcome(SERVICE, "cancellation_queued", cancelled.len() as u64);
+                relay.wake_queue();
+            } else {
+                step_outcome(SERVICE, "cancellation_sent", cancelled.len() as u64);
+            }
+            for order_id in cancelled {
+                info!(%order_id, "rollback: a cancellation follows the confirmation");
+            }
+        });
         Ok(())
     }
+}
+
+/// What a batch of confirmations did, for the metrics once committed.
+#[derive(Default)]
+struct Tally {
+    duplicates: u64,
+    late: u64,
+    sent: u64,
+    bounced: u64,
+    deferred: u64,
+}
+
+impl Tally {
+    fn record(self) {
+        let key = EventType::InventoryReserved.routing_key();
+        inbox::count_duplicates(SERVICE, key, self.duplicates);
+        inbox::count_late(SERVICE, key, self.late);
+        step_outcome(SERVICE, "sent", self.sent);
+        step_outcome(SERVICE, "bounced", self.bounced);
+        step_outcome(SERVICE, "deferred", self.deferred);
+    }
+}
+
+/// `notification.sent` for a confirmation.
+fn sent_event(ctx: &SagaContext, email: &Email) -> common::messaging::outbox::OutboxMessage {
+    ctx.event(
+        EventType::NotificationSent,
+        &NotificationSent {
+            email_id: email.id,
+            kind: email.kind.as_str().to_owned(),
+        },
+    )
 }
 
 /// The reason to give the customer: the failure's reason, or the cancellation's.

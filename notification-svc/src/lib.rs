@@ -91,6 +91,7 @@ impl Service for App {
             pool: runtime.pool.clone(),
             transport,
             default_email_domain: config.default_email_domain,
+            relay: Arc::new(queue::RelayHealth::default()),
         };
         Ok(Self {
             runtime,
@@ -110,8 +111,8 @@ impl Service for App {
         });
         let queue: BackgroundTask = {
             let (pool, transport) = (self.runtime.pool.clone(), self.handler.transport.clone());
-            let every = self.email_retry;
-            Box::new(move |stop| Box::pin(queue::run(pool, transport, every, stop)))
+            let (relay, every) = (self.handler.relay.clone(), self.email_retry);
+            Box::new(move |stop| Box::pin(queue::run(pool, transport, relay, every, stop)))
         };
         let tasks = Tasks {
             intake: vec![queue],

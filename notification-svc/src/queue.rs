@@ -1,94 +1,171 @@
-//! Confirmations queued while the mail relay was down.
+//! Emails queued for the mail relay: confirmations it could not take when
+//! they were due, and every cancellation (a rollback never calls the relay
+//! itself: a relay that hangs would hold the rollback's whole batch).
 //!
-//! When the relay cannot take a confirmation, the email is queued
-//! (`deferred_emails`) and the saga goes on: the email is past the pivot, a
-//! retriable step — retried until it goes out, never undone. This task sends
-//! what is due, with back-off (1 s, 2 s, 4 s … at most 5 min between
-//! attempts), each email in its own short transaction that locks it with its
-//! notification, so a concurrent rollback either finds it still queued (and
-//! drops it) or finds it sent (and retracts it with a cancellation). A relay
-//! that refuses an email for good marks it bounced, logged at error level:
-//! the order stands, an operator tells the customer.
+//! A confirmation is past the pivot, a retriable step — retried until it
+//! goes out, never undone; a cancellation likewise. This task sends what is
+//! due, with back-off (1 s, 2 s, 4 s … at most 5 min between attempts), one
+//! email at a time: it takes the email on a short lease (committed, so no
+//! lock is held while the relay is being talked to, and a confirmation is
+//! from then on one the relay may have), sends it, and records the outcome.
+//! A crash in between leaves the lease to run out: the email is tried again
+//! (at least once, as email always is), and a rollback meanwhile sends a
+//! cancellation, due only after the lease, so that it never overtakes its
+//! confirmation. A relay that refuses an email for good marks a
+//! confirmation bounced, logged at error level: the order stands, an
+//! operator tells the customer.
+//!
+//! [`RelayHealth`] is what batches know of the relay: once a send finds it
+//! down, they queue their confirmations without trying it (a relay that
+//! hangs costs one timeout, not one per email) until this task gets an
+//! email through.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::metric_definitions::step_outcome;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::SERVICE;
-use crate::db;
-use crate::domain::NotificationStatus;
+use crate::db::{self, QueuedOutcome};
+use crate::domain::EmailKind;
 use crate::transport::{EmailTransport, SendError};
 
 /// Emails tried per pass at most.
 const BATCH: usize = 20;
 
-/// Sends due queued emails every `every` until cancelled.
+/// How long a queued email is taken for while it is handed to the relay:
+/// longer than any SMTP exchange can last.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// How long batches leave the relay alone after a send found it down,
+/// unless the queue gets an email through before.
+const DOWN_FOR: Duration = Duration::from_secs(30);
+
+/// What the service knows of the mail relay, and how to wake the queue.
+#[derive(Default)]
+pub struct RelayHealth {
+    down_until: Mutex<Option<Instant>>,
+    wake: Notify,
+}
+
+impl RelayHealth {
+    /// True while a recent send found the relay down.
+    pub fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .map(|d| d.is_some_and(|until| Instant::now() < until))
+            .unwrap_or(false)
+    }
+
+    pub fn mark_down(&self) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = Some(Instant::now() + DOWN_FOR);
+        }
+    }
+
+    pub fn mark_up(&self) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = None;
+        }
+    }
+
+    /// Has the queue look now (an email was queued).
+    pub fn wake_queue(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Sends due queued emails every `every` (and when woken) until cancelled.
 pub async fn run(
     pool: PgPool,
     transport: Arc<dyn EmailTransport>,
+    health: Arc<RelayHealth>,
     every: Duration,
     cancel: CancellationToken,
 ) {
     loop {
-        match send_due(&pool, transport.as_ref()).await {
+        match send_due(&pool, transport.as_ref(), &health).await {
             Ok(0) => {}
-            Ok(n) => info!(sent = n, "queued confirmations sent"),
-            Err(error) => warn!(%error, "queued confirmations not tried this time"),
+            Ok(n) => info!(sent = n, "queued emails sent"),
+            Err(error) => warn!(%error, "queued emails not tried this time"),
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+            _ = health.wake.notified() => {}
         }
     }
 }
 
 /// One pass: returns how many went out.
-async fn send_due(pool: &PgPool, transport: &dyn EmailTransport) -> Result<u64, sqlx::Error> {
+pub async fn send_due(
+    pool: &PgPool,
+    transport: &dyn EmailTransport,
+    health: &RelayHealth,
+) -> Result<u64, sqlx::Error> {
     let mut sent = 0;
     for _ in 0..BATCH {
-        let mut tx = pool.begin().await?;
-        let Some(email) = db::due_emails(&mut tx, 1).await?.pop() else {
+        let Some(leased) = db::lease_due(pool, LEASE).await? else {
             return Ok(sent);
         };
-        let order_id = email.order_id;
-        match transport.send(&email).await {
+        let email = &leased.email;
+        let (order_id, kind) = (email.order_id, email.kind.as_str());
+        let result = transport.send(email).await;
+        if common::failpoints::is_set("notification::queue_after_send") {
+            // A crash between the relay's answer and its record: the lease
+            // runs out and the email is tried again.
+            std::future::pending::<()>().await;
+        }
+        match result {
             Ok(()) => {
-                db::record_email(&mut tx, &email, transport.name()).await?;
-                db::dequeue_email(&mut tx, order_id, NotificationStatus::Sent, None).await?;
-                tx.commit().await?;
+                db::settle_queued(pool, &leased, QueuedOutcome::Sent, transport.name()).await?;
+                health.mark_up();
                 sent += 1;
-                step_outcome(SERVICE, "queued_sent", 1);
+                step_outcome(SERVICE, queued_label(email.kind, "sent"), 1);
             }
-            Err(SendError::Unavailable(why)) => {
-                let attempts = db::queued_attempts(&mut tx, order_id).await?;
-                let delay = backoff(attempts);
-                db::postpone_email(&mut tx, order_id, delay, &why).await?;
-                tx.commit().await?;
-                debug!(%order_id, ?delay, %why, "mail relay still unavailable");
+            Err(e @ (SendError::Unavailable(_) | SendError::Uncertain(_))) => {
+                let delay = backoff(leased.attempts);
+                let why = e.to_string();
+                db::settle_queued(
+                    pool,
+                    &leased,
+                    QueuedOutcome::Later(delay, &why),
+                    transport.name(),
+                )
+                .await?;
+                health.mark_down();
+                debug!(%order_id, kind, ?delay, %why, "mail relay still unavailable");
                 // The relay is down for the others too.
                 return Ok(sent);
             }
             Err(SendError::Rejected(why)) => {
-                let reason = format!("Email rejected: {why}");
-                db::dequeue_email(
-                    &mut tx,
-                    order_id,
-                    NotificationStatus::Bounced,
-                    Some(&reason),
+                db::settle_queued(
+                    pool,
+                    &leased,
+                    QueuedOutcome::Rejected(&why),
+                    transport.name(),
                 )
                 .await?;
-                tx.commit().await?;
-                step_outcome(SERVICE, "queued_bounced", 1);
-                error!(%order_id, reason = ?why,
-                       "a queued confirmation was refused for good: the order stands, tell the customer");
+                step_outcome(SERVICE, queued_label(email.kind, "bounced"), 1);
+                error!(%order_id, kind, reason = ?why,
+                       "a queued email was refused for good: tell the customer");
             }
         }
     }
     Ok(sent)
+}
+
+fn queued_label(kind: EmailKind, outcome: &str) -> &'static str {
+    match (kind, outcome) {
+        (EmailKind::Confirmation, "sent") => "queued_sent",
+        (EmailKind::Confirmation, _) => "queued_bounced",
+        (EmailKind::Cancellation, "sent") => "cancellation_sent",
+        (EmailKind::Cancellation, _) => "cancellation_bounced",
+    }
 }
 
 /// 1 s, 2 s, 4 s … at most 5 min.
@@ -106,5 +183,15 @@ mod tests {
         assert_eq!(backoff(0), Duration::from_secs(1));
         assert_eq!(backoff(3), Duration::from_secs(8));
         assert_eq!(backoff(20), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_relay_is_left_alone_only_while_it_is_down() {
+        let health = RelayHealth::default();
+        assert!(!health.is_down());
+        health.mark_down();
+        assert!(health.is_down());
+        health.mark_up();
+        assert!(!health.is_down());
     }
 }

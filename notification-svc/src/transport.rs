@@ -12,12 +12,26 @@ use crate::domain::Email;
 /// Why an email could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// The recipient will never accept it (the saga fails).
+    /// The recipient will never accept it (the saga fails); the relay did
+    /// not take it.
     #[error("rejected: {0}")]
     Rejected(String),
-    /// The relay is unavailable; try again later.
+    /// The relay did not take it now (down, refusing connections, or
+    /// answering "try later"); try again later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The exchange broke off before the relay's last answer (a timeout, a
+    /// dropped connection): the relay may have taken the email. Try again
+    /// later, and count it as possibly delivered.
+    #[error("uncertain: {0}")]
+    Uncertain(String),
+}
+
+impl SendError {
+    /// True if the relay may have taken the email despite the error.
+    pub fn may_have_delivered(&self) -> bool {
+        matches!(self, SendError::Uncertain(_))
+    }
 }
 
 /// Sends emails.
@@ -112,8 +126,32 @@ impl EmailTransport for SmtpTransport {
             match self.mailer.send(message).await {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_permanent() => Err(SendError::Rejected(e.to_string())),
-                Err(e) => Err(SendError::Unavailable(e.to_string())),
+                // A 4xx answer, or no connection at all: not taken.
+                Err(e) if e.is_transient() || never_connected(&e) => {
+                    Err(SendError::Unavailable(e.to_string()))
+                }
+                Err(e) => Err(SendError::Uncertain(e.to_string())),
             }
         })
     }
+}
+
+/// True if the error shows that no connection to the relay was made (it
+/// refused it, or its name does not resolve): the email cannot have gone.
+fn never_connected(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::NotFound
+            )
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

@@ -76,6 +76,9 @@ impl UnitOfWork {
         if !self.outgoing.is_empty() {
             outbox::enqueue(&mut self.tx, &self.outgoing).await?;
         }
+        // Where a test kills the process in the middle of a batch: after
+        // what the handler did outside the transaction, before its commit.
+        crate::failpoints::pause_while_set("unit_of_work::before_commit").await;
         self.tx.commit().await?;
         crate::store::statistics::count_commit();
         crate::failpoints::crash_if_set("outbox::after_commit");

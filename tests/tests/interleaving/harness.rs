@@ -264,6 +264,10 @@ pub enum Fault {
     CrashBeforeAck,
     /// The COMMIT takes effect and its answer is lost.
     CommitLost,
+    /// The process dies in the middle of the batch: after what the handler
+    /// did outside its transaction (an email handed to a relay), before the
+    /// commit.
+    CrashBeforeCommit,
 }
 
 pub fn fault() -> impl Strategy<Value = Fault> {
@@ -318,14 +322,38 @@ impl Queue {
         if batch.is_empty() {
             return Vec::new();
         }
-        if fault == Fault::CommitLost {
-            fail::cfg("unit_of_work::commit_lost", "1*return").expect("failpoint");
+        let failpoint = match fault {
+            Fault::CommitLost => Some(("unit_of_work::commit_lost", "1*return")),
+            Fault::CrashBeforeCommit => Some(("unit_of_work::before_commit", "return")),
+            _ => None,
+        };
+        if let Some((name, actions)) = failpoint {
+            fail::cfg(name, actions).expect("failpoint");
         }
-        let verdicts = judge.judge(&batch).await;
-        if fault == Fault::CommitLost {
-            fail::remove("unit_of_work::commit_lost");
+        let judged = tokio::time::timeout(
+            std::time::Duration::from_millis(if fault == Fault::CrashBeforeCommit {
+                60
+            } else {
+                20_000
+            }),
+            judge.judge(&batch),
+        )
+        .await;
+        if let Some((name, _)) = failpoint {
+            fail::remove(name);
         }
-        let crashed = fault == Fault::CrashBeforeAck;
+        let (verdicts, crashed) = match judged {
+            Ok(verdicts) => (verdicts, fault == Fault::CrashBeforeAck),
+            // Died before the commit (or the batch never finished): nothing
+            // of it was committed or settled.
+            Err(_) => (
+                batch
+                    .iter()
+                    .map(|_| Verdict::Retry("the process died in the batch".into()))
+                    .collect(),
+                true,
+            ),
+        };
         if crashed {
             // Returned to the head of the queue, in order, each counted as
             // delivered once more.
@@ -339,10 +367,13 @@ impl Queue {
             Fault::None => "batches",
             Fault::CrashBeforeAck => "crashes before the ack",
             Fault::CommitLost => "COMMIT answers lost",
+            Fault::CrashBeforeCommit => "crashes before the commit",
         });
         let mut outcomes = Vec::with_capacity(batch.len());
         for (message, verdict) in batch.into_iter().zip(verdicts) {
-            cover(&format!("{} {}", message.routing_key, verdict.label()));
+            if !crashed {
+                cover(&format!("{} {}", message.routing_key, verdict.label()));
+            }
             if !crashed {
                 match &verdict {
                     Verdict::Ack => {}
@@ -466,6 +497,7 @@ impl<'a, H: MessageHandler> Player<'a, H> {
                 Fault::None => "",
                 Fault::CrashBeforeAck => " (crash before the ack)",
                 Fault::CommitLost => " (the COMMIT's answer lost)",
+                Fault::CrashBeforeCommit => " (crash before the commit)",
             },
             described.join(", ")
         ));

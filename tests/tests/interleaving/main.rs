@@ -14,4 +14,5 @@
 
 mod harness;
 mod inventory;
+mod notification;
 mod payment;
