@@ -93,6 +93,19 @@ pub async fn find_by_keys(
     .await
 }
 
+/// The orders `order_ids` (those that exist).
+pub async fn find_by_ids(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {ORDER_COLUMNS} from orders where order_id = any($1)"
+    )))
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await
+}
+
 /// A new order, PENDING.
 pub struct NewOrder<'a> {
     pub order_id: Uuid,
@@ -120,8 +133,8 @@ pub struct Inserted {
 }
 
 /// Inserts orders and their `order.created` events (one statement); an
-/// order whose idempotency key is already taken is skipped (not returned),
-/// and so is its event.
+/// order whose idempotency key or id is already taken is skipped (not
+/// returned), and so is its event.
 pub async fn insert_orders(
     conn: &mut PgConnection,
     orders: &[NewOrder<'_>],
@@ -139,7 +152,7 @@ pub async fn insert_orders(
                             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
                             $13::timestamptz[], $14::timestamptz[])
                     as t(o, c, i, a, cur, b, l4, k, f, rt, rc, w, ca, d)
-                on conflict (idempotency_key) do nothing
+                on conflict do nothing
                 returning order_id, created_at, deadline_at
             ),
             events as ({})
@@ -325,6 +338,16 @@ pub async fn lock_orders(
     .await
 }
 
+/// Locks the orders `order_ids` until the transaction ends, in the one
+/// global order (sorted) every transaction locks orders in.
+pub async fn lock_in_order(conn: &mut PgConnection, order_ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1 from orders where order_id = any($1) order by order_id for update")
+        .bind(order_ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// The orders among `order_ids` still PENDING, locked until the
 /// transaction ends.
 pub async fn lock_pending(
@@ -468,7 +491,10 @@ pub async fn await_answers(
                                    least(x.long_at, o.created_at + make_interval(secs => $4)))
         from unnest($1::uuid[], $2::timestamptz[], $3::text[]) as x(order_id, long_at, awaiting)
         where o.order_id = x.order_id and o.status = 'PENDING'
-          and o.awaiting is distinct from x.awaiting
+          -- Forward only, in the saga's order of waits (a late copy of an
+          -- earlier wait never takes the saga back).
+          and coalesce(array_position($5::text[], o.awaiting), 0)
+            < coalesce(array_position($5::text[], x.awaiting), 0)
         returning o.*
         "#,
     )
@@ -476,6 +502,7 @@ pub async fn await_answers(
     .bind(longs)
     .bind(awaiting)
     .bind(cap.as_secs_f64())
+    .bind(crate::domain::AWAITS_IN_ORDER)
     .fetch_all(conn)
     .await
 }

@@ -348,6 +348,10 @@ pub const AWAITING_PAYMENT: &str = "payment_confirmation";
 /// What a saga short of backordered items waits for.
 pub const AWAITING_STOCK: &str = "stock_arrival";
 
+/// The waits of a saga, in the order they can come: a saga only ever moves
+/// forward through them.
+pub const AWAITS_IN_ORDER: [&str; 2] = [AWAITING_PAYMENT, AWAITING_STOCK];
+
 /// What a saga waits for after `event`, if it is an outside answer.
 pub fn awaited_after(event: EventType) -> Option<&'static str> {
     match event {

@@ -71,8 +71,21 @@ impl MessageHandler for OrderHandler {
             results.push(result);
         }
 
+        // Every order the batch decides or marks pending, locked first in
+        // one global order (with the ones placing adds a reply target to),
+        // so that concurrent batches cannot deadlock.
+        let mut touched: Vec<uuid::Uuid> = decisions
+            .iter()
+            .map(|d| d.order_id)
+            .chain(awaits.iter().map(|a| a.0))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        if requests.is_empty() && touched.len() > 1 {
+            db::lock_in_order(uow.conn(), &touched).await?;
+        }
         if !requests.is_empty() {
-            let outcomes = self.saga.place_batch(uow, &requests).await?;
+            let outcomes = self.saga.place_batch(uow, &requests, &touched).await?;
             for ((i, request), outcome) in requested_by.iter().zip(&requests).zip(outcomes) {
                 results[*i] = match outcome {
                     Ok(_) => Ok(()),
@@ -155,6 +168,7 @@ impl OrderHandler {
             .and_then(|v| domain::validate_order(&v));
         match order {
             Ok(order) => Ok(PlaceRequest {
+                order_id: uuid::Uuid::now_v7(),
                 order,
                 key: Some(message_id.to_owned()),
                 reply,

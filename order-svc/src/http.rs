@@ -132,6 +132,7 @@ async fn place_order(
         Ok(order) => {
             placer
                 .place(PlaceRequest {
+                    order_id: Uuid::now_v7(),
                     order,
                     key,
                     reply: None,

@@ -6,7 +6,10 @@
 //! price, one to insert, one for the outbox, one commit — then answers each.
 //! Under load many requests share a commit; alone, a request is placed at
 //! once. If the batch fails as a whole, each request is placed on its own,
-//! so one request's failure is never another's.
+//! so one request's failure is never another's; and a request placed again
+//! finds the order it placed if the batch did commit after all (the
+//! answer to its COMMIT lost): its order id is fixed before the first
+//! attempt ([`PlaceRequest::order_id`]).
 
 use std::sync::Arc;
 
@@ -82,32 +85,36 @@ impl PlacerTask {
     }
 }
 
-/// Places a batch; falls back to one at a time if the batch fails.
+/// Places a batch and answers each request.
 async fn place_all(saga: &OrderSaga, jobs: Vec<Job>) {
     let (requests, answers): (Vec<PlaceRequest>, Vec<_>) =
         jobs.into_iter().map(|j| (j.request, j.answer)).unzip();
-    match place_in_one_transaction(saga, &requests).await {
-        Ok(outcomes) => {
-            for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                let _ = answer.send(outcome);
-            }
-        }
-        Err(error) if requests.len() > 1 => {
+    for (answer, outcome) in answers.into_iter().zip(place_group(saga, &requests).await) {
+        let _ = answer.send(outcome);
+    }
+}
+
+/// Places `requests` in one transaction; if that fails, places each on its
+/// own (a group of one is tried once more: its COMMIT may have taken
+/// effect). One outcome per request, in order.
+pub async fn place_group(
+    saga: &OrderSaga,
+    requests: &[PlaceRequest],
+) -> Vec<Result<Placement, PlaceError>> {
+    match place_in_one_transaction(saga, requests).await {
+        Ok(outcomes) => outcomes,
+        Err(error) => {
             warn!(%error, size = requests.len(), "placing a batch failed; placing its orders one by one");
-            for (request, answer) in requests.into_iter().zip(answers) {
-                let outcome =
-                    match place_in_one_transaction(saga, std::slice::from_ref(&request)).await {
+            let mut outcomes = Vec::with_capacity(requests.len());
+            for request in requests {
+                outcomes.push(
+                    match place_in_one_transaction(saga, std::slice::from_ref(request)).await {
                         Ok(mut outcomes) => outcomes.pop().unwrap_or(Err(PlaceError::Unavailable)),
                         Err(e) => Err(PlaceError::Db(e)),
-                    };
-                let _ = answer.send(outcome);
+                    },
+                );
             }
-        }
-        Err(error) => {
-            // A batch of one: its own error.
-            if let Some(answer) = answers.into_iter().next() {
-                let _ = answer.send(Err(PlaceError::Db(error)));
-            }
+            outcomes
         }
     }
 }
@@ -117,7 +124,7 @@ async fn place_in_one_transaction(
     requests: &[PlaceRequest],
 ) -> Result<Vec<Result<Placement, PlaceError>>, sqlx::Error> {
     let mut uow = UnitOfWork::begin(&saga.pool).await?;
-    let mut outcomes = saga.place_batch(&mut uow, requests).await?;
+    let mut outcomes = saga.place_batch(&mut uow, requests, &[]).await?;
     // A statement that failed for one request aborted the transaction the
     // batch shares, and PostgreSQL answers its COMMIT with a silent
     // rollback: never commit (and publish) after one.

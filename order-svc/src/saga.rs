@@ -46,6 +46,10 @@ pub struct ReplyTarget {
 
 /// An order to place.
 pub struct PlaceRequest {
+    /// The id a new order gets, fixed before the first attempt: placed
+    /// again (the answer to a COMMIT lost, say), the request finds the
+    /// order it placed, with or without an idempotency key.
+    pub order_id: Uuid,
     pub order: ValidOrder,
     /// The client's idempotency key (HTTP `Idempotency-Key`, AMQP `message_id`).
     pub key: Option<String>,
@@ -135,10 +139,16 @@ impl OrderSaga {
     /// Places a batch of orders in `uow`: new ones are inserted (one
     /// statement) with their `order.created`; a key seen before yields its
     /// order. Returns one outcome per request, in order.
+    ///
+    /// Existing orders that get a new reply target are locked, together with
+    /// `also_lock` (the orders the rest of the caller's batch decides), in
+    /// one sorted statement: the one global order every transaction locks
+    /// orders in, so that concurrent batches cannot deadlock.
     pub async fn place_batch(
         &self,
         uow: &mut UnitOfWork,
         requests: &[PlaceRequest],
+        also_lock: &[Uuid],
     ) -> Result<Vec<Result<Placement, PlaceError>>, sqlx::Error> {
         let fingerprints: Vec<String> = requests
             .iter()
@@ -201,7 +211,7 @@ impl OrderSaga {
         let order_ids: HashMap<usize, Uuid> = to_create
             .iter()
             .filter(|i| priced[i].is_ok())
-            .map(|&i| (i, Uuid::now_v7()))
+            .map(|&i| (i, requests[i].order_id))
             .collect();
         // Both from one clock, so that the deadline is exactly the configured
         // one after the creation.
@@ -269,6 +279,8 @@ impl OrderSaga {
                 .map(|(_, e)| e),
         );
         // A key taken by a concurrent request since we looked: that order.
+        // An order id taken: this very request placed it before (its
+        // COMMIT's answer was lost), with or without a key: that order.
         let lost: Vec<&str> = order_ids
             .iter()
             .filter(|(_, id)| !inserted.contains_key(id))
@@ -281,6 +293,52 @@ impl OrderSaga {
                 }
             }
         }
+        let placed_before: Vec<Uuid> = order_ids
+            .iter()
+            .filter(|(i, id)| !inserted.contains_key(id) && requests[**i].key.is_none())
+            .map(|(_, id)| *id)
+            .collect();
+        let placed_before: HashMap<Uuid, OrderRow> = if placed_before.is_empty() {
+            HashMap::new()
+        } else {
+            db::find_by_ids(uow.conn(), &placed_before)
+                .await?
+                .into_iter()
+                .map(|row| (row.order_id, row))
+                .collect()
+        };
+
+        // The existing orders that get a new reply target, and the caller's:
+        // locked in one global order.
+        let mut to_lock: Vec<Uuid> = also_lock.to_vec();
+        let mut needs_reply_target = false;
+        for (i, r) in requests.iter().enumerate() {
+            if r.reply.is_none()
+                || order_ids
+                    .get(&i)
+                    .is_some_and(|id| inserted.contains_key(id))
+            {
+                continue;
+            }
+            if let Some(row) = r.key.as_deref().and_then(|k| existing.get(k)) {
+                to_lock.push(row.order_id);
+                needs_reply_target = true;
+            }
+        }
+        to_lock.sort_unstable();
+        to_lock.dedup();
+        let locked: HashMap<Uuid, OrderRow> = if to_lock.len() > 1 || needs_reply_target {
+            if needs_reply_target {
+                common::failpoints::pause_while_set("order::before_reply_target").await;
+            }
+            db::lock_orders(uow.conn(), &to_lock)
+                .await?
+                .into_iter()
+                .map(|row| (row.order_id, row))
+                .collect()
+        } else {
+            HashMap::new()
+        };
 
         let mut created = 0u64;
         let earliest = inserted.values().map(|r| r.deadline_at).min();
@@ -311,7 +369,7 @@ impl OrderSaga {
                     Some(row) if row.request_fingerprint != fingerprints[i] => {
                         Err(PlaceError::KeyReused(k.to_owned()))
                     }
-                    Some(row) => self.existing_placement(uow, r, row).await,
+                    Some(row) => self.existing_placement(uow, r, row, &locked).await,
                     // The key's first request in this batch created (or
                     // failed to create) the order.
                     None => match first_with_key.get(k).copied() {
@@ -328,9 +386,15 @@ impl OrderSaga {
                         None => Err(vanished(k)),
                     },
                 },
-                (None, None) => Err(PlaceError::Db(sqlx::Error::Protocol(
-                    "an order without a key was not inserted".into(),
-                ))),
+                (None, None) => match placed_before.get(&r.order_id) {
+                    Some(row) if row.request_fingerprint == fingerprints[i] => {
+                        self.existing_placement(uow, r, row, &locked).await
+                    }
+                    _ => Err(PlaceError::Db(sqlx::Error::Protocol(format!(
+                        "order {} was neither inserted nor found",
+                        r.order_id
+                    )))),
+                },
             };
             outcomes.push(outcome);
         }
@@ -388,16 +452,16 @@ impl OrderSaga {
         uow: &mut UnitOfWork,
         request: &PlaceRequest,
         row: &OrderRow,
+        locked: &HashMap<Uuid, OrderRow>,
     ) -> Result<Placement, PlaceError> {
         let mut result = row.result();
         if let Some(reply) = &request.reply {
-            common::failpoints::pause_while_set("order::before_reply_target").await;
-            // Under the order's lock, read afresh: a decision made since the
-            // row was read has answered its targets already (this one gets
-            // a late reply), and one made after our commit will see it.
-            let locked = db::lock_orders(uow.conn(), &[row.order_id])
-                .await?
-                .pop()
+            // Under the order's lock (taken by `place_batch`), read afresh:
+            // a decision made since the row was read has answered its
+            // targets already (this one gets a late reply), and one made
+            // after our commit will see it.
+            let locked = locked
+                .get(&row.order_id)
                 .ok_or_else(|| vanished(row.idempotency_key.as_deref().unwrap_or_default()))?;
             result = locked.result();
             let already = row.reply_to.as_deref() == Some(reply.reply_to.as_str())
@@ -683,6 +747,17 @@ impl OrderSaga {
             self.long_deadline.max(self.deadline),
         )
         .await?;
+        let extra: Vec<Uuid> = rows
+            .iter()
+            .filter(|r| r.extra_reply_targets)
+            .map(|r| r.order_id)
+            .collect();
+        let mut targets: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
+        if !extra.is_empty() {
+            for (id, to, corr) in db::extra_reply_targets(uow.conn(), &extra).await? {
+                targets.entry(id).or_default().push((to, corr));
+            }
+        }
         let mut told = Vec::with_capacity(rows.len());
         for row in rows {
             let result = pending_result(&row);
@@ -690,8 +765,12 @@ impl OrderSaga {
                 .iter()
                 .find(|(id, _, _, _)| *id == row.order_id)
                 .map_or_else(String::new, |(_, _, cause, _)| cause.clone());
+            let mut replies = targets.remove(&row.order_id).unwrap_or_default();
             if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
-                uow.emit(reply_message(&cause, to, corr, &result));
+                replies.push((to.clone(), corr.clone()));
+            }
+            for (to, corr) in replies {
+                uow.emit(reply_message(&cause, &to, &corr, &result));
             }
             info!(order_id = %row.order_id, deadline_at = %row.deadline_at,
                   awaiting = ?row.awaiting, "saga pending: it waits for an outside answer");

@@ -197,21 +197,22 @@ impl<H: MessageHandler> Lab<H> {
     /// Every event the service committed after `since` (an
     /// [`Lab::outbox_end`]), oldest first.
     pub async fn outbox(&self, since: i64) -> Vec<Committed> {
-        let rows: Vec<(String, Option<Vec<u8>>)> =
-            sqlx::query_as("select routing_key, body from outbox where seq > $1 order by seq")
-                .bind(since)
-                .fetch_all(&self.pool)
-                .await
-                .expect("read the outbox");
+        let rows: Vec<(String, Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
+            "select routing_key, correlation_id, body from outbox where seq > $1 order by seq",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .expect("read the outbox");
         rows.into_iter()
-            .map(|(routing_key, body)| {
-                let body = body.unwrap_or_default();
-                let order_id = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["order_id"].as_str().and_then(|s| s.parse().ok()));
+            .map(|(routing_key, correlation_id, body)| {
+                let body: serde_json::Value =
+                    serde_json::from_slice(&body.unwrap_or_default()).unwrap_or_default();
                 Committed {
                     routing_key,
-                    order_id,
+                    order_id: body["order_id"].as_str().and_then(|s| s.parse().ok()),
+                    correlation_id,
+                    status: body["status"].as_str().map(str::to_owned),
                 }
             })
             .collect()
@@ -226,7 +227,12 @@ impl<H: MessageHandler> Lab<H> {
 /// Counts what a history made the service commit, for the report.
 pub fn cover_committed(events: &[Committed]) {
     for e in events {
-        cover(&e.routing_key);
+        match e.status.as_deref() {
+            Some(status) if e.routing_key.starts_with("replies-") => {
+                cover(&format!("{status} replies"))
+            }
+            _ => cover(&e.routing_key),
+        }
     }
 }
 
@@ -235,6 +241,9 @@ pub fn cover_committed(events: &[Committed]) {
 pub struct Committed {
     pub routing_key: String,
     pub order_id: Option<Uuid>,
+    pub correlation_id: Option<String>,
+    /// A reply's result: `success`, `failure` or `pending`.
+    pub status: Option<String>,
 }
 
 /// A message as a publisher sent it: delivered for the first time.
@@ -422,6 +431,9 @@ pub struct Player<'a, H> {
     pub rolled_back: HashMap<Uuid, usize>,
     /// Messages acked, by order and routing key.
     pub acked: HashMap<(Uuid, String), usize>,
+    /// Every message acked, in order, with how many events the outbox held
+    /// then.
+    pub acked_log: Vec<(Incoming, usize)>,
     rest_rounds: usize,
 }
 
@@ -436,6 +448,7 @@ impl<'a, H: MessageHandler> Player<'a, H> {
             since: lab.outbox_end().await,
             rolled_back: HashMap::new(),
             acked: HashMap::new(),
+            acked_log: Vec::new(),
             rest_rounds: 0,
         }
     }
@@ -452,7 +465,11 @@ impl<'a, H: MessageHandler> Player<'a, H> {
 
     /// Publishes a message to the service's queue.
     pub fn send(&mut self, message: &OutboxMessage) {
-        let incoming = incoming(message);
+        self.send_incoming(incoming(message));
+    }
+
+    /// Publishes a delivery as given (a client's `order.requested`, say).
+    pub fn send_incoming(&mut self, incoming: Incoming) {
         self.log
             .push(format!("send {}", describe(&incoming, &self.orders)));
         self.sent.push(incoming.clone());
@@ -506,6 +523,7 @@ impl<'a, H: MessageHandler> Player<'a, H> {
             if o.crashed || !matches!(o.verdict, Verdict::Ack) {
                 continue;
             }
+            self.acked_log.push((o.message.clone(), committed));
             let Some(order_id) = order_of(&o.message) else {
                 continue;
             };

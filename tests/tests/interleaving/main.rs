@@ -15,4 +15,5 @@
 mod harness;
 mod inventory;
 mod notification;
+mod order;
 mod payment;
