@@ -11,6 +11,8 @@ pub const MESSAGE_HANDLING_SECONDS: &str = "message_handling_seconds";
 pub const CONSUMER_BATCH_SIZE: &str = "consumer_batch_size";
 /// Batches that failed as a whole and were retried one message at a time, by `service`.
 pub const CONSUMER_BATCH_FALLBACKS: &str = "consumer_batch_fallbacks_total";
+/// Messages delivered again after a possible crash, handled as suspects, by `service` and `handled` (`together`, `alone`).
+pub const CONSUMER_SUSPECTS: &str = "consumer_suspects_total";
 /// Messages parked in a dead-letter queue, by `service` and `reason`.
 pub const MESSAGES_PARKED: &str = "messages_parked_total";
 /// Duplicate messages recognised (by an inbox or a natural key) and not applied again, by `service` and `event_type`.

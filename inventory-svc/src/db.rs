@@ -476,7 +476,9 @@ pub async fn backorder_items(
     .await
 }
 
-/// Backordered reservations waiting for `item_id`, oldest first, locked.
+/// Backordered reservations waiting for `item_id` and still within their
+/// saga's long deadline (an expired one's rollback is on its way: it must
+/// not starve the newer ones), oldest first, 100 at most, locked.
 pub async fn backorders_for(
     conn: &mut PgConnection,
     item_id: &str,
@@ -485,6 +487,7 @@ pub async fn backorders_for(
         r#"
         select r.order_id, r.pending from reservations r
         where r.status = 'backordered' and r.pending is not null
+          and (r.pending->>'deadline_at')::timestamptz > now()
           and exists (select 1 from reservation_lines l
                       where l.order_id = r.order_id and l.item_id = $1)
         order by r.created_at

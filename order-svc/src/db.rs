@@ -766,17 +766,20 @@ pub struct ReconcileBatch {
     pub new_sagas: usize,
 }
 
-/// The next sagas created more than `settled` ago, after the watermark, in
-/// order-id order, up to the first one still undecided (it waits there: the
-/// watcher decides it), plus every saga with an open finding.
+/// The next sagas decided more than `settled` ago, after the watermark, in
+/// order-id order, up to the first one still undecided or decided more
+/// recently (it waits there: the watcher decides it, its compensations are
+/// on their way), plus every saga with an open finding.
 pub async fn sagas_to_reconcile(
     conn: &mut PgConnection,
     settled: std::time::Duration,
     limit: i64,
 ) -> Result<ReconcileBatch, sqlx::Error> {
-    let next: Vec<(Uuid, String, bool)> = sqlx::query_as(
+    let next: Vec<(Uuid, String, bool, bool)> = sqlx::query_as(
         r#"
-        select order_id, status, awaiting is not null from orders
+        select order_id, status, awaiting is not null,
+               coalesce(decided_at < now() - make_interval(secs => $1), false)
+        from orders
         where order_id > coalesce((select last_order_id from reconciler_progress),
                                   '00000000-0000-0000-0000-000000000000')
           and created_at < now() - make_interval(secs => $1)
@@ -788,15 +791,17 @@ pub async fn sagas_to_reconcile(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    // Up to the first saga still undecided (the watcher decides it); one
-    // that waits under its long deadline is passed and checked once decided.
+    // Up to the first saga still undecided (the watcher decides it), or
+    // decided too recently for its compensations to be done; one that
+    // waits under its long deadline is passed and checked once settled.
     let mut sagas: Vec<(Uuid, OrderStatus)> = Vec::new();
     let mut later: Vec<Uuid> = Vec::new();
     let mut watermark = None;
-    for (id, status, waits) in &next {
+    for (id, status, waits, settled_down) in &next {
         match OrderStatus::parse(status).unwrap_or(OrderStatus::Pending) {
             OrderStatus::Pending if *waits => later.push(*id),
             OrderStatus::Pending => break,
+            _ if !settled_down => break,
             decided => sagas.push((*id, decided)),
         }
         watermark = Some(*id);
@@ -924,6 +929,27 @@ pub async fn record_findings(
         new,
         resolved: resolved as usize,
     })
+}
+
+/// Deletes findings resolved longer than `retention` ago (a bounded
+/// table, like the outbox and the inbox; open ones stay).
+pub async fn prune_findings(
+    conn: &mut PgConnection,
+    retention: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        r#"
+        delete from saga_findings where (order_id, kind) in (
+            select order_id, kind from saga_findings
+            where resolved_at < now() - make_interval(secs => $1)
+            limit 1000
+        )
+        "#,
+    )
+    .bind(retention.as_secs_f64())
+    .execute(conn)
+    .await?
+    .rows_affected())
 }
 
 /// Long-running sagas checked by every service: not checked again.

@@ -176,6 +176,7 @@ impl Service for App {
                 .clone()
                 .or_else(|| config.common.admin_token.clone()),
         )?;
+        let retention = config.common.retention();
         let runtime = ServiceRuntime::build(ORDER_SVC, config.common, &MIGRATOR).await?;
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
         let saga = Arc::new(OrderSaga {
@@ -200,6 +201,7 @@ impl Service for App {
                 saga,
                 peers: peers.clone(),
                 grace: Duration::from_millis(config.reconcile_grace_ms),
+                retention,
             },
             reconcile_interval: Duration::from_millis(config.reconcile_interval_ms),
             peers,

@@ -104,6 +104,7 @@ pub async fn place_group(
     match place_in_one_transaction(saga, requests).await {
         Ok(outcomes) => outcomes,
         Err(error) => {
+            common::store::pool::note_error(&error);
             warn!(%error, size = requests.len(), "placing a batch failed; placing its orders one by one");
             let mut outcomes = Vec::with_capacity(requests.len());
             for request in requests {

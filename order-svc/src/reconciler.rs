@@ -164,6 +164,8 @@ pub struct Reconciler {
     pub saga: Arc<OrderSaga>,
     pub peers: Peers,
     pub grace: Duration,
+    /// Resolved findings older than this are deleted (the retention window).
+    pub retention: Duration,
 }
 
 impl Reconciler {
@@ -182,6 +184,9 @@ impl Reconciler {
             });
         }
         let report = self.pass_locked(&mut conn).await;
+        if let Err(error) = db::prune_findings(&mut conn, self.retention).await {
+            warn!(%error, "old resolved findings not deleted this time");
+        }
         // Released with the connection anyway if this fails (the pool
         // closes a connection whose unlock errored).
         if let Err(error) = db::advisory_unlock(&mut conn, LOCK_KEY).await {

@@ -68,7 +68,10 @@ pub async fn run(saga: Arc<OrderSaga>, scan: Duration, cancel: CancellationToken
                 }
                 Ok(0) => {}
                 Ok(n) => info!(n, "timed out sagas"),
-                Err(error) => warn!(%error, "timeout pass failed; will retry"),
+                Err(error) => {
+                    common::store::pool::note_error(&error);
+                    warn!(%error, "timeout pass failed; will retry");
+                }
             }
         }
         let latest = now + scan;

@@ -48,8 +48,12 @@ pub struct Incoming {
     /// Set when an operator retries an escalated compensation.
     pub escalation_id: Option<uuid::Uuid>,
     /// Earlier deliveries of this very message (the broker's count; 0 on a
-    /// first delivery).
+    /// first delivery). Informational: RabbitMQ versions count differently
+    /// (see [`crate::messaging::crash_loop`]).
     pub delivery_count: i64,
+    /// Delivered before and not settled (AMQP's `redelivered`): the process
+    /// may have crashed on it.
+    pub redelivered: bool,
     /// The publisher's broker user (the AMQP `user_id`, which the broker
     /// validated), if it set one.
     pub sender: Option<String>,
@@ -95,6 +99,7 @@ impl Incoming {
                 .and_then(|h| h.inner().get(H_DELIVERY_COUNT))
                 .and_then(amqp_int)
                 .unwrap_or(0),
+            redelivered: d.redelivered,
             sender: p.user_id().as_ref().map(|u| u.to_string()),
             control_headers: headers.map_or_else(Vec::new, |h| {
                 CONTROL_HEADERS

@@ -21,9 +21,10 @@ pub enum HandlerError {
     #[error("{0:#}")]
     Transient(anyhow::Error),
     /// A database error: retried, and counted by kind when it is a known
-    /// retryable one (deadlock, serialization failure, lost connection).
+    /// retryable one (deadlock, serialization failure, lost connection, a
+    /// demoted host).
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     /// Will never succeed (malformed or invalid message): parked at once.
     #[error("{0:#}")]
     Permanent(anyhow::Error),
@@ -36,6 +37,14 @@ impl HandlerError {
 
     pub fn transient(msg: impl std::fmt::Display) -> Self {
         HandlerError::Transient(anyhow::anyhow!("{msg}"))
+    }
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        // A demoted host's error retires the pool's old connections at once.
+        crate::store::pool::note_error(&e);
+        HandlerError::Db(e)
     }
 }
 

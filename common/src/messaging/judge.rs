@@ -1,5 +1,6 @@
 //! What becomes of each message of a batch, decided without the broker:
-//! screened (size, sender, age, crash loops), handled as one unit of work,
+//! screened (size, sender, age), handled as one unit of work (apart, if it
+//! may have crashed the process: [`crash_loop`]),
 //! handled again one message at a time if the batch fails as a whole, and a
 //! [`Verdict`] per message. The consumer ([`crate::messaging::consumer`])
 //! takes the deliveries and carries the verdicts out on the broker; the
@@ -14,15 +15,24 @@ use futures_util::FutureExt as _;
 use sqlx::PgPool;
 use tracing::debug;
 
+use crate::messaging::crash_loop;
 use crate::messaging::delivery::Incoming;
 use crate::messaging::events::{EXCHANGE, EventType};
 use crate::messaging::handler::{HandlerError, MessageHandler, MessageResult};
 use crate::messaging::publisher::Publisher;
-use crate::messaging::topology::{DELIVERY_LIMIT, ServiceIdentity};
+use crate::messaging::topology::ServiceIdentity;
 use crate::messaging::trust::{ProducerTrust, Untrusted};
 use crate::messaging::unit_of_work::UnitOfWork;
 use crate::metric_definitions as metric;
 use crate::store::pool as db;
+
+/// What marks the message a test wants to crash the process on (with the
+/// `judge::crash_on_marked` failpoint): found anywhere in its body.
+pub const CRASH_MARK: &[u8] = b"crash-the-process";
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
 
 /// Messages larger than this are parked unread.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -93,24 +103,44 @@ impl<H: MessageHandler> Judge<H> {
     }
 
     /// The verdict on every message: screened, then handled as a batch (and
-    /// one by one if the batch fails).
+    /// one by one if the batch fails). Messages delivered again after a
+    /// possible crash are handled apart, as suspects (see
+    /// [`crate::messaging::crash_loop`]).
     pub async fn judge(&self, messages: &[Incoming]) -> Vec<Verdict> {
         let mut verdicts: Vec<Option<Verdict>> = messages.iter().map(|m| self.screen(m)).collect();
-        let work: Vec<usize> = (0..messages.len())
+        let (suspects, fresh): (Vec<usize>, Vec<usize>) = (0..messages.len())
             .filter(|&i| verdicts[i].is_none())
-            .collect();
-        if work.is_empty() {
-            return verdicts.into_iter().flatten().collect();
+            .partition(|&i| messages[i].redelivered);
+        if !fresh.is_empty() {
+            self.judge_batch(messages, &fresh, &mut verdicts).await;
         }
-        let screened_out;
+        if !suspects.is_empty() {
+            self.judge_suspects(messages, &suspects, &mut verdicts)
+                .await;
+        }
+        verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or(Verdict::Ack))
+            .collect()
+    }
+
+    /// Handles `work` (indices into `messages`) as one batch, and one by
+    /// one if the batch fails.
+    async fn judge_batch(
+        &self,
+        messages: &[Incoming],
+        work: &[usize],
+        verdicts: &mut [Option<Verdict>],
+    ) {
+        let picked;
         let batch: &[Incoming] = if work.len() == messages.len() {
             messages
         } else {
-            screened_out = work
+            picked = work
                 .iter()
                 .map(|&i| messages[i].clone())
                 .collect::<Vec<_>>();
-            &screened_out
+            &picked
         };
         match self.run_batch(batch).await {
             Ok(results) => {
@@ -122,7 +152,7 @@ impl<H: MessageHandler> Judge<H> {
                 metrics::counter!(metric::CONSUMER_BATCH_FALLBACKS, "service" => self.service.name)
                     .increment(1);
                 debug!(%error, size = batch.len(), "batch failed; handling its messages one by one");
-                for &i in &work {
+                for &i in work {
                     let single = std::slice::from_ref(&messages[i]);
                     let result = match self.run_batch(single).await {
                         Ok(mut results) => results.pop().unwrap_or(Ok(())),
@@ -135,10 +165,98 @@ impl<H: MessageHandler> Judge<H> {
                 verdicts[work[0]] = Some(self.verdict(&messages[work[0]], Err(error)));
             }
         }
-        verdicts
-            .into_iter()
-            .map(|v| v.unwrap_or(Verdict::Ack))
-            .collect()
+    }
+
+    /// Handles messages delivered again after a possible crash (see
+    /// [`crate::messaging::crash_loop`]): those never suspected before
+    /// together, the others each on its own, each counted (durably) just
+    /// before it is handled; one counted twice already is the culprit,
+    /// parked or escalated unhandled.
+    async fn judge_suspects(
+        &self,
+        messages: &[Incoming],
+        suspects: &[usize],
+        verdicts: &mut [Option<Verdict>],
+    ) {
+        let ids: Vec<uuid::Uuid> = suspects
+            .iter()
+            .map(|&i| crash_loop::digest(&messages[i]))
+            .collect();
+        let counted = match crash_loop::counts(&self.pool, &ids).await {
+            Ok(counted) => counted,
+            Err(error) => return self.cannot_count(messages, suspects, &error, verdicts),
+        };
+        let (mut together, mut alone) = (Vec::new(), Vec::new());
+        for (&i, id) in suspects.iter().zip(&ids) {
+            if counted.contains_key(id) {
+                alone.push((i, *id));
+            } else {
+                together.push((i, *id));
+            }
+        }
+        if !together.is_empty() {
+            let (work, group): (Vec<usize>, Vec<uuid::Uuid>) = together.into_iter().unzip();
+            if let Err(error) = crash_loop::suspect(&self.pool, &group).await {
+                return self.cannot_count(messages, &work, &error, verdicts);
+            }
+            metrics::counter!(metric::CONSUMER_SUSPECTS, "service" => self.service.name, "handled" => "together")
+                .increment(work.len() as u64);
+            self.judge_batch(messages, &work, verdicts).await;
+            self.forget(&group).await;
+        }
+        for (i, id) in alone {
+            let times = match crash_loop::suspect(&self.pool, &[id]).await {
+                Ok(times) => times.get(&id).copied().unwrap_or(1),
+                Err(error) => {
+                    self.cannot_count(messages, &[i], &error, verdicts);
+                    continue;
+                }
+            };
+            if times > crash_loop::TIMES_BEFORE_PARKING {
+                let reason = format!(
+                    "it crashed the process {times} times, the last on its own: its handler \
+                     keeps crashing the process"
+                );
+                verdicts[i] = Some(match self.handler.compensation(&messages[i].routing_key) {
+                    Some(step) => Verdict::Escalate {
+                        step,
+                        error: reason,
+                    },
+                    None => Verdict::Park {
+                        reason,
+                        label: "crash_loop",
+                    },
+                });
+            } else {
+                metrics::counter!(metric::CONSUMER_SUSPECTS, "service" => self.service.name, "handled" => "alone")
+                    .increment(1);
+                self.judge_batch(messages, &[i], verdicts).await;
+            }
+            self.forget(&[id]).await;
+        }
+    }
+
+    /// Suspects handled (or parked) without a crash: forgotten.
+    async fn forget(&self, ids: &[uuid::Uuid]) {
+        if let Err(error) = crash_loop::clear(&self.pool, ids).await {
+            tracing::warn!(%error, "could not forget suspects handled without a crash");
+        }
+    }
+
+    /// The database cannot count suspects: they are retried later.
+    fn cannot_count(
+        &self,
+        messages: &[Incoming],
+        work: &[usize],
+        error: &sqlx::Error,
+        verdicts: &mut [Option<Verdict>],
+    ) {
+        for &i in work {
+            let failure = HandlerError::Db(sqlx::Error::Protocol(format!(
+                "could not count a suspected crash: {error}"
+            )));
+            verdicts[i] = Some(self.verdict(&messages[i], Err(failure)));
+        }
     }
 
     /// Messages refused before any handler sees them: parked, or escalated
@@ -173,16 +291,6 @@ impl<H: MessageHandler> Judge<H> {
                     self.settings.replay_window.as_secs()
                 ),
                 "too_old",
-            ))
-        } else if msg.delivery_count >= DELIVERY_LIMIT {
-            // The broker's last delivery before it dead-letters the message
-            // itself: whatever handles it keeps killing the process.
-            Some((
-                format!(
-                    "delivered {} times without being settled: its handler keeps crashing the process",
-                    msg.delivery_count + 1
-                ),
-                "crash_loop",
             ))
         } else {
             None
@@ -247,6 +355,11 @@ impl<H: MessageHandler> Judge<H> {
     /// Runs the handler on `batch` in one transaction and commits it.
     async fn run_batch(&self, batch: &[Incoming]) -> Result<Vec<MessageResult>, HandlerError> {
         let work = async {
+            if batch.iter().any(|m| contains(&m.body, CRASH_MARK))
+                && crate::failpoints::is_set("judge::crash_on_marked")
+            {
+                crate::failpoints::crash("judge::crash_on_marked");
+            }
             if crate::failpoints::is_set("consumer::hang") {
                 // A handler stuck on, say, a half-open database socket.
                 std::future::pending::<()>().await;

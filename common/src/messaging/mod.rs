@@ -28,6 +28,7 @@
 //!
 //! Duplicates and failures:
 //! - [`retry`]: the delay tiers of broker-level retries;
+//! - [`crash_loop`]: which redelivered message keeps crashing the process;
 //! - [`inbox`]: dedup where a message has no natural key, and the counters
 //!   of duplicates and late events;
 //! - [`escalation`]: compensations that kept failing, for an operator.
@@ -39,6 +40,7 @@
 pub mod asyncapi;
 pub mod broker;
 pub mod consumer;
+pub mod crash_loop;
 pub mod delivery;
 pub mod envelope;
 pub mod escalation;

@@ -12,6 +12,7 @@
 
 use std::borrow::Cow;
 use std::str::FromStr as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -93,6 +94,10 @@ pub async fn connect_and_migrate(
     // which is retried like any database error), and a couple of warm
     // connections so the first batch after a quiet spell does not connect.
     let pool = PgPoolOptions::new()
+        // A connection opened before its host was found demoted (a
+        // switchover) is closed rather than used again.
+        .before_acquire(|_, meta| Box::pin(async move { Ok(!opened_before_demotion(meta.age)) }))
+        .after_release(|_, meta| Box::pin(async move { Ok(!opened_before_demotion(meta.age)) }))
         .max_connections(pool_size)
         .min_connections(pool_size.min(2))
         .test_before_acquire(false)
@@ -109,6 +114,53 @@ pub async fn connect_and_migrate(
         tokio::spawn(follow_primary(pool.clone(), hosts));
     }
     Ok(pool)
+}
+
+/// When a database host was last found demoted (a standby now), in
+/// milliseconds since the Unix epoch; 0: never.
+static DEMOTED_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// True for an error that says the connection's server takes no writes
+/// any more: SQLSTATE 25006 (`read_only_sql_transaction`), what a primary
+/// demoted to a standby answers on the connections it kept.
+pub fn is_demoted_host(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25006"))
+}
+
+/// Notes a database error: after a demoted host's error every pooled
+/// connection opened before it is closed instead of used again (on its
+/// release, or before its next use), so the retry that follows connects
+/// afresh — to the writable host (see [`connect_and_migrate`]).
+pub fn note_error(e: &sqlx::Error) {
+    if is_demoted_host(e) {
+        mark_demoted();
+    }
+}
+
+fn mark_demoted() {
+    let previous = DEMOTED_AT_MS.swap(now_ms(), Ordering::AcqRel);
+    if now_ms().saturating_sub(previous) > 1000 {
+        tracing::warn!(
+            "the database host takes no writes (a standby now): its pooled connections are \
+             replaced"
+        );
+    }
+}
+
+/// True if a connection `age` old was opened before the last demotion.
+fn opened_before_demotion(age: Duration) -> bool {
+    let demoted_at = DEMOTED_AT_MS.load(Ordering::Acquire);
+    if demoted_at == 0 {
+        return false;
+    }
+    let opened_at = now_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    opened_at <= demoted_at
 }
 
 /// A transaction holding the advisory lock `key` until it ends, or `None`
@@ -214,6 +266,7 @@ async fn follow_primary(pool: PgPool, hosts: Vec<PgConnectOptions>) {
             Ok(options) => {
                 info!(host = ?options.get_host(), "database primary moved: new connections go there");
                 pool.set_connect_options(options);
+                mark_demoted();
             }
             Err(error) => tracing::warn!(%error, "no writable database host found; looking again"),
         }
@@ -301,6 +354,8 @@ pub fn retryable(e: &sqlx::Error) -> Option<RetryableKind> {
             let code = db.code()?;
             Some(match code.as_ref() {
                 "40P01" => RetryableKind::Deadlock,
+                // A demoted primary: the wrong host, as a lost connection is.
+                "25006" => RetryableKind::Connection,
                 "40001" => RetryableKind::Serialization,
                 "55P03" | "57014" => RetryableKind::LockTimeout,
                 c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {

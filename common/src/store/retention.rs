@@ -1,5 +1,6 @@
-//! Bounded tables: old outbox rows and inbox ids are deleted once they are
-//! older than the retention window.
+//! Bounded tables: old outbox rows, inbox ids, resolved escalations and
+//! forgotten crash suspects are deleted once they are older than the
+//! retention window (open escalations stay until an operator resolves them).
 //!
 //! The window must outlast every way a message can come back (see
 //! [`crate::messaging::retry::check_window`], checked at start-up); a message
@@ -54,6 +55,25 @@ const DELETE_OLD_INBOX: &str = r#"
     )
 "#;
 
+/// Escalations resolved more than `$1` seconds ago, at most `$2` of them.
+const DELETE_OLD_ESCALATIONS: &str = r#"
+    delete from escalations where id in (
+        select id from escalations
+        where status = 'resolved' and resolved_at < now() - make_interval(secs => $1)
+        limit $2
+    )
+"#;
+
+/// Crash suspects last seen more than `$1` seconds ago (their message long
+/// gone), at most `$2` of them.
+const DELETE_OLD_SUSPECTS: &str = r#"
+    delete from crash_suspects where id in (
+        select id from crash_suspects
+        where last_seen < now() - make_interval(secs => $1)
+        limit $2
+    )
+"#;
+
 async fn delete_batch(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     sql: &'static str,
@@ -81,10 +101,12 @@ pub async fn clean_once(
         };
         let o = delete_batch(&mut tx, DELETE_OLD_OUTBOX, secs).await?;
         let i = delete_batch(&mut tx, DELETE_OLD_INBOX, secs + MARGIN.as_secs_f64()).await?;
+        let e = delete_batch(&mut tx, DELETE_OLD_ESCALATIONS, secs).await?;
+        let c = delete_batch(&mut tx, DELETE_OLD_SUSPECTS, secs).await?;
         tx.commit().await?;
         outbox += o;
         inbox += i;
-        if o < BATCH as u64 && i < BATCH as u64 {
+        if o < BATCH as u64 && i < BATCH as u64 && e < BATCH as u64 && c < BATCH as u64 {
             return Ok(Some((outbox, inbox)));
         }
         // Let the hot path breathe between batches.

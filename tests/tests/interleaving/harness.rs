@@ -260,6 +260,7 @@ pub fn incoming(message: &OutboxMessage) -> Incoming {
         max_attempts: MAX_ATTEMPTS,
         escalation_id: None,
         delivery_count: 0,
+        redelivered: false,
         sender: Some(USER.to_owned()),
         control_headers: Vec::new(),
     }
@@ -298,11 +299,26 @@ pub struct Outcome {
 }
 
 /// The queue of one service, as the broker keeps it.
-#[derive(Default)]
 pub struct Queue {
     ready: VecDeque<Incoming>,
     /// Messages taken out for good: parked or escalated, with the reason.
     pub dead: Vec<(Incoming, String)>,
+    /// RabbitMQ 3.x's rule: every return of a delivery (a crash) counts
+    /// one more delivery; 4.x counts none when a channel closes.
+    pub counts_returns: bool,
+    /// A batch not judged within this long has crashed the process.
+    pub crash_after: std::time::Duration,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            ready: VecDeque::new(),
+            dead: Vec::new(),
+            counts_returns: true,
+            crash_after: std::time::Duration::from_secs(20),
+        }
+    }
 }
 
 impl Queue {
@@ -340,11 +356,11 @@ impl Queue {
             fail::cfg(name, actions).expect("failpoint");
         }
         let judged = tokio::time::timeout(
-            std::time::Duration::from_millis(if fault == Fault::CrashBeforeCommit {
-                60
+            if fault == Fault::CrashBeforeCommit {
+                std::time::Duration::from_millis(60)
             } else {
-                20_000
-            }),
+                self.crash_after
+            },
             judge.judge(&batch),
         )
         .await;
@@ -368,7 +384,10 @@ impl Queue {
             // delivered once more.
             for message in batch.iter().rev() {
                 let mut again = message.clone();
-                again.delivery_count += 1;
+                again.redelivered = true;
+                if self.counts_returns {
+                    again.delivery_count += 1;
+                }
                 self.ready.push_front(again);
             }
         }
@@ -411,6 +430,7 @@ fn retried(message: &Incoming) -> Incoming {
     let mut again = message.clone();
     again.attempt += 1;
     again.delivery_count = 0;
+    again.redelivered = false;
     again.control_headers = vec![H_RETRY_ATTEMPT, H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_EXCHANGE];
     again
 }

@@ -559,3 +559,74 @@ pub fn decision(
     ));
     messages
 }
+
+/// One of issue 23's smaller defects: new stock looked at the 100 oldest
+/// backorders of the item and skipped the expired ones among them in Rust,
+/// so a hundred stale backorders starved every newer one. They are now
+/// left out in SQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_stale_backorders_do_not_starve_a_live_one() {
+    let _serial = harness::SERIAL.lock().await;
+    let lab = Lab::new(
+        INVENTORY_SVC,
+        Svc::Inventory,
+        &inventory_svc::MIGRATOR,
+        |pool, _| InventoryHandler { pool },
+    )
+    .await;
+    let history = History {
+        stock: vec![(0, true), (0, false)],
+        orders: (0..101)
+            .map(|_| OrderSpec {
+                lines: vec![(0, 1)],
+                three_ds: false,
+                expired: false,
+            })
+            .collect(),
+        steps: Vec::new(),
+    };
+    let mut run = Run::new(&lab, &history).await;
+    let mut conn = lab.pool.acquire().await.unwrap();
+    for (item, (available, backorderable)) in run.items.iter().zip(&history.stock) {
+        inventory_svc::db::put_item(
+            &mut conn,
+            item,
+            *available,
+            Some(false),
+            Some(*backorderable),
+        )
+        .await
+        .unwrap();
+    }
+    drop(conn);
+    for order in 0..101 {
+        run.step(&Step::Send {
+            order,
+            what: Send::Paid,
+        })
+        .await
+        .unwrap();
+    }
+    while !run.p.queue.is_empty() {
+        run.p.deliver(32, Fault::None).await;
+    }
+    // The first hundred outlive their saga's long deadline.
+    sqlx::query(
+        "update reservations set pending = jsonb_set(pending, '{deadline_at}', \
+         to_jsonb(now() - interval '1 second')) where order_id = any($1)",
+    )
+    .bind(&run.p.orders[..100])
+    .execute(&lab.pool)
+    .await
+    .unwrap();
+    run.step(&Step::Restock { item: 0, units: 1 })
+        .await
+        .unwrap();
+    let status: String = sqlx::query_scalar("select status from reservations where order_id = $1")
+        .bind(run.p.orders[100])
+        .fetch_one(&lab.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "held", "the live backorder is filled");
+    lab.close().await;
+}

@@ -12,6 +12,7 @@
 //! seed. `CHECKER_CASES=N` runs a longer soak:
 //! `CHECKER_CASES=5000 cargo test -p saga-tests --test interleaving`.
 
+mod crash_loop;
 mod harness;
 mod inventory;
 mod notification;

@@ -671,3 +671,97 @@ async fn regression_pending_is_told_to_every_target_and_never_goes_back() {
     assert_eq!(awaiting.as_deref(), Some("stock_arrival"));
     lab.close().await;
 }
+
+/// Two of issue 23's smaller defects: the reconciler took a saga up once it
+/// was *created* long enough ago, so one decided late was flagged while its
+/// compensations were on their way; and resolved findings and escalations
+/// were kept forever. A saga is now checked once it was *decided* long
+/// enough ago, and both tables keep what is resolved for the retention
+/// window only.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_the_reconciler_waits_for_the_decision_and_old_resolutions_go() {
+    let _serial = harness::SERIAL.lock().await;
+    let lab = lab().await;
+    let mut conn = lab.pool.acquire().await.unwrap();
+    sqlx::query("delete from reconciler_progress")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let history = History {
+        entries: vec![Entry::HttpKeyless, Entry::HttpKeyless],
+        steps: vec![Step::PlaceTogether { commit_lost: false }],
+    };
+    let mut run = Run::new(&lab, &history).await;
+    run.step(&history.steps[0]).await.unwrap();
+    let (early, late) = (
+        run.requests[0].order_id.unwrap(),
+        run.requests[1].order_id.unwrap(),
+    );
+    // Both created a minute ago; one decided a minute ago, one just now.
+    sqlx::query(
+        "update orders set created_at = now() - interval '60 s', status = 'FAILED', \
+         decided_at = case when order_id = $1 then now() - interval '59 s' else now() end \
+         where order_id = any($2)",
+    )
+    .bind(early)
+    .bind([early, late])
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let batch =
+        order_svc::db::sagas_to_reconcile(&mut conn, std::time::Duration::from_secs(10), 100)
+            .await
+            .unwrap();
+    let ids: Vec<Uuid> = batch.sagas.iter().map(|(id, _)| *id).collect();
+    assert!(ids.contains(&early), "{ids:?}");
+    assert!(
+        !ids.contains(&late),
+        "a saga decided just now is not checked yet: {ids:?}"
+    );
+
+    // Resolved findings and escalations outlive the window no longer.
+    sqlx::query(
+        "insert into saga_findings (order_id, kind, detail, resolved_at) values \
+         ($1, 'old', 'resolved long ago', now() - interval '2 hours'), \
+         ($1, 'open', 'still open', null)",
+    )
+    .bind(early)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into escalations (id, message_id, order_id, step, routing_key, body, attempts, \
+         last_error, status, resolved_at) values \
+         ($1, $1, $3, 'refund', 'order.failed', '', 1, 'x', 'resolved', now() - interval '2 hours'), \
+         ($2, $2, $3, 'refund', 'order.failed', '', 1, 'x', 'open', null)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(Uuid::now_v7())
+    .bind(early)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let window = std::time::Duration::from_secs(3600);
+    order_svc::db::prune_findings(&mut conn, window)
+        .await
+        .unwrap();
+    common::store::retention::clean_once(&lab.pool, window)
+        .await
+        .unwrap();
+    let findings: Vec<String> =
+        sqlx::query_scalar("select kind from saga_findings where order_id = $1")
+            .bind(early)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(findings, vec!["open".to_owned()]);
+    let escalations: Vec<String> =
+        sqlx::query_scalar("select status from escalations where order_id = $1")
+            .bind(early)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(escalations, vec!["open".to_owned()]);
+    drop(conn);
+    lab.close().await;
+}

@@ -367,6 +367,39 @@ impl<'a> Run<'a> {
     }
 }
 
+/// `order.created` for `order_id`, paid with a card that charges.
+pub fn created(
+    order_id: Uuid,
+    customer: &str,
+    amount_cents: i64,
+) -> common::messaging::outbox::OutboxMessage {
+    let payment = CardSealer::new(None).expect("the development key").seal(
+        &Card::Charges.details(),
+        CardBinding {
+            order_id,
+            amount_cents,
+        },
+    );
+    SagaContext {
+        order_id,
+        deadline_at: Utc::now() + Duration::seconds(120),
+        causation_id: format!("created:{order_id}"),
+        producer: "checker",
+        trail: Vec::new(),
+    }
+    .event(
+        EventType::OrderCreated,
+        &OrderCreated {
+            customer_id: customer.to_owned(),
+            items: Vec::new(),
+            amount_cents,
+            currency: "USD".into(),
+            payment,
+            long_deadline_at: None,
+        },
+    )
+}
+
 /// A batch run on its own, as a replica's consumer runs it: one unit of
 /// work, committed.
 async fn run_batch(
@@ -640,4 +673,59 @@ async fn two_replicas_under_a_refund_heavy_load_never_deadlock() {
     if let Ok(lab) = std::sync::Arc::try_unwrap(lab) {
         lab.close().await;
     }
+}
+
+/// Defect 6 of issue 23: after a switchover the pool kept its connections
+/// to the demoted primary, whose every write answers SQLSTATE 25006
+/// (read-only transaction); that error was retried on the same
+/// connections until the message was parked. Now such an error retires
+/// every connection opened before it, and the retry connects afresh. The
+/// test turns the pool's connections read-only, as the demoted node's are,
+/// and keeps new ones writable, as the new primary's are.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_connections_to_a_demoted_host_are_replaced_not_retried_until_parked() {
+    let _serial = harness::SERIAL.lock().await;
+    let lab = lab().await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut conn = lab.pool.acquire().await.unwrap();
+        sqlx::query("set default_transaction_read_only = on")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        held.push(conn);
+    }
+    drop(held);
+    let tag = &Uuid::new_v4().simple().to_string()[..8];
+    let customer = format!("switchover-{tag}");
+    let mut conn = lab.pool.acquire().await.unwrap();
+    assert!(
+        payment_svc::db::put_account(&mut conn, &customer, 5000, Some(false))
+            .await
+            .is_err(),
+        "the pooled connections are the demoted host's"
+    );
+    drop(conn);
+    let mut p = Player::new(&lab, 1).await;
+    p.send(&created(p.orders[0], &customer, 1000));
+    for _ in 0..10 {
+        if p.queue.is_empty() {
+            break;
+        }
+        p.deliver(1, Fault::None).await;
+    }
+    assert!(
+        p.queue.is_empty() && p.queue.dead.is_empty(),
+        "parked: {:?}",
+        p.queue.dead.iter().map(|(_, why)| why).collect::<Vec<_>>()
+    );
+    let status: String = sqlx::query_scalar("select status from payments where order_id = $1")
+        .bind(p.orders[0])
+        .fetch_one(&lab.pool)
+        .await
+        .unwrap();
+    // The account did not exist (its creation failed on the demoted host):
+    // opened now with no balance, the payment is declined — applied, not parked.
+    assert_eq!(status, "declined");
+    lab.close().await;
 }

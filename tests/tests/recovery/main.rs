@@ -288,3 +288,102 @@ async fn a_sigkilled_service_restarted_at_once_costs_no_saga_with_more_than_2s_l
     );
     let _ = std::fs::remove_dir_all(&sys.log_dir);
 }
+
+/// Defect 4 of issue 23: a process that crashed on one message returned
+/// its whole prefetch; RabbitMQ 3.x counts that return for every message,
+/// so after ten crashes on the culprit its batch-mates reached the limit
+/// with it and were parked as `crash_loop` too (and RabbitMQ 4.x counts no
+/// return of a closed channel, so nothing was ever parked). On the broker
+/// installed here: payment-svc crashes (a real abort) whenever a batch
+/// holds the marked message; it is restarted each time. The marked one
+/// ends parked as a crash loop after a few crashes; its batch-mates are
+/// charged, none parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regression_only_the_message_that_keeps_crashing_the_process_is_parked() {
+    use common::messaging::envelope::SagaContext;
+    use common::messaging::events::{EventType, OrderCreated};
+
+    let _serial = SERIAL.lock().await;
+    let mut sys = ProcessSystem::spawn_with(
+        env!("CARGO_BIN_EXE_saga-service"),
+        &[(Svc::Payment, 1)],
+        &[("DEFAULT_BALANCE_CENTS", "100000")],
+        &[(Svc::Payment, "FAILPOINTS", "judge::crash_on_marked=return")],
+    )
+    .await;
+    // Stopped while the messages queue up, so that they arrive together.
+    sys.terminate(0).await.expect("a clean stop");
+    let conn = sys.amqp().await;
+    let mut orders = Vec::new();
+    for customer in ["alice", "crash-the-process", "bob", "carol"] {
+        let order_id = Uuid::now_v7();
+        let event = SagaContext {
+            order_id,
+            deadline_at: Utc::now() + chrono::Duration::seconds(120),
+            causation_id: format!("crash-loop:{order_id}"),
+            producer: "order-svc",
+            trail: Vec::new(),
+        }
+        .event(
+            EventType::OrderCreated,
+            &OrderCreated {
+                customer_id: customer.into(),
+                items: Vec::new(),
+                amount_cents: 1000,
+                currency: "USD".into(),
+                payment: saga_tests::sealed_test_card(order_id, 1000),
+                long_deadline_at: None,
+            },
+        );
+        sys.publish(
+            &conn,
+            "order.created",
+            &event.body,
+            BasicProperties::default().with_message_id(event.id.to_string().into()),
+        )
+        .await;
+        orders.push((customer, order_id, event.id));
+    }
+    sys.start(0).await;
+    let started = Instant::now();
+    let mut crashes = 0;
+    let parked = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "still crashing after {crashes} crashes"
+        );
+        if sys.wait_exit(0, Duration::from_millis(200)).await.is_some() {
+            crashes += 1;
+            sys.start(0).await;
+            continue;
+        }
+        let parked = saga_tests::parked(&conn, "payment-svc.parking").await;
+        if !parked.is_empty() {
+            break parked;
+        }
+    };
+    report(&format!(
+        "crash loop: {crashes} crashes before the culprit was parked"
+    ));
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].1.contains("crashing the process"), "{parked:?}");
+    let culprit = orders[1].2.to_string();
+    assert_eq!(parked[0].0, culprit, "{parked:?}");
+    let mut pg = sys.pg(Svc::Payment).await;
+    for (customer, order_id, _) in orders {
+        let status: Option<String> =
+            sqlx::query_scalar("select status from payments where order_id = $1")
+                .bind(order_id)
+                .fetch_optional(&mut pg)
+                .await
+                .unwrap();
+        if customer == "crash-the-process" {
+            assert_eq!(status, None);
+        } else {
+            assert_eq!(status.as_deref(), Some("charged"), "{customer}");
+        }
+    }
+    let unclean = sys.stop_all().await;
+    assert!(unclean.is_empty(), "{unclean:?}");
+    let _ = std::fs::remove_dir_all(&sys.log_dir);
+}

@@ -15,7 +15,6 @@ use common::messaging::delivery::Incoming;
 use common::messaging::topology::QueueType;
 use lapin::BasicProperties;
 use lapin::options::BasicGetOptions;
-use lapin::types::{AMQPValue, FieldTable};
 use saga_tests::{Sandbox, Svc, TestSystem, eventually, metric_sum, order_dict};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -198,57 +197,6 @@ async fn regression_a_compensation_too_old_to_apply_is_escalated_not_parked() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn regression_a_message_its_process_keeps_crashing_on_is_escalated_or_parked_before_the_broker_parks_it()
- {
-    let _serial = SERIAL.lock().await;
-    let sys = TestSystem::spawn().await;
-    let conn = sys.amqp().await;
-    // The broker's count of earlier deliveries, as it sets it on the last
-    // delivery before dead-lettering the message itself.
-    let mut headers = FieldTable::default();
-    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(10));
-    let props = |id: Uuid| {
-        BasicProperties::default()
-            .with_message_id(id.to_string().into())
-            .with_headers(headers.clone())
-    };
-    let (refund, body) = envelope(
-        "order.failed",
-        chrono::Duration::zero(),
-        json!({"customer_id": "c", "amount_cents": 1, "result": {"status": "failure", "error": "e", "reason": "r"}}),
-    );
-    sys.publish(&conn, "order.failed", &body, props(refund))
-        .await;
-    let (forward, body) = envelope("order.created", chrono::Duration::zero(), json!({}));
-    sys.publish(&conn, "order.created", &body, props(forward))
-        .await;
-
-    let escalation = eventually(Duration::from_secs(10), "an escalation", || async {
-        escalations(&sys, Svc::Payment).await.into_iter().next()
-    })
-    .await;
-    assert!(
-        escalation["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("keeps crashing the process"),
-        "{escalation}"
-    );
-    eventually(
-        Duration::from_secs(10),
-        "the forward event parked",
-        || async { (parked_count(&conn, "payment-svc.parking").await == 1).then_some(()) },
-    )
-    .await;
-    assert!(
-        sys.payment(escalation["order_id"].as_str().unwrap())
-            .await
-            .is_none()
-    );
-    sys.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn regression_inbox_ids_outlive_the_refusal_window_by_a_margin() {
     let _serial = SERIAL.lock().await;
     let sys = TestSystem::spawn().await;
@@ -297,6 +245,7 @@ async fn regression_an_escalation_recorded_twice_counts_its_attempts_once() {
         max_attempts: 8,
         escalation_id: None,
         delivery_count: 0,
+        redelivered: false,
         sender: Some("guest".into()),
         control_headers: Vec::new(),
     };
