@@ -66,8 +66,14 @@ impl EmailTransport for LogTransport {
     }
 }
 
-/// How long an SMTP exchange may take before the relay counts as down.
+/// How long connecting to the relay may take before it counts as down.
 pub const SMTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a whole SMTP exchange may take: the client library bounds only
+/// the connection, and a relay that stops answering after DATA would
+/// otherwise hold the sender for as long as it likes. Past this, the email
+/// may have been taken (`SendError::Uncertain`).
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// Plain SMTP to a relay (no TLS: meant for a local MTA or mail sink).
 pub struct SmtpTransport {
@@ -123,7 +129,14 @@ impl EmailTransport for SmtpTransport {
                 .subject(email.subject.clone())
                 .body(email.body.clone())
                 .map_err(|e| SendError::Rejected(e.to_string()))?;
-            match self.mailer.send(message).await {
+            let Ok(sent) = tokio::time::timeout(SEND_TIMEOUT, self.mailer.send(message)).await
+            else {
+                return Err(SendError::Uncertain(format!(
+                    "the relay did not answer within {} s",
+                    SEND_TIMEOUT.as_secs()
+                )));
+            };
+            match sent {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_permanent() => Err(SendError::Rejected(e.to_string())),
                 // A 4xx answer, or no connection at all: not taken.

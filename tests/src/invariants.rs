@@ -18,9 +18,14 @@ use uuid::Uuid;
 /// What a client placed (its idempotency key) and what it was told.
 #[derive(Debug, Clone)]
 pub struct Placed {
+    /// The idempotency key; for a keyless request, a label of the client's.
     pub key: String,
+    /// Placed without an idempotency key (its order is known by the id in
+    /// its answer, if it got one).
+    pub keyless: bool,
     pub over_http: bool,
-    /// The result dict (HTTP only), if the client got one.
+    /// The result dict (HTTP only), if the client got one: the final one,
+    /// for an order that was pending first.
     pub result: Option<Value>,
 }
 
@@ -32,6 +37,10 @@ pub struct Expected<'a> {
     pub initial_balance: &'a (dyn Fn(&str) -> i64 + Sync),
     /// Messages that must end up parked (poison injected on purpose).
     pub parked: u32,
+    /// What the mail relay received, when the services used one: the
+    /// truth about confirmations and cancellations (one the relay took
+    /// whose answer was lost is in no database).
+    pub relay: Option<&'a [crate::smtp::ReceivedEmail]>,
 }
 
 async fn count(sandbox: &Sandbox, svc: Svc, sql: &'static str) -> Option<i64> {
@@ -89,8 +98,13 @@ pub async fn wait_until_settled(
     let started = Instant::now();
     let keys: Vec<String> = placed
         .iter()
-        .filter(|p| !p.over_http || p.result.is_some())
+        .filter(|p| !p.keyless && (!p.over_http || p.result.is_some()))
         .map(|p| p.key.clone())
+        .collect();
+    let keyless: Vec<Uuid> = placed
+        .iter()
+        .filter(|p| p.keyless)
+        .filter_map(|p| p.result.as_ref()?["order_id"].as_str()?.parse().ok())
         .collect();
     let mut quiet = 0;
     let mut last = String::new();
@@ -113,9 +127,10 @@ pub async fn wait_until_settled(
         }
         let present = match sys.pg_try(Svc::Order).await {
             Some(mut pg) => sqlx::query_scalar::<_, i64>(
-                "select count(*) from orders where idempotency_key = any($1)",
+                "select count(*) from orders where idempotency_key = any($1) or order_id = any($2)",
             )
             .bind(&keys)
+            .bind(&keyless)
             .fetch_one(&mut pg)
             .await
             .ok(),
@@ -124,10 +139,10 @@ pub async fn wait_until_settled(
         let queued = queued(&sys.amqp_url).await;
         last = format!(
             "pending orders {pending:?}, orders present {present:?} of {}, unpublished outbox rows {unpublished:?}, queued messages {queued:?}",
-            keys.len()
+            keys.len() + keyless.len()
         );
         let settled = pending == Some(0)
-            && present == Some(keys.len() as i64)
+            && present == Some((keys.len() + keyless.len()) as i64)
             && unpublished == Some(0)
             && queued == Some(0);
         quiet = if settled { quiet + 1 } else { 0 };
@@ -294,6 +309,19 @@ pub async fn check(
             ));
         }
     }
+    // Every saga is decided: nothing is held or waits for stock any more.
+    for (item, (_, held)) in &stock {
+        if *held != 0 && !expected.initial_stock.contains_key(item) {
+            v.push(format!("{item}: {held} units still held"));
+        }
+    }
+    for (id, r) in &reservations {
+        if matches!(r.as_str(), "held" | "backordered") {
+            v.push(format!(
+                "reservation {id} still {r} with every saga decided"
+            ));
+        }
+    }
     let customers: HashSet<&String> = balances.keys().chain(spent.keys()).collect();
     for c in customers {
         let initial = (expected.initial_balance)(c);
@@ -308,10 +336,20 @@ pub async fn check(
         .iter()
         .filter_map(|o| Some((o.3.as_deref()?, o.2.as_str())))
         .collect();
+    let by_id: HashMap<String, &str> = orders
+        .iter()
+        .map(|o| (o.0.to_string(), o.2.as_str()))
+        .collect();
     for p in placed {
         let Some(result) = &p.result else { continue };
         let told = result["status"].as_str().unwrap_or("?");
-        let status = by_key.get(p.key.as_str()).copied();
+        let status = if p.keyless {
+            result["order_id"]
+                .as_str()
+                .and_then(|id| by_id.get(id).copied())
+        } else {
+            by_key.get(p.key.as_str()).copied()
+        };
         let agrees = matches!(
             (told, status),
             ("success", Some("CONFIRMED")) | ("failure", Some("FAILED"))
@@ -321,6 +359,50 @@ pub async fn check(
                 "client {} was told {result} but the order is {status:?}",
                 p.key
             ));
+        }
+    }
+    // What the relay received: never a confirmation alone for a failed
+    // order (a cancellation after it), never a cancellation of a confirmed
+    // one.
+    if let Some(relay) = expected.relay {
+        // Each email names its order in full in its body.
+        let ids: Vec<(String, Uuid)> = orders.iter().map(|o| (o.0.to_string(), o.0)).collect();
+        let mut seen: HashMap<Uuid, Vec<&str>> = HashMap::new();
+        for email in relay {
+            let kind = if email.subject().ends_with("is confirmed") {
+                "confirmation"
+            } else {
+                "cancellation"
+            };
+            if let Some((_, id)) = ids
+                .iter()
+                .find(|(text, _)| email.data.contains(text.as_str()))
+            {
+                seen.entry(*id).or_default().push(kind);
+            }
+        }
+        for (id, kinds) in &seen {
+            let status = orders
+                .iter()
+                .find(|o| o.0 == *id)
+                .map_or("?", |o| o.2.as_str());
+            let first_confirmation = kinds.iter().position(|k| *k == "confirmation");
+            let last_cancellation = kinds.iter().rposition(|k| *k == "cancellation");
+            match status {
+                "FAILED"
+                    if first_confirmation.is_some() && last_cancellation < first_confirmation =>
+                {
+                    v.push(format!(
+                        "failed order {id}: the relay got a confirmation and no cancellation after it ({kinds:?})"
+                    ));
+                }
+                "CONFIRMED" if last_cancellation.is_some() => {
+                    v.push(format!(
+                        "confirmed order {id}: the relay got a cancellation ({kinds:?})"
+                    ));
+                }
+                _ => {}
+            }
         }
     }
     // Only the injected poison is parked; no compensation is left escalated.

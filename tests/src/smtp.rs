@@ -1,7 +1,8 @@
 //! A mail sink for tests: a minimal SMTP server on an ephemeral port that
-//! accepts every email and keeps it, in arrival order; and
-//! [`DownRelay`], a relay that is down (connections refused) on a port
-//! the test already holds, until it comes up there.
+//! accepts every email and keeps it, in arrival order; [`DownRelay`], a
+//! relay that is down (connections refused) on a port the test already
+//! holds, until it comes up there; and [`SmtpSink::start_controlled`], a
+//! sink whose behaviour the test switches (up, down, hanging).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,7 +35,20 @@ pub struct SmtpSink {
     /// `smtp://127.0.0.1:<port>`, for `SMTP_URL`.
     pub url: String,
     received: Arc<Mutex<Vec<ReceivedEmail>>>,
+    mode: Arc<Mutex<RelayMode>>,
     task: JoinHandle<()>,
+}
+
+/// What a controlled sink does with a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// An SMTP session that accepts every email.
+    Up,
+    /// Closes the connection at once, before its greeting.
+    Down,
+    /// Takes the email, then never gives its last answer (the client
+    /// times out, not knowing the relay has it).
+    Hangs,
 }
 
 impl SmtpSink {
@@ -49,18 +63,40 @@ impl SmtpSink {
         Self::serve(TcpListener::bind(addr).await.expect("bind"))
     }
 
+    /// A sink on an ephemeral port whose behaviour [`SmtpSink::set_mode`]
+    /// switches.
+    pub async fn start_controlled() -> SmtpSink {
+        Self::start().await
+    }
+
+    /// How the sink treats the next connections.
+    pub fn set_mode(&self, mode: RelayMode) {
+        *self.mode.lock().expect("sink lock") = mode;
+    }
+
     fn serve(listener: TcpListener) -> SmtpSink {
         let url = format!("smtp://{}", listener.local_addr().expect("local addr"));
         let received = Arc::new(Mutex::new(Vec::new()));
-        let inbox = received.clone();
+        let mode = Arc::new(Mutex::new(RelayMode::Up));
+        let (inbox, now) = (received.clone(), mode.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(session(stream, inbox.clone()));
+                let mode = *now.lock().expect("sink lock");
+                match mode {
+                    RelayMode::Up => {
+                        tokio::spawn(session(stream, inbox.clone(), false));
+                    }
+                    RelayMode::Down => drop(stream),
+                    RelayMode::Hangs => {
+                        tokio::spawn(session(stream, inbox.clone(), true));
+                    }
+                }
             }
         });
         SmtpSink {
             url,
             received,
+            mode,
             task,
         }
     }
@@ -112,8 +148,9 @@ impl Drop for SmtpSink {
     }
 }
 
-/// One client's session: every command is accepted.
-async fn session(stream: TcpStream, inbox: Arc<Mutex<Vec<ReceivedEmail>>>) {
+/// One client's session: every command is accepted (if `hang_after_data`,
+/// the email is kept and its acceptance never sent).
+async fn session(stream: TcpStream, inbox: Arc<Mutex<Vec<ReceivedEmail>>>, hang_after_data: bool) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     let mut recipients = Vec::new();
@@ -143,6 +180,10 @@ async fn session(stream: TcpStream, inbox: Arc<Mutex<Vec<ReceivedEmail>>>) {
                 recipients: std::mem::take(&mut recipients),
                 data,
             });
+            if hang_after_data {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                return;
+            }
             b"250 queued\r\n"
         } else if command.starts_with("QUIT") {
             let _ = write.write_all(b"221 bye\r\n").await;

@@ -171,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
                 .samples
                 .iter()
                 .map(|s| Placed {
+                    keyless: false,
                     key: s.key.clone(),
                     over_http: true,
                     result: Some(s.result.clone()),
@@ -192,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
                 initial_stock: &stock,
                 initial_balance: &balance,
                 parked: 0,
+                relay: None,
             };
             let (_, violations) = invariants::check(sys, &[], &expected).await;
             run.violations.extend(violations);

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use saga_tests::process::ProcessSystem;
+use saga_tests::smtp::{RelayMode, SmtpSink};
 use saga_tests::{Svc, Tap};
 use tokio::process::Command;
 use tokio::sync::Mutex;
@@ -261,6 +262,29 @@ pub async fn duplicate_events(
                 });
             }
         }
+    }
+}
+
+/// The mail relay misbehaves twice: down (connections closed at once) for
+/// 3 s at a quarter of the run, hanging after taking each email for 3 s at
+/// half of it.
+pub async fn unsettle_the_relay(relay: Arc<SmtpSink>, run_for: Duration, counts: Arc<FaultCounts>) {
+    for (at, mode, what) in [
+        (run_for / 4, RelayMode::Down, "the mail relay down for 3 s"),
+        (
+            run_for / 4,
+            RelayMode::Hangs,
+            "the mail relay hanging after DATA for 3 s",
+        ),
+    ] {
+        tokio::time::sleep(at).await;
+        let (now, started) = (Utc::now(), Instant::now());
+        relay.set_mode(mode);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        relay.set_mode(RelayMode::Up);
+        counts
+            .record(what.into(), now, started, Instant::now())
+            .await;
     }
 }
 

@@ -126,7 +126,12 @@ async fn the_system_converges_on_a_cluster_losing_nodes_and_replicas() {
     let mut tasks = Vec::new();
     for _ in 0..4 {
         tasks.push(tokio::spawn(load::http_client(
-            sys.urls(Svc::Order),
+            load::Endpoints {
+                orders: sys.urls(Svc::Order),
+                payments: sys.urls(Svc::Payment),
+                long_running: false,
+            },
+            true,
             until,
             placed.clone(),
         )));
@@ -197,6 +202,7 @@ async fn the_system_converges_on_a_cluster_losing_nodes_and_replicas() {
         initial_stock: &initial_stock,
         initial_balance: &initial_balance,
         parked: 0,
+        relay: None,
     };
     let (tally, violations) = invariants::check(&sys, &placed, &expected).await;
     let mut pg = sys.pg(Svc::Order).await;

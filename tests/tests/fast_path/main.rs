@@ -291,6 +291,7 @@ async fn replicas_share_a_batch_heavy_load_without_a_deadlock() {
                         .unwrap();
                     let result: Value = r.json().await.unwrap();
                     placed.lock().await.push(Placed {
+                        keyless: false,
                         key,
                         over_http: true,
                         result: Some(result),
@@ -314,6 +315,7 @@ async fn replicas_share_a_batch_heavy_load_without_a_deadlock() {
             initial_stock: &stock,
             initial_balance: &initial_balance,
             parked: 0,
+            relay: None,
         },
     )
     .await;

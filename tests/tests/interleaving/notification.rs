@@ -611,3 +611,25 @@ async fn regression_a_hanging_relay_holds_no_rollback_hostage() {
     }
     lab.lab.close().await;
 }
+
+/// Found by the chaos test's relay that hangs after taking an email: the
+/// SMTP client bounds only its connection, so a relay that never answered
+/// after DATA held a batch (and the queued sender) for as long as it kept
+/// the connection open; notification-svc stalled. A whole exchange is now
+/// bounded, and what times out counts as possibly delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_relay_that_stops_answering_after_data_times_out_the_send() {
+    use notification_svc::transport::{SEND_TIMEOUT, SmtpTransport};
+    let sink = saga_tests::smtp::SmtpSink::start_controlled().await;
+    sink.set_mode(saga_tests::smtp::RelayMode::Hangs);
+    let smtp = SmtpTransport::new(&sink.url, "orders@shop.example").unwrap();
+    let email =
+        notification_svc::domain::confirmation(Uuid::now_v7(), "a@example.com", &[], 100, "USD");
+    let started = std::time::Instant::now();
+    let sent = tokio::time::timeout(SEND_TIMEOUT * 3, smtp.send(&email))
+        .await
+        .expect("the send gives up on its own");
+    assert!(matches!(sent, Err(SendError::Uncertain(_))), "{sent:?}");
+    assert!(started.elapsed() < SEND_TIMEOUT * 2);
+    assert_eq!(sink.received().len(), 1, "the relay has it");
+}
