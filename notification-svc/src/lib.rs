@@ -54,8 +54,9 @@ pub struct Config {
     /// Customers without an address on file get `<customer_id>@<this>`.
     #[arg(long, env = "DEFAULT_EMAIL_DOMAIN", default_value = "example.com")]
     pub default_email_domain: String,
-    /// How often confirmations queued while the mail relay was down are
-    /// tried again (each with its own back-off), in ms.
+    /// How often queued emails (confirmations the relay could not take, and
+    /// every cancellation) are looked at, besides when one is queued (each
+    /// with its own back-off), in ms.
     #[arg(long, env = "EMAIL_RETRY_MS", default_value_t = 2000)]
     pub email_retry_ms: u64,
 }

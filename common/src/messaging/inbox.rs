@@ -1,44 +1,16 @@
-//! Telling a new message from one already handled.
+//! Telling a new message from one already handled, and counting them.
 //!
-//! Most saga messages carry a natural key: the order id, with at most one
+//! Every saga message carries a natural key: the order id, with at most one
 //! payment, one reservation, one notification and one decision per order.
-//! Their handlers recognise a duplicate from the state row itself (an
-//! insert that conflicts, an update whose condition no longer holds), in the
-//! same set-based statements that apply the message, and count it here.
-//! For a message without such a key, [`claim`] records its id in the
-//! service's `inbox` table in the handler's transaction: a redelivery finds
-//! it claimed.
-
-use std::collections::HashSet;
-
-use sqlx::PgConnection;
-use uuid::Uuid;
+//! Handlers recognise a duplicate from the state row itself (an insert that
+//! conflicts, an update whose condition no longer holds), in the same
+//! set-based statements that apply the message, and count it here. No
+//! message needs an inbox row; the `inbox` table of earlier releases stays,
+//! empty, for a replica of the previous version during an upgrade (the
+//! retention cleaner still prunes it).
 
 use crate::messaging::consumer::event_label;
 use crate::metric_definitions as metric;
-
-/// Claims message ids in the inbox (one statement); returns the ids that
-/// were new. A concurrent claim of the same id waits for the first
-/// transaction to end.
-pub async fn claim(
-    conn: &mut PgConnection,
-    message_ids: &[Uuid],
-    message_type: &str,
-) -> Result<HashSet<Uuid>, sqlx::Error> {
-    let new: Vec<Uuid> = sqlx::query_scalar(
-        r#"
-        insert into inbox (message_id, message_type)
-        select id, $2 from unnest($1::uuid[]) as t(id)
-        on conflict (message_id) do nothing
-        returning message_id
-        "#,
-    )
-    .bind(message_ids)
-    .bind(message_type)
-    .fetch_all(conn)
-    .await?;
-    Ok(new.into_iter().collect())
-}
 
 /// Counts messages recognised as already handled (`inbox_duplicates_total`).
 pub fn count_duplicates(service: &'static str, message_type: &str, n: u64) {

@@ -29,8 +29,8 @@
 //! Duplicates and failures:
 //! - [`retry`]: the delay tiers of broker-level retries;
 //! - [`crash_loop`]: which redelivered message keeps crashing the process;
-//! - [`inbox`]: dedup where a message has no natural key, and the counters
-//!   of duplicates and late events;
+//! - [`inbox`]: the counters of duplicates and late events (recognised by
+//!   their natural keys);
 //! - [`escalation`]: compensations that kept failing, for an operator.
 //!
 //! Trust:

@@ -490,6 +490,18 @@ impl<'a> Run<'a> {
                 format!("#{n}: both reserved and failed")
             })?;
             let current = status.get(id).map(String::as_str);
+            // The deadline rule: no forward step after the deadline its
+            // event carries.
+            if self.history.orders[n].expired {
+                ensure(
+                    !matches!(current, Some("held" | "backordered" | "committed")),
+                    || {
+                        format!(
+                            "#{n}: its events were past their deadline, yet its reservation is {current:?}"
+                        )
+                    },
+                )?;
+            }
             if self.p.rolled_back.contains_key(id) {
                 ensure(
                     !matches!(current, Some("held" | "backordered" | "committed")),

@@ -403,6 +403,15 @@ impl<'a> Run<'a> {
             })?;
             let took = self.lab.relay.took(*id);
             let current = status.get(id).map(String::as_str);
+            // The deadline rule: no confirmation after the deadline its
+            // event carries.
+            if self.history.orders[n].expired {
+                ensure(!took.contains(&EmailKind::Confirmation), || {
+                    format!(
+                        "#{n}: inventory.reserved was past its deadline, yet the relay got a confirmation"
+                    )
+                })?;
+            }
             if self.p.rolled_back.contains_key(id) {
                 for key in ["notification.sent", "notification.deferred"] {
                     ensure(!self.p.after_rollback(&outbox, *id, key), || {

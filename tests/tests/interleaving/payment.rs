@@ -352,6 +352,18 @@ impl<'a> Run<'a> {
                 format!("#{n}: refunded, never charged")
             })?;
             let current = status.get(id).map(String::as_str);
+            // The deadline rule: no forward step after the deadline its
+            // event carries.
+            if self.history.orders[n].expired {
+                ensure(
+                    !matches!(current, Some("charged" | "action_required")),
+                    || {
+                        format!(
+                            "#{n}: order.created was past its deadline, yet its payment is {current:?}"
+                        )
+                    },
+                )?;
+            }
             if self.p.rolled_back.contains_key(id) {
                 ensure(
                     !matches!(current, Some("charged" | "action_required")),
