@@ -623,17 +623,7 @@ impl OrderSaga {
         if decided.is_empty() {
             return Ok(());
         }
-        let extra: Vec<Uuid> = decided
-            .iter()
-            .filter(|r| r.extra_reply_targets)
-            .map(|r| r.order_id)
-            .collect();
-        let mut targets: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
-        if !extra.is_empty() {
-            for (id, to, corr) in db::extra_reply_targets(uow.conn(), &extra).await? {
-                targets.entry(id).or_default().push((to, corr));
-            }
-        }
+        let mut targets = reply_targets(uow, &decided).await?;
 
         let mut after = Vec::with_capacity(decided.len());
         for row in decided {
@@ -668,12 +658,7 @@ impl OrderSaga {
                     Some(*step)
                 }
             };
-            let mut replies: Vec<(String, String)> =
-                targets.remove(&row.order_id).unwrap_or_default();
-            if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
-                replies.push((to.clone(), corr.clone()));
-            }
-            for (to, corr) in replies {
+            for (to, corr) in targets.remove(&row.order_id).unwrap_or_default() {
                 uow.emit(reply_message(&input.cause, &to, &corr, &result));
             }
 
@@ -747,17 +732,7 @@ impl OrderSaga {
             self.long_deadline.max(self.deadline),
         )
         .await?;
-        let extra: Vec<Uuid> = rows
-            .iter()
-            .filter(|r| r.extra_reply_targets)
-            .map(|r| r.order_id)
-            .collect();
-        let mut targets: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
-        if !extra.is_empty() {
-            for (id, to, corr) in db::extra_reply_targets(uow.conn(), &extra).await? {
-                targets.entry(id).or_default().push((to, corr));
-            }
-        }
+        let mut targets = reply_targets(uow, &rows).await?;
         let mut told = Vec::with_capacity(rows.len());
         for row in rows {
             let result = pending_result(&row);
@@ -765,11 +740,7 @@ impl OrderSaga {
                 .iter()
                 .find(|(id, _, _, _)| *id == row.order_id)
                 .map_or_else(String::new, |(_, _, cause, _)| cause.clone());
-            let mut replies = targets.remove(&row.order_id).unwrap_or_default();
-            if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
-                replies.push((to.clone(), corr.clone()));
-            }
-            for (to, corr) in replies {
+            for (to, corr) in targets.remove(&row.order_id).unwrap_or_default() {
                 uow.emit(reply_message(&cause, &to, &corr, &result));
             }
             info!(order_id = %row.order_id, deadline_at = %row.deadline_at,
@@ -890,6 +861,34 @@ impl OrderSaga {
             check_now = true;
         }
     }
+}
+
+/// Every AMQP client's reply target of each of `rows`: the order's first
+/// one and those added since (one more statement only if some were).
+async fn reply_targets(
+    uow: &mut UnitOfWork,
+    rows: &[OrderRow],
+) -> Result<HashMap<Uuid, Vec<(String, String)>>, sqlx::Error> {
+    let mut targets: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
+    let extra: Vec<Uuid> = rows
+        .iter()
+        .filter(|r| r.extra_reply_targets)
+        .map(|r| r.order_id)
+        .collect();
+    if !extra.is_empty() {
+        for (id, to, corr) in db::extra_reply_targets(uow.conn(), &extra).await? {
+            targets.entry(id).or_default().push((to, corr));
+        }
+    }
+    for row in rows {
+        if let (Some(to), Some(corr)) = (&row.reply_to, &row.reply_correlation_id) {
+            targets
+                .entry(row.order_id)
+                .or_default()
+                .push((to.clone(), corr.clone()));
+        }
+    }
+    Ok(targets)
 }
 
 fn vanished(key: &str) -> PlaceError {

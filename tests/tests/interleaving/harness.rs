@@ -23,6 +23,7 @@ use common::messaging::broker::Broker;
 use common::messaging::delivery::{
     H_ORIGINAL_EXCHANGE, H_ORIGINAL_ROUTING_KEY, H_RETRY_ATTEMPT, Incoming,
 };
+use common::messaging::envelope::SagaContext;
 use common::messaging::handler::MessageHandler;
 use common::messaging::judge::{Judge, JudgeSettings, Verdict};
 use common::messaging::outbox::{Confirmed, OutboxMessage};
@@ -621,6 +622,23 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The context of an event the checker sends for `order_id`: its deadline
+/// a minute away, or already past if `expired`.
+pub fn context(order_id: Uuid, expired: bool, cause: &str) -> SagaContext {
+    let now = chrono::Utc::now();
+    SagaContext {
+        order_id,
+        deadline_at: if expired {
+            now - chrono::Duration::seconds(1)
+        } else {
+            now + chrono::Duration::seconds(60)
+        },
+        causation_id: format!("{cause}:{order_id}"),
+        producer: "checker",
+        trail: Vec::new(),
     }
 }
 

@@ -135,16 +135,20 @@ fn history() -> impl Strategy<Value = History> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn inventory_keeps_its_promises_under_every_interleaving() {
-    let _serial = harness::SERIAL.lock().await;
-    let lab = Lab::new(
+async fn lab() -> Lab<InventoryHandler> {
+    Lab::new(
         INVENTORY_SVC,
         Svc::Inventory,
         &inventory_svc::MIGRATOR,
         |pool, _| InventoryHandler { pool },
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inventory_keeps_its_promises_under_every_interleaving() {
+    let _serial = harness::SERIAL.lock().await;
+    let lab = lab().await;
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         harness::explore("inventory-svc", 96, history(), |h| {
@@ -162,13 +166,7 @@ async fn inventory_keeps_its_promises_under_every_interleaving() {
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_rollback_in_the_batch_of_its_payment_wins_whatever_their_order() {
     let _serial = harness::SERIAL.lock().await;
-    let lab = Lab::new(
-        INVENTORY_SVC,
-        Svc::Inventory,
-        &inventory_svc::MIGRATOR,
-        |pool, _| InventoryHandler { pool },
-    )
-    .await;
+    let lab = lab().await;
     let order = |three_ds| OrderSpec {
         lines: vec![(0, 2), (1, 1)],
         three_ds,
@@ -579,13 +577,7 @@ pub fn decision(
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_stale_backorders_do_not_starve_a_live_one() {
     let _serial = harness::SERIAL.lock().await;
-    let lab = Lab::new(
-        INVENTORY_SVC,
-        Svc::Inventory,
-        &inventory_svc::MIGRATOR,
-        |pool, _| InventoryHandler { pool },
-    )
-    .await;
+    let lab = lab().await;
     let history = History {
         stock: vec![(0, true), (0, false)],
         orders: (0..101)

@@ -290,18 +290,11 @@ impl<'a> Run<'a> {
     }
 
     fn context(&self, order: usize, cause: &str) -> SagaContext {
-        let now = Utc::now();
-        SagaContext {
-            order_id: self.p.orders[order],
-            deadline_at: if self.history.orders[order].expired {
-                now - Duration::seconds(1)
-            } else {
-                now + Duration::seconds(60)
-            },
-            causation_id: format!("{cause}:{}", self.p.orders[order]),
-            producer: "checker",
-            trail: Vec::new(),
-        }
+        harness::context(
+            self.p.orders[order],
+            self.history.orders[order].expired,
+            cause,
+        )
     }
 
     async fn queued(&self) -> Result<i64, String> {

@@ -198,18 +198,11 @@ impl<'a> Run<'a> {
     }
 
     fn context(&self, order: usize, cause: &str) -> SagaContext {
-        let now = Utc::now();
-        SagaContext {
-            order_id: self.p.orders[order],
-            deadline_at: if self.history.orders[order].expired {
-                now - Duration::seconds(1)
-            } else {
-                now + Duration::seconds(60)
-            },
-            causation_id: format!("{cause}:{}", self.p.orders[order]),
-            producer: "checker",
-            trail: Vec::new(),
-        }
+        harness::context(
+            self.p.orders[order],
+            self.history.orders[order].expired,
+            cause,
+        )
     }
 
     async fn step(&mut self, step: &Step) -> Result<(), String> {
@@ -472,36 +465,8 @@ async fn regression_two_replicas_refunding_crosswise_do_not_deadlock() {
             .unwrap();
     }
     drop(conn);
-    let sealer = CardSealer::new(None).unwrap();
-    let created = |order_id: Uuid, customer: &str| {
-        let payment = sealer.seal(
-            &Card::Charges.details(),
-            CardBinding {
-                order_id,
-                amount_cents: 1000,
-            },
-        );
-        harness::incoming(
-            &SagaContext {
-                order_id,
-                deadline_at: Utc::now() + Duration::seconds(60),
-                causation_id: format!("created:{order_id}"),
-                producer: "checker",
-                trail: Vec::new(),
-            }
-            .event(
-                EventType::OrderCreated,
-                &OrderCreated {
-                    customer_id: customer.to_owned(),
-                    items: Vec::new(),
-                    amount_cents: 1000,
-                    currency: "USD".into(),
-                    payment,
-                    long_deadline_at: None,
-                },
-            ),
-        )
-    };
+    let created =
+        |order_id: Uuid, customer: &str| harness::incoming(&created(order_id, customer, 1000));
     let failed = |order_id: Uuid| {
         let ctx = SagaContext {
             order_id,
