@@ -290,18 +290,42 @@ impl NotificationHandler {
         planned: Vec<Planned>,
         tally: &mut Tally,
     ) -> Result<(), HandlerError> {
+        // Known down: nothing is tried (each try may take its whole
+        // timeout); the confirmations are queued until the queue gets an
+        // email through.
+        let relay_down = self.relay.is_down();
+        let mut to_claim = Vec::new();
+        // New records written with the batch: refused by the precheck, or
+        // queued untried (the relay cannot have them).
+        let mut record_now: Vec<(Planned, NotificationStatus)> = Vec::new();
+        let mut outcomes: Vec<(Planned, Option<Result<(), SendError>>)> = Vec::new();
+        for p in planned {
+            match (p.resumed, p.precheck.is_ok()) {
+                (false, true) if relay_down => record_now.push((p, NotificationStatus::Deferred)),
+                (false, true) => to_claim.push(p),
+                (false, false) => {
+                    let status = if p.expired {
+                        NotificationStatus::Expired
+                    } else {
+                        NotificationStatus::Bounced
+                    };
+                    record_now.push((p, status));
+                }
+                // Resumed: its record is `sending` already.
+                (true, true) if relay_down => outcomes.push((p, Some(Err(relay_was_down())))),
+                (true, true) => to_claim.push(p),
+                // Expired meanwhile: not sent again; the record stays
+                // `sending` (the first attempt may have gone out).
+                (true, false) => outcomes.push((p, None)),
+            }
+        }
+
         // Claimed and committed before any send: the relay may have them
         // from then on.
-        let fresh: Vec<NewNotification<'_>> = planned
+        let fresh: Vec<NewNotification<'_>> = to_claim
             .iter()
             .filter(|p| !p.resumed)
-            .map(|p| {
-                p.record(match &p.precheck {
-                    Ok(()) => NotificationStatus::Sending,
-                    Err(_) if p.expired => NotificationStatus::Expired,
-                    Err(_) => NotificationStatus::Bounced,
-                })
-            })
+            .map(|p| p.record(NotificationStatus::Sending))
             .collect();
         let claimed: HashSet<Uuid> = if fresh.is_empty() {
             HashSet::new()
@@ -314,21 +338,15 @@ impl NotificationHandler {
         drop(fresh);
 
         // The sends, with no lock held. Once the relay is found down, the
-        // rest is queued without trying it (each try may take its whole
-        // timeout), and so are the next batches' until the queue gets an
-        // email through.
-        let mut outcomes: Vec<(Planned, Option<Result<(), SendError>>)> = Vec::new();
-        for p in planned {
+        // rest is queued without trying it.
+        let mut found_down = false;
+        for p in to_claim {
             if !p.resumed && !claimed.contains(&p.env.order_id) {
                 tally.late += 1;
                 continue;
             }
-            let outcome = if p.precheck.is_err() {
-                None
-            } else if self.relay.is_down() {
-                Some(Err(SendError::Unavailable(
-                    "the mail relay was found down".into(),
-                )))
+            let sent = if found_down {
+                Err(relay_was_down())
             } else {
                 let sent = self.transport.send(&p.email()).await;
                 if matches!(
@@ -336,10 +354,11 @@ impl NotificationHandler {
                     Err(SendError::Unavailable(_) | SendError::Uncertain(_))
                 ) {
                     self.relay.mark_down();
+                    found_down = true;
                 }
-                Some(sent)
+                sent
             };
-            outcomes.push((p, outcome));
+            outcomes.push((p, Some(sent)));
         }
         if common::failpoints::is_set("notification::after_send") {
             return Err(HandlerError::transient(
@@ -347,11 +366,35 @@ impl NotificationHandler {
             ));
         }
 
-        // Now the records, locked in one global order: only those still
-        // `sending` take the outcome (a rollback may have retracted one).
+        // Now the records, in one global order: the existing ones locked
+        // (only those still `sending` take the outcome: a rollback may have
+        // retracted one meanwhile), then the new ones inserted.
         let mut ids: Vec<Uuid> = outcomes.iter().map(|(p, _)| p.env.order_id).collect();
         ids.sort_unstable();
         let locked = db::lock_notifications(uow.conn(), &ids).await?;
+        let new_records: Vec<NewNotification<'_>> = record_now
+            .iter()
+            .map(|(p, status)| p.record(*status))
+            .collect();
+        let recorded: HashSet<Uuid> = if new_records.is_empty() {
+            HashSet::new()
+        } else {
+            db::insert_notifications(uow.conn(), &new_records)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        drop(new_records);
+        for (p, status) in record_now {
+            if !recorded.contains(&p.env.order_id) {
+                // A rollback got there first.
+                tally.late += 1;
+            } else if status == NotificationStatus::Deferred {
+                outcomes.push((p, Some(Err(relay_was_down()))));
+            } else {
+                outcomes.push((p, None));
+            }
+        }
         let still_sending = |id: &Uuid| {
             locked
                 .get(id)
@@ -364,10 +407,14 @@ impl NotificationHandler {
         for (p, outcome) in outcomes {
             let id = p.env.order_id;
             let ctx = SagaContext::caused_by(&p.env, SERVICE);
+            // Recorded with the batch (new), or found `sending` (tried now).
+            let ours = recorded.contains(&id) || still_sending(&id);
             match outcome {
                 // Not sent: the precheck failed (its record says why).
                 None => {
-                    if let Err(failure) = &p.precheck {
+                    if let Err(failure) = &p.precheck
+                        && ours
+                    {
                         info!(order_id = %id, reason = %failure.reason, "confirmation not sent");
                         tally.bounced += 1;
                         events.push(ctx.event(EventType::NotificationFailed, failure));
@@ -375,7 +422,7 @@ impl NotificationHandler {
                 }
                 Some(Ok(())) => {
                     let email = p.email();
-                    if still_sending(&id) {
+                    if ours {
                         events.push(sent_event(&ctx, &email));
                         delivered.push(id);
                     } else {
@@ -384,7 +431,7 @@ impl NotificationHandler {
                     // What the relay took is recorded, whatever happened since.
                     sent_emails.push(email);
                 }
-                Some(Err(_)) if !still_sending(&id) => tally.late += 1,
+                Some(Err(_)) if !ours => tally.late += 1,
                 Some(Err(SendError::Rejected(reason))) => {
                     refused.push(id);
                     if !p.resumed {
@@ -610,6 +657,11 @@ impl Tally {
         step_outcome(SERVICE, "bounced", self.bounced);
         step_outcome(SERVICE, "deferred", self.deferred);
     }
+}
+
+/// Why a confirmation was queued untried.
+fn relay_was_down() -> SendError {
+    SendError::Unavailable("the mail relay was found down".into())
 }
 
 /// `notification.sent` for a confirmation.
