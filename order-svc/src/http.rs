@@ -102,7 +102,15 @@ fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Respon
         (status = 400, description = "Invalid order (nothing created): a failure dict with error \
             `Invalid order`", body = SagaResult),
         (status = 409, description = "The idempotency key was used for a different order", body = SagaResult),
-        (status = 500, description = "Unexpected; the cause is logged", body = ErrorBody),
+        (status = 401, description = "No token, or a wrong one: a failure dict", body = SagaResult),
+        (status = 408, description = "Not answered in time: a failure dict", body = SagaResult),
+        (status = 413, description = "The body is too large (nothing created): a failure dict with \
+            error `Invalid order`", body = SagaResult),
+        (status = 415, description = "Not `application/json` (nothing created): a failure dict with \
+            error `Invalid order`", body = SagaResult),
+        (status = 500, description = "Unexpected (the cause is logged): a failure dict", body = SagaResult),
+        (status = 503, description = "Unavailable for now (a dependency down, too many requests in \
+            flight, shutting down): a failure dict; retry with the same key", body = SagaResult),
     ))]
 async fn place_order(
     State(HttpState { saga, placer, .. }): State<HttpState>,

@@ -18,10 +18,9 @@ use crate::saga::order::{OrderLine, SagaResult};
 /// The topic exchange every service publishes to and consumes from.
 pub const EXCHANGE: &str = "saga.events";
 
-/// Every event of the saga. The serialized form is the routing key.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, utoipa::ToSchema,
-)]
+/// Every event of the saga. The serialized form is the routing key, as a
+/// string (no other form is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, JsonSchema, utoipa::ToSchema)]
 pub enum EventType {
     /// A client asks for an order (body: the order dict, not an envelope).
     #[serde(rename = "order.requested")]
@@ -132,6 +131,14 @@ impl EventType {
     /// that acted compensates when it sees one of them.
     pub fn is_abort(self) -> bool {
         matches!(self, EventType::OrderFailed | EventType::OrderCancelled)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let key = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        EventType::from_routing_key(&key)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown event type {key:?}")))
     }
 }
 

@@ -337,11 +337,15 @@ impl<H: MessageHandler> Judge<H> {
         if !reissued && let Err(error) = trust.check(event, sender) {
             return Some((error.to_string(), "unauthenticated"));
         }
-        match head.event_type.as_deref() {
-            Some(inside) if event != EventType::OrderRequested && inside != event.routing_key() => {
+        // The type inside must be the routing key, spelled as it: a string.
+        match &head.event_type {
+            Some(inside)
+                if event != EventType::OrderRequested
+                    && inside.as_str() != Some(event.routing_key()) =>
+            {
                 Some((
                     format!(
-                        "routing key {} does not match the envelope's event_type {:?}",
+                        "routing key {} does not match the envelope's event_type {}",
                         event.routing_key(),
                         inside
                     ),
@@ -448,19 +452,33 @@ impl<H: MessageHandler> Judge<H> {
 }
 
 /// What the consumer reads of a body before any handler does: the
-/// envelope's type and age (both absent for bodies that are not envelopes,
-/// which the handler then refuses).
-#[derive(Default, serde::Deserialize)]
+/// envelope's type and age (both absent for bodies that are not JSON
+/// objects, which the handler then refuses). A field that is there but of
+/// the wrong shape is kept as such, never taken for absent.
+#[derive(Default)]
 struct MessageHead {
-    #[serde(default)]
-    event_type: Option<String>,
-    #[serde(default)]
+    event_type: Option<serde_json::Value>,
     occurred_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl MessageHead {
     fn read(body: &[u8]) -> Self {
-        serde_json::from_slice(body).unwrap_or_default()
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            event_type: Option<serde_json::Value>,
+            #[serde(default)]
+            occurred_at: Option<serde_json::Value>,
+        }
+        let Ok(raw) = serde_json::from_slice::<Raw>(body) else {
+            return MessageHead::default();
+        };
+        MessageHead {
+            event_type: raw.event_type,
+            occurred_at: raw
+                .occurred_at
+                .and_then(|at| serde_json::from_value(at).ok()),
+        }
     }
 
     /// How old the envelope is (by its `occurred_at`).

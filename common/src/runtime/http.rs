@@ -413,8 +413,26 @@ pub async fn limit_in_flight(
     }
 }
 
+/// A request's method as a metrics label: one of the methods the API
+/// knows, or `other` — the label comes from the request, before any
+/// authentication, and must not let a client create series at will.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Middleware: `http_requests_total` and `http_request_duration_seconds` by
-/// service, method, matched route and status.
+/// service, method, matched route and status — every label from a fixed
+/// set (the routes' templates, not the paths asked for).
 pub async fn track_metrics(
     State(service): State<&'static str>,
     req: Request,
@@ -424,7 +442,7 @@ pub async fn track_metrics(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_owned();
     let started = Instant::now();
     let response = next.run(req).await;
     let labels = [
@@ -490,6 +508,55 @@ pub async fn errors_as_json(req: Request, next: Next) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
+/// The route that answers with the saga's result dict.
+pub const PLACE_ORDER: (&str, &str) = ("POST", "/orders");
+
+/// The `error` of the failure dict an answer of `POST /orders` made outside
+/// its handler gets (the dict's `reason` carries the original message).
+pub fn failure_error(status: StatusCode) -> String {
+    match status.as_u16() {
+        // The input was refused: nothing was created.
+        400 | 413 | 415 | 422 => "Invalid order".to_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("Service unavailable")
+            .to_owned(),
+    }
+}
+
+/// Middleware, outside [`errors_as_json`]: every answer of `POST /orders`
+/// is the saga's result dict — a refusal made before the handler (the body
+/// limit's 413, a 415, the timeout's 408, the in-flight bound's 503, a
+/// missing token's 401) becomes `{"status": "failure", "error", "reason"}`
+/// with the original message as its reason.
+pub async fn failure_dicts(req: Request, next: Next) -> Response {
+    let placing = req.method().as_str() == PLACE_ORDER.0 && req.uri().path() == PLACE_ORDER.1;
+    let response = next.run(req).await;
+    let status = response.status();
+    if !placing || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_ERROR_TEXT_BYTES)
+        .await
+        .unwrap_or_default();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if answer.get("status").is_some() {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    let reason = answer["error"]
+        .as_str()
+        .map_or_else(|| failure_error(status).to_lowercase(), str::to_owned);
+    let dict = crate::saga::order::SagaResult::failure(failure_error(status), reason);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static(JSON),
+    );
+    let body = serde_json::to_vec(&dict).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 #[cfg(test)]
 mod tests {
     use axum::Router;
@@ -524,6 +591,74 @@ mod tests {
             media,
             serde_json::from_str(&body).unwrap_or(Value::String(body)),
         )
+    }
+
+    #[tokio::test]
+    async fn every_answer_of_post_orders_is_the_result_dict() {
+        use axum::routing::post;
+        async fn unavailable() -> ApiError {
+            ApiError::Unavailable
+        }
+        async fn slow() -> &'static str {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            "late"
+        }
+        async fn panics() -> &'static str {
+            panic!("a bug")
+        }
+        async fn decided() -> Response {
+            (
+                StatusCode::CONFLICT,
+                Json(
+                    json!({"status": "failure", "error": "Idempotency key reused", "reason": "k"}),
+                ),
+            )
+                .into_response()
+        }
+        let serve = |router: Router| async move {
+            let router = router
+                .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    std::time::Duration::from_millis(100),
+                ))
+                .layer(CatchPanicLayer::new())
+                .layer(axum::middleware::from_fn(errors_as_json))
+                .layer(axum::middleware::from_fn(failure_dicts));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            base
+        };
+        let http = reqwest::Client::new();
+        let json = "application/json".to_owned();
+        for (handler, status, error) in [
+            (post(unavailable), 503, "Service Unavailable"),
+            (post(slow), 408, "Request Timeout"),
+            (post(panics), 500, "Internal Server Error"),
+        ] {
+            let base = serve(Router::new().route("/orders", handler.get(unavailable))).await;
+            let (got, media, body) = answer(http.post(format!("{base}/orders"))).await;
+            assert_eq!((got, &media), (status, &json), "{body}");
+            assert_eq!(body["status"], "failure", "{body}");
+            assert_eq!(body["error"], error, "{body}");
+            assert!(
+                body["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{body}"
+            );
+            // Another route keeps the API's plain error.
+            let (_, _, other) = answer(http.get(format!("{base}/orders"))).await;
+            assert!(other.get("status").is_none(), "{other}");
+        }
+        // A result dict from the handler stays as it is.
+        let base = serve(Router::new().route("/orders", post(decided))).await;
+        let (got, _, body) = answer(http.post(format!("{base}/orders"))).await;
+        assert_eq!(
+            (got, body),
+            (
+                409,
+                json!({"status": "failure", "error": "Idempotency key reused", "reason": "k"})
+            )
+        );
     }
 
     #[tokio::test]

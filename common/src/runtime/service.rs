@@ -94,6 +94,14 @@ impl ServiceRuntime {
         retry::check_window(config.retention(), config.retry_max_attempts)?;
         let trust = config.producer_trust().map_err(anyhow::Error::msg)?;
         let auth = config.http_auth().map_err(anyhow::Error::msg)?;
+        if !auth.enabled() && !config.dev_mode {
+            anyhow::bail!(
+                "API_TOKEN and ADMIN_TOKEN are not set: without them the HTTP API would be open to \
+                 anyone who can reach {}; set both (see docs/security.md), or DEV_MODE=1 on a \
+                 development machine",
+                config.http_addr(&identity)
+            );
+        }
         if !auth.enabled() {
             warn!(
                 "API_TOKEN and ADMIN_TOKEN are not set: the HTTP API is OPEN to anyone who can \
@@ -258,6 +266,7 @@ impl ServiceRuntime {
             ))
             .layer(CatchPanicLayer::new())
             .layer(axum::middleware::from_fn(http::errors_as_json))
+            .layer(axum::middleware::from_fn(http::failure_dicts))
             // 503s are expected while a dependency is down (readiness):
             // warnings, not errors.
             .layer(

@@ -455,3 +455,57 @@ async fn an_event_put_straight_into_a_work_queue_is_parked_and_changes_nothing()
     let _ = conn.close(200, "bye".into()).await;
     sys.shutdown().await;
 }
+
+/// Issue 24: `event_type` in serde's object form (`{"notification.sent":
+/// null}`) failed the consumer's look at the head, which then skipped the
+/// check that it equals the routing key, while the envelope's decoder took
+/// it. With a broker user per service, payment-svc's user could publish its
+/// own `payment.refunded` carrying a `notification.sent` and confirm an
+/// order waiting for its 3-D Secure answer. One spelling only now: a
+/// string equal to the routing key; anything else is parked.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_type_in_another_spelling_than_its_routing_key_is_parked() {
+    let sys = TestSystem::builder()
+        .broker_user_per_service()
+        .spawn()
+        .await;
+    sys.set_price("productA", 1500).await;
+    sys.set_stock("productA", 10).await;
+    sys.set_balance("dave", 100_000).await;
+    let (_, placed) = sys
+        .post_order(&saga_tests::order_with_card(
+            "dave",
+            &[("productA", 1)],
+            "4000 0000 0000 3220",
+        ))
+        .await;
+    assert_eq!(placed["status"], "pending", "{placed}");
+    let order = placed["order_id"].as_str().unwrap().to_owned();
+
+    let (payment_user, payment_url) = sys.broker_users.as_ref().unwrap()[1].clone();
+    let conn = Connection::connect(&payment_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let (id, body) = envelope(
+        "payment.refunded",
+        &order,
+        json!({"email_id": Uuid::now_v7(), "kind": "confirmation"}),
+    );
+    let mut forged: Value = serde_json::from_slice(&body).unwrap();
+    forged["event_type"] = json!({"notification.sent": null});
+    publish_as(
+        &conn,
+        Some(&payment_user),
+        "payment.refunded",
+        &id,
+        &serde_json::to_vec(&forged).unwrap(),
+        FieldTable::default(),
+    )
+    .await;
+    let own = sys.amqp().await;
+    let parked = drain_parked(&own, "order-svc.parking", 1).await;
+    assert!(parked[0].1.contains("does not match"), "{parked:?}");
+    assert_eq!(order_status(&sys, &order).await, "PENDING");
+    let _ = conn.close(200, "bye".into()).await;
+    sys.shutdown().await;
+}

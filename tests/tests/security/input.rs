@@ -65,7 +65,12 @@ async fn bad_input_gets_a_clear_4xx_and_creates_nothing() {
         let (status, body) =
             send(&sys, post.clone(), Svc::Order, "/orders", ct, order.clone()).await;
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}: {body}");
-        assert_eq!(body["error"], "Content-Type must be application/json");
+        // Refused before the handler, and still the result dict.
+        assert_eq!(
+            body,
+            json!({"status": "failure", "error": "Invalid order",
+                   "reason": "Content-Type must be application/json"})
+        );
     }
     // Too large, refused while reading: 413.
     let mut huge = order_dict("input", &[("productA", 1)]);
@@ -81,9 +86,11 @@ async fn bad_input_gets_a_clear_4xx_and_creates_nothing() {
     )
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    // Refused by the framework, not a handler: still the API's JSON error.
+    // Refused by the framework, not a handler: still the result dict.
+    assert_eq!(body["status"], "failure", "{body}");
+    assert_eq!(body["error"], "Invalid order", "{body}");
     assert!(
-        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        body["reason"].as_str().is_some_and(|e| !e.is_empty()),
         "{body}"
     );
 
@@ -313,4 +320,70 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     .await;
     assert_eq!(health["status"], "ok", "{health}");
     sys.shutdown().await;
+}
+
+/// Issue 24: `http_requests_total` was labelled with the raw HTTP method,
+/// recorded before authentication: one client sending invented methods
+/// made as many series as it liked. Every label now comes from a fixed set.
+#[tokio::test(flavor = "multi_thread")]
+async fn invented_methods_and_paths_make_no_new_metric_series() {
+    let sys = TestSystem::spawn().await;
+    for n in 0..40 {
+        let method = reqwest::Method::from_bytes(format!("INVENTED{n}").as_bytes()).unwrap();
+        let _ = sys
+            .http
+            .request(method, format!("{}/orders/x{n}", sys.url(Svc::Order)))
+            .send()
+            .await
+            .unwrap();
+        let _ = sys
+            .http
+            .get(format!("{}/no/such/path/{n}", sys.url(Svc::Order)))
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = sys.metrics(Svc::Order).await;
+    let series: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+        .collect();
+    let methods: std::collections::HashSet<&str> = series
+        .iter()
+        .filter_map(|l| l.split("method=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(methods.contains("other"), "{methods:?}");
+    assert!(
+        methods.iter().all(|m| !m.starts_with("INVENTED")),
+        "{methods:?}"
+    );
+    let paths: std::collections::HashSet<&str> = series
+        .iter()
+        .filter_map(|l| l.split("path=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        paths.iter().all(|p| !p.contains("/no/such/path")),
+        "{paths:?}"
+    );
+    sys.shutdown().await;
+}
+
+/// Issue 24: outside development mode, a service without its tokens
+/// served everything to anyone (a warning was all). It now refuses to
+/// start, naming the variables.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_without_tokens_refuses_to_start_outside_development_mode() {
+    use common::runtime::service::Service as _;
+    let mut common = common::runtime::config::CommonConfig::new(
+        "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+        "postgres://127.0.0.1:5432/never_created".to_owned(),
+    );
+    common.dev_mode = false;
+    common.http_addr = Some("127.0.0.1:0".into());
+    let refused = inventory_svc::App::build(inventory_svc::Config::new(common)).await;
+    let error = format!("{:#}", refused.err().expect("it refuses to start"));
+    assert!(
+        error.contains("API_TOKEN") && error.contains("ADMIN_TOKEN"),
+        "{error}"
+    );
 }
