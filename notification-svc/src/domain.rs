@@ -43,7 +43,9 @@ pub fn check_deliverable(address: &str) -> Result<(), StepFailed> {
     if domain == "invalid" || domain.ends_with(".invalid") {
         return Err(StepFailed {
             code: "email_bounced".to_owned(),
-            reason: format!("Email bounced: {address} is undeliverable"),
+            // Not the address itself: the reason reaches every API client
+            // and the logs.
+            reason: "Email bounced: the address on file is undeliverable".to_owned(),
         });
     }
     Ok(())
@@ -220,7 +222,8 @@ mod tests {
         assert!(check_deliverable("jane@example.com").is_ok());
         let bounce = check_deliverable("jane@mail.invalid").unwrap_err();
         assert_eq!(bounce.code, "email_bounced");
-        assert!(bounce.reason.contains("jane@mail.invalid"));
+        // No address in a reason: it reaches every API client and the logs.
+        assert!(!bounce.reason.contains("jane"), "{}", bounce.reason);
         assert!(check_deliverable("x@INVALID").is_err());
     }
 

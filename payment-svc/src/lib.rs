@@ -18,6 +18,7 @@ pub mod http;
 use std::net::SocketAddr;
 
 use common::messaging::topology::PAYMENT_SVC;
+use common::runtime::auth::Secret;
 use common::runtime::config::CommonConfig;
 use common::runtime::service::{Service, ServiceRuntime, Tasks};
 use common::saga::card::CardOpener;
@@ -49,7 +50,7 @@ pub struct Config {
     /// The card-sealing secret key (base64). Unset: the built-in development
     /// key pair (never use it in production).
     #[arg(long, env = "CARD_SEAL_SECRET_KEY", hide_env_values = true)]
-    pub card_seal_secret_key: Option<String>,
+    pub card_seal_secret_key: Option<Secret>,
     /// Balance of a customer the ledger has not seen, in cents [default:
     /// 1000000 (10,000.00) in development mode (`DEV_MODE=1`), 0 otherwise:
     /// in production, accounts are funded explicitly, or every new customer
@@ -77,7 +78,7 @@ impl Service for App {
     type Config = Config;
 
     async fn build(config: Config) -> anyhow::Result<Self> {
-        let opener = CardOpener::new(config.card_seal_secret_key.as_deref())?;
+        let opener = CardOpener::new(config.card_seal_secret_key.as_ref().map(Secret::expose))?;
         if opener.is_dev_key() {
             if !config.common.dev_mode {
                 anyhow::bail!(
@@ -120,5 +121,20 @@ impl Service for App {
         self.runtime
             .run(self.handler, routes, Tasks::default(), cancel)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 24: the configuration's `Debug` printed the card-sealing secret
+    /// key in clear.
+    #[test]
+    fn the_card_secret_key_never_prints() {
+        let mut config = Config::new(CommonConfig::new("amqp://x", "postgres://x/y"));
+        config.card_seal_secret_key = Some("s3cret-key-material".parse().unwrap());
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
     }
 }

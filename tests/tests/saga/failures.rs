@@ -126,7 +126,7 @@ async fn a_bouncing_email_refunds_the_payment_and_releases_the_stock() {
     assert_eq!(result["error"], "Notification failed");
     assert_eq!(
         result["reason"],
-        "Email bounced: erin@mailhost.invalid is undeliverable"
+        "Email bounced: the address on file is undeliverable"
     );
     let id = order_id_of(&sys, "erin").await;
     eventually(SETTLE, "refund and release", || async {
