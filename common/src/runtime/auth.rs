@@ -59,7 +59,15 @@ pub enum Access {
     Open,
     Api,
     Admin,
+    /// The card gateway's 3-D Secure answers: its own token (or the admin's).
+    Gateway,
 }
+
+/// The card gateway's callbacks (payment-svc), which its token opens.
+const GATEWAY_ROUTES: [&str; 2] = [
+    "/payments/{order_id}/confirm",
+    "/payments/{order_id}/decline",
+];
 
 /// The Saga Explorer's static files (order-svc): the page loads without a
 /// token, and asks for one when its data calls (`/sagas…`, api) answer 401.
@@ -83,6 +91,8 @@ pub fn required_access(route: &str) -> Access {
     };
     if ["/health", "/metrics", "/openapi.json"].contains(&route) || EXPLORER_PAGE.contains(&route) {
         Access::Open
+    } else if GATEWAY_ROUTES.contains(&route) {
+        Access::Gateway
     } else if under("/orders") || under("/sagas") {
         Access::Api
     } else {
@@ -100,6 +110,8 @@ pub struct HttpAuth {
 struct Tokens {
     api: [u8; 32],
     admin: [u8; 32],
+    /// The card gateway's, if set: it opens its callbacks and nothing else.
+    gateway: Option<[u8; 32]>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -129,8 +141,32 @@ impl HttpAuth {
             tokens: Some(Tokens {
                 api: digest(api),
                 admin: digest(admin),
+                gateway: None,
             }),
         })
+    }
+
+    /// With the card gateway's token (`GATEWAY_TOKEN`), which may only
+    /// answer 3-D Secure: at least [`MIN_TOKEN_LEN`] characters, unlike the
+    /// others, and only with them.
+    pub fn with_gateway(mut self, gateway: Option<&Secret>) -> Result<Self, String> {
+        let Some(gateway) = gateway.map(Secret::expose) else {
+            return Ok(self);
+        };
+        let Some(tokens) = &mut self.tokens else {
+            return Err("GATEWAY_TOKEN needs API_TOKEN and ADMIN_TOKEN too".to_owned());
+        };
+        if gateway.chars().count() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "GATEWAY_TOKEN must be at least {MIN_TOKEN_LEN} characters (e.g. `openssl rand -hex 32`)"
+            ));
+        }
+        let gateway = digest(gateway);
+        if gateway == tokens.api || gateway == tokens.admin {
+            return Err("GATEWAY_TOKEN must differ from API_TOKEN and ADMIN_TOKEN".to_owned());
+        }
+        tokens.gateway = Some(gateway);
+        Ok(self)
     }
 
     pub fn enabled(&self) -> bool {
@@ -149,10 +185,23 @@ impl HttpAuth {
         let presented = digest(presented.ok_or(AuthError::Unauthenticated)?);
         let is_admin = bool::from(presented.ct_eq(&tokens.admin));
         let is_api = bool::from(presented.ct_eq(&tokens.api));
+        let is_gateway = tokens
+            .gateway
+            .is_some_and(|gateway| bool::from(presented.ct_eq(&gateway)));
         match access {
             Access::Admin if is_admin => Ok(()),
-            Access::Admin if is_api => Err(AuthError::Forbidden),
             Access::Api if is_admin || is_api => Ok(()),
+            Access::Gateway if is_admin || is_gateway => Ok(()),
+            // A known token, on an endpoint it does not open.
+            Access::Admin if is_api || is_gateway => {
+                Err(AuthError::Forbidden("this endpoint needs the admin token"))
+            }
+            Access::Api if is_gateway => Err(AuthError::Forbidden(
+                "this endpoint needs the API token or the admin token",
+            )),
+            Access::Gateway if is_api => Err(AuthError::Forbidden(
+                "this endpoint needs the gateway's token or the admin token",
+            )),
             _ => Err(AuthError::Unauthenticated),
         }
     }
@@ -160,7 +209,8 @@ impl HttpAuth {
 
 enum AuthError {
     Unauthenticated,
-    Forbidden,
+    /// A known token on an endpoint it does not open: what it needs.
+    Forbidden(&'static str),
 }
 
 impl IntoResponse for AuthError {
@@ -172,11 +222,9 @@ impl IntoResponse for AuthError {
                 Json(ErrorBody::new("missing or invalid bearer token")),
             )
                 .into_response(),
-            AuthError::Forbidden => (
-                StatusCode::FORBIDDEN,
-                Json(ErrorBody::new("this endpoint needs the admin token")),
-            )
-                .into_response(),
+            AuthError::Forbidden(needs) => {
+                (StatusCode::FORBIDDEN, Json(ErrorBody::new(needs))).into_response()
+            }
         }
     }
 }
@@ -255,9 +303,57 @@ mod tests {
         assert!(auth.judge(Access::Api, Some(ADMIN)).is_ok());
         assert!(matches!(
             auth.judge(Access::Admin, Some(API)),
-            Err(AuthError::Forbidden)
+            Err(AuthError::Forbidden(_))
         ));
         assert!(auth.judge(Access::Admin, Some(ADMIN)).is_ok());
+    }
+
+    /// Issue 24: the gateway's 3-D Secure callbacks needed the full admin
+    /// token. Its own token opens them, and nothing else.
+    #[test]
+    fn the_gateway_token_opens_its_callbacks_only() {
+        const GATEWAY: &str = "gateway-token-for-3ds-callbacks";
+        let auth = HttpAuth::new(Some(&secret(API)), Some(&secret(ADMIN)))
+            .unwrap()
+            .with_gateway(Some(&secret(GATEWAY)))
+            .unwrap();
+        assert_eq!(
+            required_access("/payments/{order_id}/confirm"),
+            Access::Gateway
+        );
+        assert_eq!(
+            required_access("/payments/{order_id}/decline"),
+            Access::Gateway
+        );
+        assert_eq!(required_access("/payments/{order_id}"), Access::Admin);
+        assert!(auth.judge(Access::Gateway, Some(GATEWAY)).is_ok());
+        assert!(auth.judge(Access::Gateway, Some(ADMIN)).is_ok());
+        for (access, token) in [
+            (Access::Gateway, API),
+            (Access::Admin, GATEWAY),
+            (Access::Api, GATEWAY),
+        ] {
+            assert!(
+                matches!(
+                    auth.judge(access, Some(token)),
+                    Err(AuthError::Forbidden(_))
+                ),
+                "{access:?}"
+            );
+        }
+        assert!(matches!(
+            auth.judge(Access::Gateway, None),
+            Err(AuthError::Unauthenticated)
+        ));
+        // Without its own token, the gateway uses the admin's, as before.
+        let plain = HttpAuth::new(Some(&secret(API)), Some(&secret(ADMIN))).unwrap();
+        assert!(plain.judge(Access::Gateway, Some(ADMIN)).is_ok());
+        assert!(
+            HttpAuth::new(Some(&secret(API)), Some(&secret(ADMIN)))
+                .unwrap()
+                .with_gateway(Some(&secret(ADMIN)))
+                .is_err()
+        );
     }
 
     #[test]

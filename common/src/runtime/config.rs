@@ -121,6 +121,10 @@ pub struct CommonConfig {
     /// Bearer token for everything else but `/health` and `/metrics`.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+    /// Bearer token of the card gateway (payment-svc): it may only answer
+    /// 3-D Secure (`POST /payments/{order_id}/confirm`, `/decline`).
+    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
+    pub gateway_token: Option<Secret>,
     /// Development mode: the public development card keys are accepted.
     #[arg(long, env = "DEV_MODE", action = clap::ArgAction::Set, default_value_t = false,
           value_parser = clap::builder::BoolishValueParser::new())]
@@ -164,6 +168,7 @@ impl CommonConfig {
             http_request_timeout_ms: 30_000,
             api_token: None,
             admin_token: None,
+            gateway_token: None,
             dev_mode: false,
             otel_exporter_otlp_endpoint: None,
             otel_exporter_otlp_protocol: "http/protobuf".to_owned(),
@@ -199,7 +204,8 @@ impl CommonConfig {
 
     /// The HTTP API's tokens (`API_TOKEN`, `ADMIN_TOKEN`).
     pub fn http_auth(&self) -> Result<HttpAuth, String> {
-        HttpAuth::new(self.api_token.as_ref(), self.admin_token.as_ref())
+        HttpAuth::new(self.api_token.as_ref(), self.admin_token.as_ref())?
+            .with_gateway(self.gateway_token.as_ref())
     }
 
     /// Who may publish which events (`AMQP_URL`'s user, `PRODUCER_USERS`).
@@ -247,6 +253,7 @@ impl fmt::Debug for CommonConfig {
             .field("http_request_timeout_ms", &self.http_request_timeout_ms)
             .field("api_token", &self.api_token)
             .field("admin_token", &self.admin_token)
+            .field("gateway_token", &self.gateway_token)
             .field("dev_mode", &self.dev_mode)
             .field(
                 "otel_exporter_otlp_endpoint",

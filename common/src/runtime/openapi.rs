@@ -44,6 +44,8 @@ impl ErrorBody {
 pub const API_TOKEN: &str = "api_token";
 /// The security scheme of the admin token (`ADMIN_TOKEN`).
 pub const ADMIN_TOKEN: &str = "admin_token";
+/// The security scheme of the card gateway's token (`GATEWAY_TOKEN`).
+pub const GATEWAY_TOKEN: &str = "gateway_token";
 
 /// The media type of a JSON body.
 const JSON: &str = "application/json";
@@ -109,6 +111,17 @@ fn finish(service: &str, mut doc: OpenApi) -> OpenApi {
         bearer("The API token (API_TOKEN); the admin token is accepted as well."),
     );
     components.add_security_scheme(ADMIN_TOKEN, bearer("The admin token (ADMIN_TOKEN)."));
+    if doc
+        .paths
+        .paths
+        .keys()
+        .any(|path| auth::required_access(path) == Access::Gateway)
+    {
+        components.add_security_scheme(
+            GATEWAY_TOKEN,
+            bearer("The card gateway's token (GATEWAY_TOKEN): its 3-D Secure answers only."),
+        );
+    }
     doc.components = Some(components);
 
     for (path, item) in doc.paths.paths.iter_mut() {
@@ -151,6 +164,18 @@ fn shared_answers(operation: &mut Operation, access: Access, takes_body: bool) {
                 SecurityRequirement::new(ADMIN_TOKEN, no_scopes),
             ]);
             error_answer(operation, 401, "No bearer token, or not a valid one");
+        }
+        Access::Gateway => {
+            operation.security = Some(vec![
+                SecurityRequirement::new(GATEWAY_TOKEN, no_scopes),
+                SecurityRequirement::new(ADMIN_TOKEN, no_scopes),
+            ]);
+            error_answer(operation, 401, "No bearer token, or not a valid one");
+            error_answer(
+                operation,
+                403,
+                "A token that does not open this endpoint (the API token)",
+            );
         }
         Access::Admin => {
             operation.security = Some(vec![SecurityRequirement::new(ADMIN_TOKEN, no_scopes)]);
