@@ -350,11 +350,13 @@ pub async fn emails_for(
 /// Queues the confirmations the relay could not take and marks their
 /// notifications `deferred` (those still `sending`: one a rollback retracted
 /// meanwhile stays retracted); `uncertain` ones may have been taken by the
-/// relay all the same. One statement each; none if empty.
+/// relay all the same, `untried` ones were claimed by this batch and never
+/// taken (no earlier attempt either). One statement; none if empty.
 pub async fn defer_emails(
     conn: &mut PgConnection,
     emails: &[Email],
     uncertain: &[Uuid],
+    untried: &[Uuid],
 ) -> Result<(), sqlx::Error> {
     if emails.is_empty() {
         return Ok(());
@@ -370,7 +372,8 @@ pub async fn defer_emails(
         with deferred as (
             update notifications
             set status = 'deferred', updated_at = now(),
-                relay_may_have_it = relay_may_have_it or order_id = any($7)
+                relay_may_have_it = case when order_id = any($8) then false
+                                         else relay_may_have_it or order_id = any($7) end
             where order_id = any($1) and status in ('sending', 'deferred')
             returning order_id
         )
@@ -388,6 +391,7 @@ pub async fn defer_emails(
     .bind(subjects)
     .bind(bodies)
     .bind(uncertain)
+    .bind(untried)
     .execute(conn)
     .await?;
     Ok(())
@@ -403,8 +407,9 @@ pub struct Rollbacks<'a> {
     pub drop_queued: &'a [Uuid],
     /// Cancellations handed to the queued sender (an external relay: no
     /// call to it inside a batch), each due once its confirmation, if one
-    /// is being handed to the relay right now, is done.
-    pub queue: &'a [&'a Email],
+    /// is being handed to the relay right now, is done: no sooner than the
+    /// given delay, nor than a queued confirmation's lease.
+    pub queue: &'a [(&'a Email, std::time::Duration)],
     /// Cancellations sent already (a transport that only records them).
     pub sent: &'a [&'a Email],
     pub transport: &'a str,
@@ -432,7 +437,9 @@ pub async fn roll_back(conn: &mut PgConnection, r: &Rollbacks<'_>) -> Result<(),
         }
         c
     };
-    let q = columns(r.queue);
+    let queued: Vec<&Email> = r.queue.iter().map(|(e, _)| *e).collect();
+    let delays: Vec<f64> = r.queue.iter().map(|(_, d)| d.as_secs_f64()).collect();
+    let q = columns(&queued);
     let sent = columns(r.sent);
     sqlx::query(
         r#"
@@ -447,8 +454,8 @@ pub async fn roll_back(conn: &mut PgConnection, r: &Rollbacks<'_>) -> Result<(),
         ),
         queue as (
             select * from unnest($4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[],
-                                 $9::text[])
-                as q(order_id, email_id, kind, recipient, subject, body)
+                                 $9::text[], $17::float8[])
+                as q(order_id, email_id, kind, recipient, subject, body, after_secs)
         ),
         replaced as (
             -- A queued confirmation becomes its cancellation, due once the
@@ -456,13 +463,17 @@ pub async fn roll_back(conn: &mut PgConnection, r: &Rollbacks<'_>) -> Result<(),
             update deferred_emails d
             set email_id = q.email_id, kind = q.kind, recipient = q.recipient,
                 subject = q.subject, body = q.body, attempts = 0, last_error = null,
-                next_attempt_at = greatest(now(), d.in_flight_until)
+                next_attempt_at = greatest(now() + make_interval(secs => q.after_secs),
+                                           d.in_flight_until)
             from queue q
             where d.order_id = q.order_id
         ),
         queued as (
-            insert into deferred_emails (order_id, email_id, kind, recipient, subject, body)
-            select q.* from queue q
+            insert into deferred_emails (order_id, email_id, kind, recipient, subject, body,
+                                         next_attempt_at)
+            select q.order_id, q.email_id, q.kind, q.recipient, q.subject, q.body,
+                   now() + make_interval(secs => q.after_secs)
+            from queue q
             where not exists (select 1 from deferred_emails d where d.order_id = q.order_id)
             on conflict (order_id) do nothing
         )
@@ -489,9 +500,20 @@ pub async fn roll_back(conn: &mut PgConnection, r: &Rollbacks<'_>) -> Result<(),
     .bind(sent.4)
     .bind(sent.5)
     .bind(r.transport)
+    .bind(delays)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Whether the order's notification is still `sending` (not retracted by a
+/// rollback meanwhile): read just before an email goes to the relay.
+pub async fn still_sending(conn: &mut PgConnection, order_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select status = 'sending' from notifications where order_id = $1")
+        .bind(order_id)
+        .fetch_optional(conn)
+        .await
+        .map(|s| s.unwrap_or(false))
 }
 
 /// A queued email handed to the relay, for [`settle_queued`].
@@ -500,6 +522,8 @@ pub struct Leased {
     pub email: Email,
     /// Attempts before this one.
     pub attempts: i32,
+    /// The relay may have had the confirmation before this attempt.
+    pub may_have_had_it: bool,
 }
 
 /// Takes the queued email due first (skipping any a rollback holds) for
@@ -532,7 +556,7 @@ pub async fn lease_due(
     } else {
         crate::domain::EmailKind::Confirmation
     };
-    sqlx::query(
+    let may_have_had_it: bool = sqlx::query_scalar(
         r#"
         with leased as (
             update deferred_emails
@@ -540,15 +564,21 @@ pub async fn lease_due(
                 in_flight_until = now() + make_interval(secs => $2),
                 next_attempt_at = now() + make_interval(secs => $2)
             where order_id = $1
+        ),
+        before as (
+            select relay_may_have_it from notifications where order_id = $1
+        ),
+        flagged as (
+            update notifications set relay_may_have_it = true
+            where order_id = $1 and $3
         )
-        update notifications set relay_may_have_it = true
-        where order_id = $1 and $3
+        select coalesce((select relay_may_have_it from before), false)
         "#,
     )
     .bind(order_id)
     .bind(lease.as_secs_f64())
     .bind(kind == crate::domain::EmailKind::Confirmation)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(Some(Leased {
@@ -561,6 +591,7 @@ pub async fn lease_due(
             body,
         },
         attempts,
+        may_have_had_it,
     }))
 }
 
@@ -570,8 +601,14 @@ pub enum QueuedOutcome<'a> {
     Sent,
     /// Refused for good.
     Rejected(&'a str),
-    /// Try again after this long.
-    Later(std::time::Duration, &'a str),
+    /// Try again after this long; `taken` is false if the relay certainly
+    /// did not take it (then a confirmation is as unknown to the relay as
+    /// before this attempt).
+    Later {
+        after: std::time::Duration,
+        error: &'a str,
+        taken: bool,
+    },
 }
 
 /// Records what became of a leased email: sent (off the queue, recorded; a
@@ -637,7 +674,11 @@ pub async fn settle_queued(
                 .await?;
             }
         }
-        QueuedOutcome::Later(delay, error) if still_queued => {
+        QueuedOutcome::Later {
+            after,
+            error,
+            taken,
+        } if still_queued => {
             sqlx::query(
                 r#"
                 update deferred_emails
@@ -647,10 +688,19 @@ pub async fn settle_queued(
                 "#,
             )
             .bind(email.order_id)
-            .bind(delay.as_secs_f64())
+            .bind(after.as_secs_f64())
             .bind(error)
             .execute(&mut *tx)
             .await?;
+            if confirmation && !taken && !leased.may_have_had_it {
+                sqlx::query(
+                    "update notifications set relay_may_have_it = false \
+                     where order_id = $1 and status = 'deferred'",
+                )
+                .bind(email.order_id)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         _ => {}
     }

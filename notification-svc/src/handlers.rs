@@ -88,7 +88,12 @@ impl MessageHandler for NotificationHandler {
             inbox::count_late(SERVICE, EventType::InventoryReserved.routing_key(), late);
         });
         if !confirmations.is_empty() {
-            self.confirm(uow, confirmations).await?;
+            // The rollbacks' records are locked together with the
+            // confirmations' records, in one sorted statement: one global
+            // order for the batch.
+            let mut rolled_back: Vec<Uuid> = aborting.iter().copied().collect();
+            rolled_back.sort_unstable();
+            self.confirm(uow, confirmations, &rolled_back).await?;
         }
         if !rollbacks.is_empty() {
             self.roll_back(uow, &rollbacks, &mut results).await?;
@@ -152,6 +157,7 @@ impl NotificationHandler {
         &self,
         uow: &mut UnitOfWork,
         requests: Vec<(Envelope, InventoryReserved)>,
+        also_lock: &[Uuid],
     ) -> Result<(), HandlerError> {
         let order_ids: Vec<Uuid> = requests.iter().map(|(e, _)| e.order_id).collect();
         let mut customers: Vec<&str> = requests
@@ -220,7 +226,8 @@ impl NotificationHandler {
             ..Tally::default()
         };
         if self.transport.is_external() {
-            self.confirm_through_relay(uow, planned, &mut tally).await?;
+            self.confirm_through_relay(uow, planned, also_lock, &mut tally)
+                .await?;
         } else {
             self.confirm_recorded(uow, planned, &mut tally).await?;
         }
@@ -288,6 +295,7 @@ impl NotificationHandler {
         &self,
         uow: &mut UnitOfWork,
         planned: Vec<Planned>,
+        also_lock: &[Uuid],
         tally: &mut Tally,
     ) -> Result<(), HandlerError> {
         // Known down: nothing is tried (each try may take its whole
@@ -338,14 +346,26 @@ impl NotificationHandler {
         drop(fresh);
 
         // The sends, with no lock held. Once the relay is found down, the
-        // rest is queued without trying it.
+        // rest is queued without trying it. Each is looked at afresh just
+        // before its send: one a rollback retracted meanwhile is not sent
+        // (the rollback's cancellation waits a send's length, see
+        // `roll_back`, so a send begun before it never lands after it).
         let mut found_down = false;
+        // Claimed now and never taken by the relay: not possibly delivered.
+        let mut untried: Vec<Uuid> = Vec::new();
         for p in to_claim {
             if !p.resumed && !claimed.contains(&p.env.order_id) {
                 tally.late += 1;
                 continue;
             }
+            if !db::still_sending(uow.conn(), p.env.order_id).await? {
+                tally.late += 1;
+                continue;
+            }
             let sent = if found_down {
+                if !p.resumed {
+                    untried.push(p.env.order_id);
+                }
                 Err(relay_was_down())
             } else {
                 let sent = self.transport.send(&p.email()).await;
@@ -355,6 +375,9 @@ impl NotificationHandler {
                 ) {
                     self.relay.mark_down();
                     found_down = true;
+                }
+                if !p.resumed && matches!(sent, Err(SendError::Unavailable(_))) {
+                    untried.push(p.env.order_id);
                 }
                 sent
             };
@@ -370,7 +393,9 @@ impl NotificationHandler {
         // (only those still `sending` take the outcome: a rollback may have
         // retracted one meanwhile), then the new ones inserted.
         let mut ids: Vec<Uuid> = outcomes.iter().map(|(p, _)| p.env.order_id).collect();
+        ids.extend(also_lock);
         ids.sort_unstable();
+        ids.dedup();
         let locked = db::lock_notifications(uow.conn(), &ids).await?;
         let new_records: Vec<NewNotification<'_>> = record_now
             .iter()
@@ -468,7 +493,7 @@ impl NotificationHandler {
         }
         tally.sent += delivered.len() as u64;
         tally.deferred += queued.len() as u64;
-        db::defer_emails(uow.conn(), &queued, &uncertain).await?;
+        db::defer_emails(uow.conn(), &queued, &uncertain, &untried).await?;
         self.record(
             uow,
             &sent_emails,
@@ -532,7 +557,7 @@ impl NotificationHandler {
         let mut tombstones: Vec<(usize, Uuid, String)> = Vec::new();
         let mut statuses: Vec<(Uuid, NotificationStatus)> = Vec::new();
         let mut drop_queued: Vec<Uuid> = Vec::new();
-        let mut cancellations: Vec<Email> = Vec::new();
+        let mut cancellations: Vec<(Email, std::time::Duration)> = Vec::new();
         let (mut dropped, mut cancelled) = (0u64, Vec::new());
         for (i, env) in aborts {
             let order_id = env.order_id;
@@ -560,7 +585,14 @@ impl NotificationHandler {
             if retract {
                 let reason = abort_reason(env);
                 let recipient = row.recipient.clone().unwrap_or_default();
-                cancellations.push(domain::cancellation(order_id, &recipient, &reason));
+                // A batch may be handing its confirmation to the relay right
+                // now: the cancellation waits as long as that send can last.
+                let after = if status == Some(NotificationStatus::Sending) {
+                    crate::transport::SEND_TIMEOUT + std::time::Duration::from_secs(1)
+                } else {
+                    std::time::Duration::ZERO
+                };
+                cancellations.push((domain::cancellation(order_id, &recipient, &reason), after));
                 statuses.push((order_id, NotificationStatus::Retracted));
                 cancelled.push(order_id);
             } else if queued {
@@ -598,15 +630,17 @@ impl NotificationHandler {
             }
         }
         if !statuses.is_empty() || !drop_queued.is_empty() {
-            let refs: Vec<&Email> = cancellations.iter().collect();
-            let (queue, sent): (&[&Email], &[&Email]) = if external {
+            let refs: Vec<(&Email, std::time::Duration)> =
+                cancellations.iter().map(|(e, after)| (e, *after)).collect();
+            let just_emails: Vec<&Email> = cancellations.iter().map(|(e, _)| e).collect();
+            let (queue, sent): (&[(&Email, std::time::Duration)], &[&Email]) = if external {
                 (&refs, &[])
             } else {
-                for email in &cancellations {
+                for email in &just_emails {
                     // Never fails: it only logs.
                     let _ = self.transport.send(email).await;
                 }
-                (&[], &refs)
+                (&[], &just_emails)
             };
             db::roll_back(
                 uow.conn(),

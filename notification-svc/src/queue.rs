@@ -130,13 +130,12 @@ pub async fn send_due(
             Err(e @ (SendError::Unavailable(_) | SendError::Uncertain(_))) => {
                 let delay = backoff(leased.attempts);
                 let why = e.to_string();
-                db::settle_queued(
-                    pool,
-                    &leased,
-                    QueuedOutcome::Later(delay, &why),
-                    transport.name(),
-                )
-                .await?;
+                let later = QueuedOutcome::Later {
+                    after: delay,
+                    error: &why,
+                    taken: e.may_have_delivered(),
+                };
+                db::settle_queued(pool, &leased, later, transport.name()).await?;
                 health.mark_down();
                 debug!(%order_id, kind, ?delay, %why, "mail relay still unavailable");
                 // The relay is down for the others too.

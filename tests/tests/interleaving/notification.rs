@@ -50,6 +50,9 @@ pub enum Relay {
     Hangs,
     /// Refuses every recipient for good.
     Rejects,
+    /// Holds each confirmation until the test releases it (then takes it);
+    /// takes everything else at once.
+    HoldsConfirmations,
 }
 
 /// A mail relay whose behaviour the test sets, and the log of what it took.
@@ -61,6 +64,10 @@ pub struct ScriptedRelay {
     pub refused: Mutex<Vec<(Uuid, EmailKind)>>,
     /// How long a hanging relay keeps the sender waiting.
     pub hang_for: std::time::Duration,
+    /// A confirmation is being held ([`Relay::HoldsConfirmations`]).
+    pub holding: tokio::sync::Notify,
+    /// Lets a held confirmation through.
+    pub release: tokio::sync::Notify,
 }
 
 impl ScriptedRelay {
@@ -70,6 +77,8 @@ impl ScriptedRelay {
             took: Mutex::new(Vec::new()),
             refused: Mutex::new(Vec::new()),
             hang_for,
+            holding: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
         }
     }
 
@@ -110,6 +119,14 @@ impl EmailTransport for ScriptedRelay {
                     self.took.lock().unwrap().push((email.order_id, email.kind));
                     tokio::time::sleep(self.hang_for).await;
                     Err(SendError::Uncertain("timed out after DATA".into()))
+                }
+                Relay::HoldsConfirmations => {
+                    if email.kind == EmailKind::Confirmation {
+                        self.holding.notify_one();
+                        self.release.notified().await;
+                    }
+                    self.took.lock().unwrap().push((email.order_id, email.kind));
+                    Ok(())
                 }
                 Relay::Rejects => {
                     self.refused
@@ -634,4 +651,131 @@ async fn regression_a_relay_that_stops_answering_after_data_times_out_the_send()
     assert!(matches!(sent, Err(SendError::Uncertain(_))), "{sent:?}");
     assert!(started.elapsed() < SEND_TIMEOUT * 2);
     assert_eq!(sink.received().len(), 1, "the relay has it");
+}
+
+/// Found in review: a replica handing a confirmation to the relay while
+/// another handles the order's rollback. The rollback retracted the
+/// notification and queued its cancellation due at once, the queued sender
+/// sent it, and the confirmation landed after it: the customer's last word
+/// was "confirmed" for a failed order. A cancellation that may overtake a
+/// send in flight now waits as long as a send can last.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_confirmation_in_flight_when_its_order_fails_lands_before_the_cancellation() {
+    let _serial = harness::SERIAL.lock().await;
+    let lab = lab(std::time::Duration::ZERO).await;
+    let history = History {
+        orders: vec![OrderSpec {
+            bounces: false,
+            expired: false,
+        }],
+        steps: Vec::new(),
+    };
+    let mut run = Run::new(&lab, &history).await;
+    let id = run.p.orders[0];
+    run.step(&Step::Reserved { order: 0 }).await.unwrap();
+    // The confirmation goes to one replica, the rollback to the other.
+    let mut first_replica = std::mem::take(&mut run.p.queue);
+    run.step(&Step::Rollback {
+        order: 0,
+        timeout: false,
+    })
+    .await
+    .unwrap();
+    lab.relay.set(Relay::HoldsConfirmations);
+    let relay: &dyn EmailTransport = lab.relay.as_ref();
+    let confirming = first_replica.deliver(&lab.lab.judge, 1, Fault::None);
+    let rolling_back = async {
+        lab.relay.holding.notified().await;
+        let rolled_back = run.p.deliver(8, Fault::None).await;
+        assert!(
+            rolled_back
+                .iter()
+                .all(|o| matches!(o.verdict, common::messaging::judge::Verdict::Ack))
+        );
+        // The queued sender passes while the confirmation is in flight.
+        notification_svc::queue::send_due(&lab.lab.pool, relay, &lab.health)
+            .await
+            .unwrap();
+        lab.relay.release.notify_one();
+    };
+    let (confirmed, ()) = tokio::join!(confirming, rolling_back);
+    assert!(
+        confirmed
+            .iter()
+            .all(|o| matches!(o.verdict, common::messaging::judge::Verdict::Ack))
+    );
+    assert_eq!(
+        lab.relay.took(id),
+        vec![EmailKind::Confirmation],
+        "the cancellation overtook the confirmation in flight"
+    );
+    // Once a send's length has passed, the cancellation goes out.
+    run.step(&Step::TimePasses).await.unwrap();
+    run.step(&Step::Queue { crash: false }).await.unwrap();
+    assert_eq!(
+        lab.relay.took(id),
+        vec![EmailKind::Confirmation, EmailKind::Cancellation]
+    );
+    lab.lab.close().await;
+}
+
+/// Found in review: a confirmation claimed, then never taken — the relay
+/// refused the connection, at the batch's try or at the queued sender's —
+/// kept the mark "the relay may have it", and the order's rollback sent a
+/// cancellation of an order the customer had never heard of. A refused
+/// connection now clears the mark (unless an earlier attempt may have
+/// delivered it).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_confirmation_the_relay_never_took_is_not_cancelled() {
+    let _serial = harness::SERIAL.lock().await;
+    let lab = lab(std::time::Duration::ZERO).await;
+    let deliver = Step::Deliver {
+        size: 1,
+        fault: Fault::None,
+    };
+    let cases: Vec<(&str, Vec<Step>)> = vec![
+        (
+            "the batch's try is refused",
+            vec![
+                Step::Relay(Relay::Down),
+                Step::Reserved { order: 0 },
+                deliver.clone(),
+            ],
+        ),
+        (
+            "the queued sender's try is refused too",
+            vec![
+                Step::Relay(Relay::Down),
+                Step::Reserved { order: 0 },
+                deliver.clone(),
+                Step::TimePasses,
+                Step::Queue { crash: false },
+            ],
+        ),
+    ];
+    for (what, steps) in cases {
+        let history = History {
+            orders: vec![OrderSpec {
+                bounces: false,
+                expired: false,
+            }],
+            steps: steps
+                .into_iter()
+                .chain([
+                    Step::Rollback {
+                        order: 0,
+                        timeout: false,
+                    },
+                    deliver.clone(),
+                ])
+                .collect(),
+        };
+        let run = Run::new(&lab, &history).await;
+        let id = run.p.orders[0];
+        if let Err(violation) = run.play().await {
+            panic!("{what}:\n{violation}");
+        }
+        assert_eq!(lab.relay.took(id), vec![], "{what}");
+    }
+    lab.lab.close().await;
 }
