@@ -3,6 +3,7 @@
 //! retries escalations. See docs/sagactl.md.
 
 mod api;
+mod broker;
 mod dlq;
 mod escalations;
 mod failure;
@@ -117,6 +118,41 @@ enum Command {
     /// Compensations that kept failing (needs the admin token).
     #[command(subcommand)]
     Escalations(EscalationsCmd),
+    /// Broker set-up for confined service users (as an administrator).
+    #[command(subcommand)]
+    Broker(BrokerCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BrokerCmd {
+    /// Declares the exchanges and every service's queues and bindings
+    /// (AMQP_URL must be an administrator of the vhost). Run before the
+    /// services start as their own confined users, and after an upgrade.
+    Setup {
+        /// The kind of the work, delay and parking queues (the services'
+        /// `QUEUE_TYPE`).
+        #[arg(long, env = "QUEUE_TYPE", default_value = "quorum")]
+        queue_type: common::messaging::topology::QueueType,
+        /// Also create (or update) every user `broker permissions` lists,
+        /// each with the password in the file of its name in DIR, and set
+        /// its permissions (through the management API).
+        #[arg(long, value_name = "DIR")]
+        users_from: Option<std::path::PathBuf>,
+        /// The management API, for `--users-from`.
+        #[arg(
+            long,
+            env = "RABBITMQ_MANAGEMENT_URL",
+            default_value = "http://127.0.0.1:15672"
+        )]
+        management_url: String,
+        /// Put before every user's name, for `--users-from` (several
+        /// systems on one broker); PRODUCER_USERS must then name them so.
+        #[arg(long, default_value = "")]
+        user_prefix: String,
+    },
+    /// Prints the permissions each broker user needs, tab-separated (see
+    /// scripts/broker-users.sh).
+    Permissions,
 }
 
 #[derive(Debug, Subcommand)]
@@ -325,6 +361,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Escalations(EscalationsCmd::Retry { id, service }) => {
             escalations::retry(&api, &id, service.as_deref(), json).await
+        }
+        Command::Broker(BrokerCmd::Setup {
+            queue_type,
+            users_from,
+            management_url,
+            user_prefix,
+        }) => {
+            let users = users_from.as_deref().map(|passwords| broker::Users {
+                passwords,
+                management_url: &management_url,
+                prefix: &user_prefix,
+            });
+            broker::setup(&g.amqp_url, queue_type, users).await
+        }
+        Command::Broker(BrokerCmd::Permissions) => {
+            broker::print_permissions();
+            Ok(())
         }
     }
 }

@@ -429,3 +429,76 @@ async fn parked_messages_are_listed_shown_replayed_once_fixed_and_purged() {
     let _ = conn.close(200, "done".into()).await;
     sys.shutdown().await;
 }
+
+/// `broker setup --users-from`: the topology declared as the administrator,
+/// then a confined user per service with the password in its file — what
+/// compose.yaml's `broker-setup` step runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_setup_declares_the_topology_and_makes_confined_users() {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+    use lapin::types::FieldTable;
+    let sandbox = saga_tests::Sandbox::new().await;
+    let dir = std::env::temp_dir().join(format!("{}-passwords", sandbox.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    for user in [
+        "order_svc",
+        "payment_svc",
+        "inventory_svc",
+        "notification_svc",
+        "order_client",
+    ] {
+        std::fs::write(dir.join(user), format!("pw-{user}-{}\n", sandbox.prefix)).unwrap();
+    }
+    let prefix = format!("{}_", sandbox.prefix);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .args(["broker", "setup", "--users-from"])
+        .arg(&dir)
+        .args(["--management-url", &saga_tests::broker_mgmt_url()])
+        .args(["--user-prefix", &prefix])
+        .env("AMQP_URL", &sandbox.amqp_url)
+        .output()
+        .await
+        .expect("run sagactl");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let host = saga_tests::amqp_base()
+        .split_once('@')
+        .map_or_else(|| "127.0.0.1:5672".to_owned(), |(_, h)| h.to_owned());
+    let url = format!(
+        "amqp://{prefix}notification_svc:pw-notification_svc-{p}@{host}/{p}",
+        p = sandbox.prefix
+    );
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("notification-svc's user logs in with its password");
+    // Its own queue exists (declared by the setup) and is its to consume...
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_consume(
+        "notification-svc.events".into(),
+        "test".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("consume its own queue");
+    // ...but not the clients' orders.
+    let ch = conn.create_channel().await.unwrap();
+    let bound = ch
+        .queue_bind(
+            "notification-svc.events".into(),
+            saga_tests::EXCHANGE.into(),
+            "order.requested".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert!(
+        bound
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("ACCESS_REFUSED")),
+        "{bound:?}"
+    );
+    let _ = conn.close(200, "bye".into()).await;
+    sandbox.close().await;
+}

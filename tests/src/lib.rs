@@ -24,6 +24,7 @@ use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::messaging::permissions::Permissions;
 use common::messaging::topology::{self, ServiceIdentity};
 use common::messaging::trust::amqp_user;
 use common::runtime::config::CommonConfig;
@@ -97,7 +98,7 @@ fn amqp_bases() -> Vec<String> {
     )
 }
 
-fn amqp_base() -> String {
+pub fn amqp_base() -> String {
     amqp_bases().swap_remove(0)
 }
 
@@ -144,6 +145,8 @@ pub struct Options {
     /// Each service connects as a broker user of its own, and every service
     /// is told which (`PRODUCER_USERS`); unset: one shared user.
     pub broker_user_per_service: bool,
+    /// Those users have only the permissions they need.
+    pub confined_broker_users: bool,
     /// `HTTP_HEADER_TIMEOUT_MS` (unset: the default).
     pub http_header_timeout_ms: Option<u64>,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`, with the `http/json` protocol (unset:
@@ -180,6 +183,7 @@ impl Default for Options {
             smtp_url: None,
             tokens: None,
             broker_user_per_service: false,
+            confined_broker_users: false,
             http_header_timeout_ms: None,
             otlp_endpoint: None,
             long_deadline_ms: None,
@@ -224,9 +228,19 @@ impl Options {
     }
 
     /// Each service connects as its own broker user (see
-    /// [`TestSystem::broker_url`]).
+    /// [`TestSystem::broker_url`]), with full permissions on the vhost (to
+    /// test what the services check themselves).
     pub fn broker_user_per_service(mut self) -> Self {
         self.broker_user_per_service = true;
+        self
+    }
+
+    /// Each service connects as its own broker user, confined to what it
+    /// needs ([`common::messaging::permissions`]); the topology is declared
+    /// first by an administrator, as `sagactl broker setup` does.
+    pub fn confined_broker_users(mut self) -> Self {
+        self.broker_user_per_service = true;
+        self.confined_broker_users = true;
         self
     }
 
@@ -337,6 +351,16 @@ impl Sandbox {
     /// on this sandbox's vhost — not one of the services' users; returns
     /// its AMQP URL. Removed with the sandbox.
     pub async fn broker_user(&self, name: &str) -> (String, String) {
+        self.broker_user_with(name, None).await
+    }
+
+    /// A broker user of its own with `permissions` (full ones if `None`)
+    /// on this sandbox's vhost; returns its name and AMQP URL.
+    pub async fn broker_user_with(
+        &self,
+        name: &str,
+        permissions: Option<&Permissions>,
+    ) -> (String, String) {
         let user = format!("{}_{name}", self.prefix);
         let password = Uuid::new_v4().simple().to_string();
         let base = mgmt_base();
@@ -354,11 +378,25 @@ impl Sandbox {
             self.http
                 .put(format!("{base}/api/permissions/{}/{user}", self.prefix)),
         )
-        .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .json(&permissions.map_or_else(
+            || json!({"configure": ".*", "write": ".*", "read": ".*"}),
+            |p| json!({"configure": p.configure, "write": p.write, "read": p.read}),
+        ))
         .send()
         .await
         .expect("set user permissions");
         assert!(r.status().is_success(), "user permissions: {}", r.status());
+        for topic in permissions.map(|p| p.topics.as_slice()).unwrap_or_default() {
+            let r = mgmt(self.http.put(format!(
+                "{base}/api/topic-permissions/{}/{user}",
+                self.prefix
+            )))
+            .json(&json!({"exchange": topic.exchange, "write": topic.write, "read": topic.read}))
+            .send()
+            .await
+            .expect("set topic permissions");
+            assert!(r.status().is_success(), "topic permissions: {}", r.status());
+        }
         let host = amqp_base()
             .split_once('@')
             .map_or_else(|| "127.0.0.1:5672".to_owned(), |(_, h)| h.to_owned());
@@ -488,9 +526,31 @@ impl TestSystem {
             }
         };
         let broker_users = if options.broker_user_per_service {
+            if options.confined_broker_users {
+                // What `sagactl broker setup` does: the topology, declared
+                // by an administrator before the confined users connect.
+                let conn = lapin::Connection::connect(
+                    &sandbox.amqp_url,
+                    lapin::ConnectionProperties::default(),
+                )
+                .await
+                .expect("connect as the administrator");
+                common::messaging::topology::declare_all(&conn, Default::default())
+                    .await
+                    .expect("declare the topology");
+                let _ = conn.close(200, "declared".into()).await;
+            }
             let mut users = Vec::new();
             for svc in Svc::ALL {
-                users.push(sandbox.broker_user(&svc.identity().database_role()).await);
+                let id = svc.identity();
+                let permissions = options
+                    .confined_broker_users
+                    .then(|| common::messaging::permissions::for_service(&id));
+                users.push(
+                    sandbox
+                        .broker_user_with(&id.database_role(), permissions.as_ref())
+                        .await,
+                );
             }
             Some(users.try_into().expect("four services"))
         } else {

@@ -25,7 +25,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,7 @@ use crate::messaging::delivery::{
     H_PARKED_REASON, H_PARKED_SENDER, H_RETRY_ATTEMPT, Incoming,
 };
 use crate::messaging::escalation;
-use crate::messaging::events::EventType;
+use crate::messaging::events::{EventType, REQUEUE_EXCHANGE};
 use crate::messaging::fault::FaultDelay;
 use crate::messaging::handler::MessageHandler;
 use crate::messaging::judge::{Judge, JudgeSettings, Verdict};
@@ -424,8 +424,9 @@ impl<H: MessageHandler> Consumer<H> {
     }
 }
 
-/// Publishes `body` to `queue` through the default exchange and waits for
-/// the broker's confirm.
+/// Publishes `body` back into one of this service's own `queue`s (through
+/// [`REQUEUE_EXCHANGE`], by the queue's name) and waits for the broker's
+/// confirm.
 async fn republish(
     channel: &Channel,
     queue: &str,
@@ -434,7 +435,7 @@ async fn republish(
 ) -> Result<(), RepublishError> {
     let confirm = channel
         .basic_publish(
-            ShortString::from(""),
+            REQUEUE_EXCHANGE.into(),
             queue.into(),
             BasicPublishOptions {
                 mandatory: true,

@@ -18,6 +18,13 @@ use crate::saga::order::{OrderLine, SagaResult};
 /// The topic exchange every service publishes to and consumes from.
 pub const EXCHANGE: &str = "saga.events";
 
+/// The topic exchange a service puts messages back into its own queues
+/// through (retries, parked messages, an operator's retry of an
+/// escalation): the routing key is the queue's name. Its broker user may
+/// use only its own queues' names (see [`crate::messaging::permissions`]);
+/// the default exchange, which reaches every queue, stays closed to it.
+pub const REQUEUE_EXCHANGE: &str = "saga.requeue";
+
 /// Every event of the saga. The serialized form is the routing key, as a
 /// string (no other form is read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, JsonSchema, utoipa::ToSchema)]

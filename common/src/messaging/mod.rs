@@ -35,7 +35,9 @@
 //!
 //! Trust:
 //! - [`trust`]: which broker user may publish which event; everything else
-//!   is parked unread.
+//!   is parked unread;
+//! - [`permissions`]: what each broker user may do at all, as the broker
+//!   enforces it.
 
 pub mod asyncapi;
 pub mod broker;
@@ -50,6 +52,7 @@ pub mod handler;
 pub mod inbox;
 pub mod judge;
 pub mod outbox;
+pub mod permissions;
 pub mod publisher;
 pub mod retry;
 pub mod schema;

@@ -33,7 +33,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 
-use crate::messaging::events::{EXCHANGE, EventType};
+use crate::messaging::events::{EXCHANGE, EventType, REQUEUE_EXCHANGE};
 use crate::messaging::retry::RETRY_TIERS;
 use crate::saga::choreography::{self, Delivery, Trigger};
 
@@ -205,12 +205,64 @@ pub const BOUNDED_QUEUE_MAX_LENGTH: i64 = 100_000;
 /// Bytes of message bodies a parking or delay queue holds at most.
 pub const BOUNDED_QUEUE_MAX_BYTES: i64 = 512 * 1024 * 1024;
 
-/// Declares the exchange and every service's queues and bindings.
+/// Declares the exchanges and every service's queues and bindings — those
+/// this connection's user may. An administrator (the development setup,
+/// `sagactl broker setup`) declares everything; a service's own user
+/// ([`crate::messaging::permissions`]) only checks that the exchanges
+/// exist and declares its own queues again (they were created by the
+/// setup: creating a queue that dead-letters needs more than it has), and
+/// skips the others' queues.
 pub async fn declare_all(conn: &Connection, queue_type: QueueType) -> Result<(), lapin::Error> {
     let mut channel = conn.create_channel().await?;
+    for exchange in [EXCHANGE, REQUEUE_EXCHANGE] {
+        declare_exchange(conn, &mut channel, exchange).await?;
+    }
+    let mut bounds = Bounds::Unknown;
+    for svc in SERVICES {
+        match declare_service(conn, &mut channel, &svc, queue_type, &mut bounds).await {
+            Ok(()) => {}
+            // Another service's queues, for a user confined to its own.
+            Err(error) if is_access_refused(&error) => {
+                tracing::debug!(
+                    service = svc.name,
+                    "not this user's queues: left to their own user"
+                );
+                channel = conn.create_channel().await?;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    let _ = channel.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+/// Declares a durable topic exchange unless it exists: a service's own user
+/// may not declare one (nor, so, delete it).
+async fn declare_exchange(
+    conn: &Connection,
+    channel: &mut Channel,
+    name: &str,
+) -> Result<(), lapin::Error> {
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    if channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    *channel = conn.create_channel().await?;
     channel
         .exchange_declare(
-            EXCHANGE.into(),
+            name.into(),
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,
@@ -218,13 +270,16 @@ pub async fn declare_all(conn: &Connection, queue_type: QueueType) -> Result<(),
             },
             FieldTable::default(),
         )
-        .await?;
-    let mut bounds = Bounds::Unknown;
-    for svc in SERVICES {
-        declare_service(conn, &mut channel, &svc, queue_type, &mut bounds).await?;
-    }
-    let _ = channel.close(200, "topology declared".into()).await;
-    Ok(())
+        .await
+        .inspect_err(|error| {
+            if is_access_refused(error) {
+                tracing::error!(
+                    exchange = name,
+                    "the exchange does not exist and this broker user may not declare it: \
+                     run `sagactl broker setup` as an administrator first (docs/security.md)"
+                );
+            }
+        })
 }
 
 /// Whether the broker's parking and delay queues carry length bounds.
@@ -290,6 +345,12 @@ async fn declare_bounded(
         }
         Err(error) => Err(error),
     }
+}
+
+/// The broker's 403: the user may not do this.
+pub fn is_access_refused(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if e.get_id() == 403)
 }
 
 /// The broker's 406: a queue exists with other arguments.
@@ -386,6 +447,21 @@ async fn declare_service(
         let mut args = kind_args(queue_type);
         args.extend(dead_letter_args(queue_type, &queue));
         declare_bounded(conn, channel, &svc.retry_queue(tier), args, bounds).await?;
+    }
+
+    // The way back into its own queues, by their names.
+    let mut own = vec![queue, svc.parking_queue()];
+    own.extend((0..RETRY_TIERS.len()).map(|tier| svc.retry_queue(tier)));
+    for name in &own {
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                REQUEUE_EXCHANGE.into(),
+                name.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
     }
     Ok(())
 }

@@ -238,7 +238,7 @@ async fn retry_escalation(
         let channel = Broker::confirm_channel(&conn).await?;
         let confirm = channel
             .basic_publish(
-                "".into(),
+                crate::messaging::events::REQUEUE_EXCHANGE.into(),
                 s.service.queue().as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,

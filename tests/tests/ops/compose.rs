@@ -205,3 +205,147 @@ fn compose_yaml_refuses_to_start_without_its_secrets() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `docker compose config --format json` of the given compose files.
+fn compose_model(overrides: &[&str]) -> Value {
+    let mut cmd = compose_command();
+    cmd.current_dir(repo_root())
+        .arg("--file")
+        .arg(repo_file("compose.yaml"));
+    for file in overrides {
+        cmd.arg("--file").arg(repo_file(file));
+    }
+    cmd.args(["--project-name", "order-saga", "config", "--format", "json"])
+        .env("API_TOKEN", "ci-api-token")
+        .env("ADMIN_TOKEN", "ci-admin-token")
+        .env("GRAFANA_ADMIN_PASSWORD", "ci-grafana-password")
+        .env_remove("COMPOSE_FILE")
+        .env_remove("COMPOSE_PROFILES")
+        .env_remove("COMPOSE_ENV_FILES");
+    let json = run_ok(&mut cmd, "docker compose config --format json");
+    serde_json::from_str(&json).expect("compose config JSON")
+}
+
+/// Issue 24, item 1: what a user starts without reading the docs is the
+/// production set-up — no development mode, password authentication, a
+/// confined broker user per service, an unprivileged image, the broker's
+/// message size bounded; the convenient set-up is an override named for it.
+#[test]
+fn the_default_compose_file_is_the_production_setup() {
+    let model = compose_model(&[]);
+    let services = model["services"].as_object().expect("services");
+    for (name, service) in services {
+        let mode = &service["environment"]["DEV_MODE"];
+        assert!(
+            mode.is_null() || mode == "0",
+            "{name} runs in development mode ({mode})"
+        );
+    }
+
+    let postgres = &services["postgres"]["environment"];
+    assert!(
+        postgres["POSTGRES_HOST_AUTH_METHOD"].is_null(),
+        "PostgreSQL trusts connections: {postgres}"
+    );
+    assert!(
+        postgres["POSTGRES_PASSWORD_FILE"].is_string(),
+        "no superuser password: {postgres}"
+    );
+    let rabbitmq = &services["rabbitmq"];
+    assert!(
+        rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"].is_null(),
+        "a broker password written in the compose file"
+    );
+
+    // A broker user per service, its own, named in PRODUCER_USERS; no
+    // password in the file; its secrets in a volume no other service sees.
+    let mut producers = Vec::new();
+    let mut mounted: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (name, service) in services {
+        for (kind, source, _) in mounts(service) {
+            if kind == "volume" {
+                mounted.entry(source).or_default().push(name.clone());
+            }
+        }
+    }
+    for svc in [
+        "order-svc",
+        "payment-svc",
+        "inventory-svc",
+        "notification-svc",
+    ] {
+        let env = &services[svc]["environment"];
+        let role = svc.replace("-svc", "_svc");
+        for (var, scheme) in [("AMQP_URL", "amqp"), ("DATABASE_URL", "postgres")] {
+            let url = env[var].as_str().unwrap_or_default();
+            assert!(
+                url.starts_with(&format!("{scheme}://{role}@")),
+                "{svc}: {var} is {url:?}, not its own user without a password"
+            );
+        }
+        producers.push(format!("{svc}={role}"));
+        let own = format!("secrets-{svc}");
+        let mut readers = mounted
+            .iter()
+            .find(|(volume, _)| volume.ends_with(&own))
+            .map(|(_, readers)| readers.clone())
+            .unwrap_or_default();
+        readers.sort();
+        assert_eq!(
+            readers,
+            vec![svc.to_owned(), "secrets".to_owned()],
+            "{own} is mounted by {readers:?}"
+        );
+        assert_eq!(
+            services[svc]["entrypoint"],
+            serde_json::json!(["saga-compose", "run"]),
+            "{svc}"
+        );
+    }
+    assert_eq!(
+        services["order-svc"]["environment"]["PRODUCER_USERS"],
+        producers.join(","),
+    );
+    assert_eq!(
+        services["broker-setup"]["command"],
+        serde_json::json!(["saga-compose", "broker-setup"])
+    );
+
+    // The image runs as an unprivileged user.
+    let dockerfile = std::fs::read_to_string(repo_file("Dockerfile")).expect("Dockerfile");
+    let user = dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("USER "))
+        .next_back()
+        .expect("the Dockerfile names a USER");
+    assert!(!matches!(user.trim(), "root" | "0" | "0:0"), "USER {user}");
+
+    // Issue 24, item 11: the broker refuses bodies over the services' limit
+    // before a consumer holds them.
+    let conf = bind_source(rabbitmq, "rabbitmq", "/etc/rabbitmq/conf.d/20-saga.conf");
+    let conf = std::fs::read_to_string(conf).expect("rabbitmq conf");
+    assert!(
+        conf.lines().any(|l| l.trim()
+            == format!(
+                "max_message_size = {}",
+                common::messaging::judge::MAX_BODY_BYTES
+            )),
+        "{conf}"
+    );
+
+    // The scripts the containers run parse.
+    for script in [
+        "deploy/compose/saga-compose.sh",
+        "deploy/compose/db-passwords.sh",
+        "deploy/compose/rabbitmq-entrypoint.sh",
+    ] {
+        run_ok(Command::new("sh").arg("-n").arg(repo_file(script)), "sh -n");
+    }
+
+    // The development override turns development mode on, by name.
+    let dev = compose_model(&["compose.dev.yaml"]);
+    assert_eq!(
+        dev["services"]["payment-svc"]["environment"]["DEV_MODE"],
+        "1"
+    );
+}

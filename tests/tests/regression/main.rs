@@ -89,7 +89,7 @@ async fn regression_a_stock_commit_that_keeps_failing_is_escalated_not_parked() 
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_retries_stay_trusted_with_a_broker_user_per_service() {
     let _serial = SERIAL.lock().await;
-    stock_commit_escalated_then_retried(TestSystem::builder().broker_user_per_service()).await;
+    stock_commit_escalated_then_retried(TestSystem::builder().confined_broker_users()).await;
 }
 
 async fn stock_commit_escalated_then_retried(options: saga_tests::Options) {

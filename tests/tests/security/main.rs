@@ -3,6 +3,7 @@
 //! tokens on the HTTP API, bad input, card data at rest. See
 //! docs/security.md for the threat model these tests prove.
 
+mod broker;
 mod card_data;
 mod events;
 mod http;
