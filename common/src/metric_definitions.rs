@@ -23,6 +23,8 @@ pub const LATE_EVENTS: &str = "late_events_ignored_total";
 pub const OUTBOX_PUBLISHED: &str = "outbox_published_total";
 /// Outbox rows the broker refused or returned, by `service`.
 pub const OUTBOX_PUBLISH_FAILURES: &str = "outbox_publish_failures_total";
+/// Replies to AMQP clients dropped, by `service` and `reason` (`unroutable`: no such queue any more; `refused`: the queue refused it 4 times).
+pub const REPLIES_DROPPED: &str = "replies_dropped_total";
 /// Rows per sweeper pass that found work, by `service`.
 pub const OUTBOX_BATCH_ROWS: &str = "outbox_batch_rows";
 /// From commit to broker confirm, by `service`.

@@ -19,6 +19,24 @@ pub const MAX_PRICE_CENTS: i64 = 1_000_000_000;
 /// Longest idempotency key (HTTP `Idempotency-Key`, AMQP `message_id`).
 pub const MAX_KEY_LEN: usize = 200;
 
+/// Where an AMQP client may have its replies sent (`reply_to`): RabbitMQ's
+/// direct reply-to (`amq.rabbitmq.reply-to…`: to the very channel that
+/// published), or a server-named queue (`amq.gen-…`, declared with an empty
+/// name: only clients declare those, and nobody can guess another's).
+/// Never a service's queue: order-svc publishes replies as its own trusted
+/// user, and anything else would let a client fill any queue, or write into
+/// another client's.
+pub fn reply_address_allowed(reply_to: &str) -> bool {
+    (reply_to.starts_with("amq.rabbitmq.reply-to") || reply_to.starts_with("amq.gen-"))
+        && reply_to.len() <= 255
+        && !reply_to.chars().any(char::is_control)
+}
+
+/// Why a `reply_to` is refused.
+pub const REPLY_ADDRESS_REFUSED: &str = "reply_to must be RabbitMQ's direct reply-to \
+     (amq.rabbitmq.reply-to) or a server-named queue (amq.gen-…, declared with an empty \
+     name); the message is parked and no order is placed";
+
 /// The `error` of the failure dict for invalid input.
 pub const INVALID_ORDER: &str = "Invalid order";
 
@@ -560,6 +578,27 @@ mod tests {
             "Saga deadline of 5000 ms exceeded while waiting for inventory"
         );
         assert!(timeout_reason(5000, &[]).ends_with("waiting for payment"));
+    }
+
+    #[test]
+    fn replies_go_to_a_clients_own_reply_queue_only() {
+        for ok in [
+            "amq.rabbitmq.reply-to",
+            "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxNDY4MDcwNQAAAAAAAAAA.x",
+            "amq.gen-JzTY20BRgKO-HjmUJj0wLg",
+        ] {
+            assert!(reply_address_allowed(ok), "{ok}");
+        }
+        for refused in [
+            "payment-svc.events",
+            "order-svc.retry.1s",
+            "order-svc.parking",
+            "my-replies",
+            "",
+            "amq.gen-\n",
+        ] {
+            assert!(!reply_address_allowed(refused), "{refused:?}");
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //!   to load the page; the page asks for the API token when a data call
 //!   answers 401 and keeps it in `sessionStorage`.
 //! - `GET /sagas/stats?minutes=N` — headline numbers of the sagas started in
-//!   the last N minutes (default 5, 1 to 1440): started, confirmed, failed
+//!   the last N minutes (default 5, 1 to 60): started, confirmed, failed
 //!   (by error), pending, p50/p99 of the decided ones' durations. API token.
 //!
 //! The page also reads `GET /sagas` (the list), `GET /sagas/{order_id}` (a
@@ -24,7 +24,7 @@ use common::runtime::http::{ApiError, ApiQuery};
 use common::runtime::openapi::ErrorBody;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
-use sqlx::PgPool;
+
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -168,15 +168,16 @@ fn serve(asset: &Asset, request: &HeaderMap) -> Response {
     }
 }
 
-/// The widest window `/sagas/stats` looks back over: a day.
-pub const MAX_STATS_MINUTES: i32 = 1440;
+/// The widest window `/sagas/stats` looks back over: an hour (its
+/// percentiles sort every saga of the window).
+pub const MAX_STATS_MINUTES: i32 = 60;
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct StatsQuery {
-    /// The window, in minutes back from now (default 5).
-    #[param(minimum = 1, maximum = 1440)]
+    /// The window, in minutes back from now (default 5, at most 60).
+    #[param(minimum = 1, maximum = 60)]
     minutes: Option<i64>,
 }
 
@@ -185,9 +186,10 @@ struct StatsQuery {
     responses(
         (status = 200, description = "The sagas started in the window", body = db::SagaStats),
         (status = 400, description = "minutes out of range, or an unknown parameter", body = ErrorBody),
+        (status = 503, description = "Too many expensive reads at once, or this one ran too long: retry", body = ErrorBody),
     ))]
 async fn saga_stats(
-    State(pool): State<PgPool>,
+    State(reads): State<crate::http::ExpensiveReads>,
     ApiQuery(q): ApiQuery<StatsQuery>,
 ) -> Result<Response, ApiError> {
     let minutes = q.minutes.unwrap_or(5);
@@ -197,8 +199,8 @@ async fn saga_stats(
         .ok_or_else(|| {
             ApiError::BadRequest(format!("minutes must be from 1 to {MAX_STATS_MINUTES}"))
         })?;
-    let mut conn = pool.acquire().await?;
-    let stats = db::saga_stats(&mut conn, minutes).await?;
+    let mut read = reads.begin().await?;
+    let stats = db::saga_stats(&mut read.tx, minutes).await?;
     Ok(Json(stats).into_response())
 }
 

@@ -124,6 +124,16 @@ impl OrderHandler {
     ) -> Result<PlaceRequest, HandlerError> {
         const NO_KEY: &str =
             "order.requested must carry an AMQP message_id (it is the order's idempotency key)";
+        // A reply goes only to a client's own reply queue: no order is placed
+        // for a request that names another (nothing could tell its client).
+        if let Some(reply_to) = msg.reply_to.as_deref().filter(|r| !r.is_empty())
+            && !domain::reply_address_allowed(reply_to)
+        {
+            return Err(HandlerError::permanent(format!(
+                "reply_to {reply_to:?} refused: {}",
+                domain::REPLY_ADDRESS_REFUSED
+            )));
+        }
         let Some(message_id) = msg.message_id.as_deref().filter(|id| !id.is_empty()) else {
             // Told why (as easily happens publishing from the management
             // UI), then parked. The reply's id comes from the message itself,

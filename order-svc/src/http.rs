@@ -56,11 +56,70 @@ pub struct HttpState {
     pub placer: Placer,
     pub peers: Peers,
     pub reconciler: Reconciler,
+    pub reads: ExpensiveReads,
 }
 
 impl FromRef<HttpState> for PgPool {
     fn from_ref(state: &HttpState) -> PgPool {
         state.saga.pool.clone()
+    }
+}
+
+impl FromRef<HttpState> for ExpensiveReads {
+    fn from_ref(state: &HttpState) -> ExpensiveReads {
+        state.reads.clone()
+    }
+}
+
+/// Reads that may walk many orders (searches, stats, findings): at most
+/// [`Self::CONCURRENCY`] at once — more wait a moment, then get a 503 — and
+/// each bounded by a statement timeout, so that no burst of them takes the
+/// connections the saga needs.
+#[derive(Clone)]
+pub struct ExpensiveReads {
+    pool: PgPool,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// A read transaction with its statement timeout, holding its permit.
+pub struct ReadTx {
+    pub tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ExpensiveReads {
+    /// Expensive reads at once; the pool has 4× as many connections by default.
+    pub const CONCURRENCY: usize = 2;
+    /// How long one may run (longer: cancelled, a 503).
+    pub const STATEMENT_TIMEOUT_MS: u32 = 3000;
+    /// How long one waits for its turn.
+    const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn new(pool: PgPool) -> ExpensiveReads {
+        ExpensiveReads {
+            pool,
+            permits: Arc::new(tokio::sync::Semaphore::new(Self::CONCURRENCY)),
+        }
+    }
+
+    /// Waits for a turn, then opens a read transaction with its timeout.
+    pub async fn begin(&self) -> Result<ReadTx, ApiError> {
+        let permit = tokio::time::timeout(Self::QUEUE_WAIT, self.permits.clone().acquire_owned())
+            .await
+            // Counted with the other answers (`http_requests_total`, 503).
+            .map_err(|_| ApiError::Unavailable)?
+            .map_err(|_| ApiError::Unavailable)?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "set local statement_timeout = {}",
+            Self::STATEMENT_TIMEOUT_MS
+        )))
+        .execute(&mut *tx)
+        .await?;
+        Ok(ReadTx {
+            tx,
+            _permit: permit,
+        })
     }
 }
 
@@ -245,9 +304,10 @@ struct SagaList {
     responses(
         (status = 200, description = "The sagas, newest first", body = SagaList),
         (status = 400, description = "A parameter out of range, or unknown", body = ErrorBody),
+        (status = 503, description = "Too many expensive reads at once, or this one ran too long: retry", body = ErrorBody),
     ))]
 async fn search_sagas(
-    State(HttpState { saga, .. }): State<HttpState>,
+    State(reads): State<ExpensiveReads>,
     ApiQuery(q): ApiQuery<SagaQuery>,
 ) -> Result<Response, ApiError> {
     let status = match q.status.as_deref() {
@@ -276,8 +336,8 @@ async fn search_sagas(
         stuck_only: q.stuck.unwrap_or(false),
         limit,
     };
-    let mut conn = saga.pool.acquire().await?;
-    let sagas = db::search_sagas(&mut conn, &search).await?;
+    let mut read = reads.begin().await?;
+    let sagas = db::search_sagas(&mut read.tx, &search).await?;
     Ok(Json(SagaList { sagas }).into_response())
 }
 
@@ -360,9 +420,10 @@ struct ViolationList {
     responses(
         (status = 200, description = "The findings, newest first", body = ViolationList),
         (status = 400, description = "A parameter out of range, or unknown", body = ErrorBody),
+        (status = 503, description = "Too many expensive reads at once, or this one ran too long: retry", body = ErrorBody),
     ))]
 async fn list_violations(
-    State(HttpState { saga, .. }): State<HttpState>,
+    State(reads): State<ExpensiveReads>,
     ApiQuery(q): ApiQuery<ViolationQuery>,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100);
@@ -371,8 +432,8 @@ async fn list_violations(
             "limit must be from 1 to {MAX_SEARCH_LIMIT}"
         )));
     }
-    let mut conn = saga.pool.acquire().await?;
-    let found = db::findings(&mut conn, q.all.unwrap_or(false), limit).await?;
+    let mut read = reads.begin().await?;
+    let found = db::findings(&mut read.tx, q.all.unwrap_or(false), limit).await?;
     Ok(Json(ViolationList { violations: found }).into_response())
 }
 

@@ -243,7 +243,9 @@ impl Service for App {
                 Box::pin(reconciler.run(interval, stop))
             }));
         }
+        let reads = http::ExpensiveReads::new(saga.pool.clone());
         let routes = http::api().with_state(http::HttpState {
+            reads,
             saga,
             placer: self.placer,
             peers: self.peers,

@@ -316,10 +316,13 @@ fn channels() -> Node {
                 s(
                     "The client's own queue, named by the AMQP `reply_to` property of its \
                    `order.requested` (a property, not an entry of the headers table, so no \
-                   AsyncAPI runtime expression can point at it: the address is left null). No \
-                   `reply_to`, no reply. order-svc publishes the result dict there through the \
-                   default exchange (routing key = the queue's name, not mandatory: the client \
-                   may be gone) once the saga is decided, and a `pending` one first if the saga \
+                   AsyncAPI runtime expression can point at it: the address is left null): \
+                   RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`) or a server-named \
+                   queue (`amq.gen-…`); any other address is refused (the request is parked, \
+                   no order placed). No `reply_to`, no reply. order-svc publishes the result \
+                   dict there through the default exchange (routing key = the queue's name, \
+                   `expiration` 600000 ms; one with no queue, its client gone, is dropped and \
+                   counted) once the saga is decided, and a `pending` one first if the saga \
                    waits for an outside answer (3-D Secure, a backorder), within the deadline.",
                 ),
             ),
@@ -573,7 +576,9 @@ fn request_properties() -> Node {
                 "reply_to",
                 described(
                     "string",
-                    "Optional: the queue the result dict is published to (default exchange).",
+                    "Optional: the client's reply queue the result dict is published to \
+                     (default exchange): `amq.rabbitmq.reply-to` or a server-named `amq.gen-…` \
+                     queue; any other is refused.",
                 ),
             ),
             (

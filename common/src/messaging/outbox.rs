@@ -38,6 +38,15 @@ use crate::messaging::broker::{Broker, reconnect_backoff};
 use crate::messaging::delivery::H_TRACEPARENT;
 use crate::metric_definitions as metric;
 
+/// The AMQP `type` of a reply to a client (the result dict).
+pub const REPLY_TYPE: &str = "order.result";
+/// How long a reply waits in a client's queue (AMQP `expiration`, ms): one
+/// nobody reads does not stay there for ever.
+pub const REPLY_EXPIRATION_MS: u32 = 600_000;
+/// Publishes of a reply the broker refuses (its queue full) before it is
+/// dropped and counted (`replies_dropped_total{reason="refused"}`).
+pub const REPLY_MAX_ATTEMPTS: i32 = 4;
+
 /// A message waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutboxMessage {
@@ -58,18 +67,25 @@ pub struct OutboxMessage {
 }
 
 impl OutboxMessage {
-    /// A direct reply to a client's `reply_to` queue, through the default exchange.
+    /// A direct reply to a client's `reply_to` queue, through the default
+    /// exchange. Mandatory, so that one with no queue to go to is known
+    /// (and counted, then dropped: see [`confirmation_outcome`]).
     pub fn reply(id: Uuid, reply_to: &str, correlation_id: &str, body: Vec<u8>) -> Self {
         Self {
             id,
             exchange: String::new(),
             routing_key: reply_to.to_owned(),
-            message_type: "order.result".to_owned(),
+            message_type: REPLY_TYPE.to_owned(),
             correlation_id: Some(correlation_id.to_owned()),
             body,
-            mandatory: false,
+            mandatory: true,
             traceparent: None,
         }
+    }
+
+    /// Whether this is a reply to a client.
+    pub fn is_reply(&self) -> bool {
+        self.message_type == REPLY_TYPE && self.exchange.is_empty()
     }
 
     /// The message's AMQP properties; `persistent` for everything the
@@ -85,6 +101,9 @@ impl OutboxMessage {
             .with_timestamp(Utc::now().timestamp().max(0) as u64);
         if let Some(c) = &self.correlation_id {
             props = props.with_correlation_id(c.as_str().into());
+        }
+        if self.is_reply() {
+            props = props.with_expiration(REPLY_EXPIRATION_MS.to_string().into());
         }
         if let Some(tp) = &self.traceparent {
             let mut headers = FieldTable::default();
@@ -406,6 +425,10 @@ struct PendingRow {
 }
 
 impl PendingRow {
+    fn is_reply(&self) -> bool {
+        self.message_type == REPLY_TYPE && self.exchange.is_empty()
+    }
+
     fn message(&self) -> OutboxMessage {
         OutboxMessage {
             id: self.id,
@@ -601,6 +624,25 @@ impl Sweeper {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
+        // A reply its client's queue keeps refusing (full) is dropped after
+        // a few attempts: the client is not reading it.
+        let (dropped, failed): (Vec<_>, Vec<_>) = failed
+            .into_iter()
+            .partition(|(row, _)| row.is_reply() && row.attempts + 1 >= REPLY_MAX_ATTEMPTS);
+        if !dropped.is_empty() {
+            let ids: Vec<Uuid> = dropped.iter().map(|(r, _)| r.id).collect();
+            sqlx::query("delete from outbox where id = any($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            metrics::counter!(metric::REPLIES_DROPPED,
+                "service" => self.service, "reason" => "refused")
+            .increment(dropped.len() as u64);
+            for (row, reason) in &dropped {
+                warn!(service = self.service, id = %row.id, reply_to = ?row.routing_key,
+                      %reason, "reply dropped after {REPLY_MAX_ATTEMPTS} refused publishes");
+            }
+        }
         for (row, reason) in &failed {
             // Back off: 1 s, 2 s, 4 s ... capped at 5 minutes.
             let delay_s = 2f64.powi(row.attempts.min(8)).min(300.0);
@@ -655,7 +697,11 @@ pub async fn publish_confirmed(
     let confirms = send_all(channel, sender, messages, true).await?;
     let mut outcomes = Vec::with_capacity(messages.len());
     for (message, confirm) in messages.iter().zip(confirms) {
-        outcomes.push(confirmation_outcome(message, confirm.await?));
+        outcomes.push(confirmation_outcome(
+            sender.service,
+            message,
+            confirm.await?,
+        ));
     }
     Ok(outcomes)
 }
@@ -691,9 +737,22 @@ pub async fn send_all(
 }
 
 /// What a broker confirmation means for the row.
-pub fn confirmation_outcome(message: &OutboxMessage, confirm: Confirmation) -> Result<(), String> {
+pub fn confirmation_outcome(
+    service: &str,
+    message: &OutboxMessage,
+    confirm: Confirmation,
+) -> Result<(), String> {
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        // A reply with no queue to go to (its client gone, its channel
+        // closed): it never will have one. Done, and counted.
+        Confirmation::Ack(Some(_)) if message.is_reply() => {
+            metrics::counter!(metric::REPLIES_DROPPED,
+                "service" => service.to_owned(), "reason" => "unroutable")
+            .increment(1);
+            debug!(service, reply_to = ?message.routing_key, "reply dropped: no such queue");
+            Ok(())
+        }
         Confirmation::Ack(Some(returned)) if message.mandatory => {
             Err(format!("unroutable: {}", returned.reply_text))
         }

@@ -179,12 +179,13 @@ impl PublisherTask {
                         Job::Transient(m) => (vec![m], Vec::new(), None, false),
                     };
                     let sent = self.send(&mut channel, &messages, persistent).await;
+                    let service = self.service;
                     match sent {
                         Some(pending) => confirms.push(async move {
                             let mut outcomes = Vec::with_capacity(pending.len());
                             for (m, confirm) in messages.iter().zip(pending) {
                                 match confirm.await {
-                                    Ok(c) => outcomes.push(confirmation_outcome(m, c)),
+                                    Ok(c) => outcomes.push(confirmation_outcome(service, m, c)),
                                     Err(e) => return (ids, committed_at, Err(e)),
                                 }
                             }

@@ -396,33 +396,172 @@ pub fn redact_message(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         });
         return Cow::Owned(note.to_string().into_bytes());
     };
-    let mut changed = false;
-    if let Some(info) = value
-        .get_mut("payment_info")
-        .and_then(|v| v.as_object_mut())
-    {
-        if let Some(number) = info.get("card_number").and_then(|n| n.as_str()) {
-            let digits: String = number.chars().filter(char::is_ascii_digit).collect();
-            let last4 = &digits[digits.len().saturating_sub(4)..];
-            info.insert("card_number".into(), format!("****{last4}").into());
+    if !redact_value(&mut value, 0) {
+        return Cow::Borrowed(body);
+    }
+    let value = match value {
+        serde_json::Value::Object(mut map) => {
+            map.insert("redacted".into(), "card data removed before parking".into());
+            serde_json::Value::Object(map)
         }
-        info.remove("cvv");
-        changed = true;
+        other => serde_json::json!({"redacted": "card data removed before parking", "body": other}),
+    };
+    Cow::Owned(value.to_string().into_bytes())
+}
+
+/// What a field's name says it holds, whatever its spelling (`cardNumber`,
+/// `card-number`, `PAN`, `CVC`…).
+enum CardField {
+    /// The card number: only its last 4 digits are kept.
+    Number,
+    /// A secret (the CVV, a sealed card): removed.
+    Secret,
+}
+
+fn card_field(key: &str) -> Option<CardField> {
+    let name: String = key
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    match name.as_str() {
+        "cardnumber"
+        | "cardno"
+        | "pan"
+        | "ccnumber"
+        | "creditcardnumber"
+        | "creditcard"
+        | "cardnum"
+        | "primaryaccountnumber" => Some(CardField::Number),
+        "cvv"
+        | "cvv2"
+        | "cvc"
+        | "cvc2"
+        | "cid"
+        | "csc"
+        | "securitycode"
+        | "cardsecuritycode"
+        | "cardverificationvalue"
+        | "sealed" => Some(CardField::Secret),
+        _ => None,
     }
-    if let Some(payment) = value
-        .get_mut("data")
-        .and_then(|d| d.get_mut("payment"))
-        .and_then(|p| p.as_object_mut())
-        && payment.remove("sealed").is_some()
-    {
-        changed = true;
+}
+
+/// Removes the card data of `value`, wherever it is: fields named for it
+/// (any spelling, any depth), card numbers in text or as JSON numbers
+/// (13 to 19 digits passing the Luhn check), and JSON documents written
+/// inside strings (a body encoded twice). True if anything changed.
+fn redact_value(value: &mut serde_json::Value, depth: usize) -> bool {
+    use serde_json::Value;
+    if depth > 32 {
+        *value = Value::String("[removed: nested too deep to search for card data]".into());
+        return true;
     }
-    if changed {
-        value["redacted"] = "card data removed before parking".into();
-        Cow::Owned(value.to_string().into_bytes())
-    } else {
-        Cow::Borrowed(body)
+    match value {
+        Value::Object(map) => {
+            let mut changed = false;
+            let mut secrets = Vec::new();
+            for (key, field) in map.iter_mut() {
+                match card_field(key) {
+                    Some(CardField::Number) => {
+                        let digits: String = match field {
+                            Value::String(s) => s.chars().filter(char::is_ascii_digit).collect(),
+                            Value::Number(n) => n.to_string(),
+                            _ => String::new(),
+                        };
+                        let last4 = &digits[digits.len().saturating_sub(4)..];
+                        *field = Value::String(format!("****{last4}"));
+                        changed = true;
+                    }
+                    Some(CardField::Secret) => secrets.push(key.clone()),
+                    None => changed |= redact_value(field, depth + 1),
+                }
+            }
+            for key in secrets {
+                map.remove(&key);
+                changed = true;
+            }
+            changed
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |changed, item| {
+            redact_value(item, depth + 1) | changed
+        }),
+        Value::String(text) => {
+            // A JSON document in a string: searched as one.
+            if text.trim_start().starts_with(['{', '['])
+                && let Ok(mut inner) = serde_json::from_str::<Value>(text)
+            {
+                if redact_value(&mut inner, depth + 1) {
+                    *text = inner.to_string();
+                    return true;
+                }
+                return false;
+            }
+            match mask_card_numbers(text) {
+                Some(masked) => {
+                    *text = masked;
+                    true
+                }
+                None => false,
+            }
+        }
+        Value::Number(n) => {
+            let digits = n.to_string();
+            if (13..=19).contains(&digits.len())
+                && digits.chars().all(|c| c.is_ascii_digit())
+                && luhn_valid(&digits)
+            {
+                *value = Value::String(format!("****{}", &digits[digits.len() - 4..]));
+                true
+            } else {
+                false
+            }
+        }
+        Value::Bool(_) | Value::Null => false,
     }
+}
+
+/// `text` with every card number in it (13 to 19 digits, perhaps grouped
+/// by spaces or dashes, passing the Luhn check) masked but for its last 4
+/// digits; `None` if it has none.
+fn mask_card_numbers(text: &str) -> Option<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // A run of digits, single spaces or dashes between them.
+        let mut end = i;
+        let mut digits = String::new();
+        let mut j = i;
+        while j < chars.len() {
+            if chars[j].is_ascii_digit() {
+                digits.push(chars[j]);
+                end = j + 1;
+                j += 1;
+            } else if matches!(chars[j], ' ' | '-')
+                && chars.get(j + 1).is_some_and(char::is_ascii_digit)
+            {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if (13..=19).contains(&digits.len()) && luhn_valid(&digits) {
+            out.push_str("****");
+            out.push_str(&digits[digits.len() - 4..]);
+            changed = true;
+        } else {
+            out.extend(&chars[i..end]);
+        }
+        i = end;
+    }
+    changed.then_some(out)
 }
 
 /// `MM/YY` (or `MM/YYYY`) → (year, month).
@@ -662,6 +801,25 @@ mod tests {
             !out.contains("4242424242424242") && !out.contains("987 "),
             "{out}"
         );
+
+        // Other spellings, a number as a JSON number, a body encoded twice,
+        // a number in free text, nested anywhere.
+        let variants = [
+            r#"{"payment_info": {"cardNumber": "4242-4242-4242-4242", "CVC": "987"}}"#,
+            r#"{"payment_info": {"card_number": 4242424242424242, "cvv": 987}}"#,
+            r#"{"order": {"payment": {"PAN": "4242424242424242", "security_code": "987"}}}"#,
+            r#"[{"payment_info": {"card number": "4242 4242 4242 4242", "Cvv2": "987"}}]"#,
+            r#"{"note": "card 4242 4242 4242 4242 exp 12/30"}"#,
+            r#"{"anything": 4242424242424242}"#,
+        ];
+        let twice = serde_json::Value::String(variants[0].to_owned()).to_string();
+        for body in variants.iter().copied().chain([twice.as_str()]) {
+            let out = String::from_utf8(redact_message(body.as_bytes()).into_owned()).unwrap();
+            let digits: String = out.chars().filter(char::is_ascii_digit).collect();
+            assert!(!digits.contains("4242424242"), "{body} → {out}");
+            assert!(!out.contains("987"), "{body} → {out}");
+            assert!(out.contains("****4242"), "{body} → {out}");
+        }
 
         let plain = br#"{"event_type": "payment.completed", "data": {}}"#;
         assert!(matches!(

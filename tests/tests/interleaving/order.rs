@@ -368,7 +368,7 @@ impl<'a> Run<'a> {
                                 traceparent: None,
                             });
                         incoming.message_id = Some(key);
-                        incoming.reply_to = Some(format!("replies-{r}-{}", self.tag));
+                        incoming.reply_to = Some(format!("amq.gen-replies-{r}-{}", self.tag));
                         self.requests[r].placed = true;
                         self.p
                             .note(format!("#{r}: order.requested with reply target {target}"));

@@ -104,34 +104,57 @@ async fn no_table_no_queue_and_no_log_line_keeps_a_card_number_or_cvv() {
     let ch = conn.create_channel().await.unwrap();
     let mut invalid = with_cvv(order_with_card("pan", &[("productA", 1)], PAN));
     invalid["coupon"] = json!("FREE");
-    ch.basic_publish(
-        EXCHANGE.into(),
-        "order.requested".into(),
-        BasicPublishOptions::default(),
-        &serde_json::to_vec(&invalid).unwrap(),
-        BasicProperties::default().with_message_id("invalid-with-card".into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    // Read the parked message through the management API (left in place).
+    // And the card in other shapes the redaction must see through: another
+    // spelling, a JSON number, a body encoded twice (issue 24, item 6).
+    let mut respelled = invalid.clone();
+    respelled["payment_info"] = json!({"cardNumber": PAN, "CVC": CVV, "expiry_date": "12/30"});
+    let mut numeric = invalid.clone();
+    numeric["payment_info"]["card_number"] = json!(PAN_DIGITS.parse::<u64>().unwrap());
+    let twice = serde_json::to_vec(&json!(invalid.to_string())).unwrap();
+    let bodies = [
+        serde_json::to_vec(&invalid).unwrap(),
+        serde_json::to_vec(&respelled).unwrap(),
+        serde_json::to_vec(&numeric).unwrap(),
+        twice,
+    ];
+    for (n, body) in bodies.iter().enumerate() {
+        ch.basic_publish(
+            EXCHANGE.into(),
+            "order.requested".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_message_id(format!("invalid-with-card-{n}").into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // Read the parked messages through the management API (left in place).
     let parked_in_order = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let queued = sys.queued_messages().await;
-            if queued.iter().any(|(q, _, _)| q == "order-svc.parking") {
+            let parked = queued
+                .iter()
+                .filter(|(q, _, _)| q == "order-svc.parking")
+                .count();
+            if parked >= bodies.len() {
                 return queued;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
-    .expect("the invalid order is parked");
-    let (_, payload, _) = parked_in_order
+    .expect("the invalid orders are parked");
+    for (_, payload, _) in parked_in_order
         .iter()
-        .find(|(q, _, _)| q == "order-svc.parking")
-        .unwrap();
-    assert!(payload.contains("****5556"), "{payload}");
+        .filter(|(q, _, _)| q == "order-svc.parking")
+    {
+        assert!(payload.contains("****5556"), "{payload}");
+        let digits: String = payload.chars().filter(char::is_ascii_digit).collect();
+        assert!(!digits.contains(PAN_DIGITS), "{payload}");
+        assert!(!payload.contains(CVV), "{payload}");
+    }
 
     // One waiting in payment-svc's queue while it is down, then handled.
     sys.stop(Svc::Payment).await;

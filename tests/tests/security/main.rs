@@ -8,3 +8,5 @@ mod card_data;
 mod events;
 mod http;
 mod input;
+mod reads;
+mod replies;
