@@ -44,10 +44,16 @@ pub static MIGRATOR: Migrator = sqlx::migrate!();
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
-    /// Hand emails to this SMTP relay (`smtp://host:port`, no TLS). Unset:
-    /// emails are only recorded and logged.
+    /// Hand emails to this SMTP relay: `smtps://host[:465]` (TLS),
+    /// `smtp://host[:587]?tls=required` (STARTTLS) or `smtp://host[:25]`
+    /// (no TLS: a local relay only). Unset: emails are only recorded and
+    /// logged.
     #[arg(long, env = "SMTP_URL")]
     pub smtp_url: Option<String>,
+    /// Certificates (PEM) to trust for the relay's TLS besides the public
+    /// roots: a relay with a private CA.
+    #[arg(long, env = "SMTP_CA_FILE")]
+    pub smtp_ca_file: Option<std::path::PathBuf>,
     /// Sender address of every email.
     #[arg(long, env = "EMAIL_FROM", default_value = "orders@shop.example")]
     pub email_from: String,
@@ -66,6 +72,7 @@ impl Config {
         Self {
             common,
             smtp_url: None,
+            smtp_ca_file: None,
             email_from: "orders@shop.example".into(),
             default_email_domain: "example.com".into(),
             email_retry_ms: 2000,
@@ -84,7 +91,15 @@ impl Service for App {
 
     async fn build(config: Config) -> anyhow::Result<Self> {
         let transport: Arc<dyn EmailTransport> = match &config.smtp_url {
-            Some(url) => Arc::new(SmtpTransport::new(url, &config.email_from)?),
+            Some(url) => {
+                let ca = match &config.smtp_ca_file {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        anyhow::anyhow!("cannot read SMTP_CA_FILE {}: {e}", path.display())
+                    })?),
+                    None => None,
+                };
+                Arc::new(SmtpTransport::new(url, &config.email_from, ca.as_deref())?)
+            }
             None => Arc::new(LogTransport),
         };
         let runtime = ServiceRuntime::build(NOTIFICATION_SVC, config.common, &MIGRATOR).await?;

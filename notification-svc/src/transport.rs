@@ -1,9 +1,12 @@
 //! Email transports. The default one records and logs each email (the
 //! `emails` table is the record of what was sent, whatever the transport);
-//! set `SMTP_URL=smtp://host:port` to also hand emails to an SMTP relay.
+//! set `SMTP_URL` (`smtps://host:port`, `smtp://host:port?tls=required`
+//! for STARTTLS, or plain `smtp://host:port` for a local relay) to also
+//! hand emails to an SMTP relay.
 
 use futures_util::future::BoxFuture;
 use lettre::message::Mailbox;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
 use tracing::{debug, info};
 
@@ -75,32 +78,74 @@ pub const SMTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// may have been taken (`SendError::Uncertain`).
 pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
-/// Plain SMTP to a relay (no TLS: meant for a local MTA or mail sink).
+/// SMTP to a relay: over TLS from the first byte (`smtps://`), upgraded
+/// with STARTTLS (`smtp://…?tls=required`), or plain (`smtp://`: a local
+/// MTA or mail sink only).
 pub struct SmtpTransport {
     from: Mailbox,
     mailer: AsyncSmtpTransport<Tokio1Executor>,
 }
 
+/// How the connection to the relay is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// `smtps://` (port 465 by default): TLS from the first byte.
+    ImplicitTls,
+    /// `smtp://…?tls=required` (port 587 by default): STARTTLS, or no
+    /// email at all.
+    StartTls,
+    /// `smtp://` (port 25 by default): no TLS.
+    Plain,
+}
+
 impl SmtpTransport {
-    /// `url` is `smtp://host[:port]` (port 25 by default).
-    pub fn new(url: &str, from: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("smtp://")
-            .ok_or_else(|| anyhow::anyhow!("SMTP_URL must look like smtp://host:port"))?
-            .trim_end_matches('/');
+    /// `url` is `smtps://host[:port]`, `smtp://host[:port]?tls=required` or
+    /// `smtp://host[:port]`; `ca_pem`, certificates (PEM) to trust besides
+    /// the public roots (a relay with a private CA).
+    pub fn new(url: &str, from: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Self> {
+        const USAGE: &str = "SMTP_URL must look like smtps://host[:port], smtp://host[:port]?tls=required or smtp://host[:port]";
+        let (security, rest) = if let Some(rest) = url.strip_prefix("smtps://") {
+            (SmtpSecurity::ImplicitTls, rest)
+        } else if let Some(rest) = url.strip_prefix("smtp://") {
+            match rest.split_once('?') {
+                Some((rest, "tls=required")) => (SmtpSecurity::StartTls, rest),
+                Some((_, query)) => anyhow::bail!("{USAGE} (unknown option {query:?})"),
+                None => (SmtpSecurity::Plain, rest),
+            }
+        } else {
+            anyhow::bail!(USAGE);
+        };
+        let rest = rest.trim_end_matches('/');
+        let default_port = match security {
+            SmtpSecurity::ImplicitTls => 465,
+            SmtpSecurity::StartTls => 587,
+            SmtpSecurity::Plain => 25,
+        };
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (h, p.parse()?),
-            None => (rest, 25),
+            None => (rest, default_port),
         };
         // Short: a relay that does not answer must not hold a confirmation
         // past the saga's deadline (it is queued instead, see crate::queue).
-        let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
-            .timeout(Some(SMTP_TIMEOUT))
-            .build();
+            .timeout(Some(SMTP_TIMEOUT));
+        let builder = if security == SmtpSecurity::Plain {
+            builder
+        } else {
+            let mut tls = TlsParameters::builder(host.to_owned());
+            if let Some(pem) = ca_pem {
+                tls = tls.add_root_certificate(Certificate::from_pem(pem)?);
+            }
+            let tls = tls.build_rustls()?;
+            builder.tls(match security {
+                SmtpSecurity::ImplicitTls => Tls::Wrapper(tls),
+                _ => Tls::Required(tls),
+            })
+        };
         Ok(Self {
             from: from.parse()?,
-            mailer,
+            mailer: builder.build(),
         })
     }
 }

@@ -641,7 +641,7 @@ async fn regression_a_relay_that_stops_answering_after_data_times_out_the_send()
     use notification_svc::transport::{SEND_TIMEOUT, SmtpTransport};
     let sink = saga_tests::smtp::SmtpSink::start_controlled().await;
     sink.set_mode(saga_tests::smtp::RelayMode::Hangs);
-    let smtp = SmtpTransport::new(&sink.url, "orders@shop.example").unwrap();
+    let smtp = SmtpTransport::new(&sink.url, "orders@shop.example", None).unwrap();
     let email =
         notification_svc::domain::confirmation(Uuid::now_v7(), "a@example.com", &[], 100, "USD");
     let started = std::time::Instant::now();

@@ -10,3 +10,4 @@ mod http;
 mod input;
 mod reads;
 mod replies;
+mod smtp_tls;
