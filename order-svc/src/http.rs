@@ -25,11 +25,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{Extension, FromRef, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use common::metric_definitions as metric;
+use common::runtime::auth::ApiClient;
 use common::runtime::http::{ApiError, ApiQuery, json_body, parse_id, parse_uuid};
 use common::runtime::openapi::ErrorBody;
 use common::saga::order::{OrderLine, SagaResult};
@@ -173,13 +174,16 @@ fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Respon
     ))]
 async fn place_order(
     State(HttpState { saga, placer, .. }): State<HttpState>,
+    client: Option<Extension<ApiClient>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // A named client's keys are its own: another never meets them.
+    let client = client.map_or_else(ApiClient::anonymous, |Extension(c)| c);
     let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
         None => None,
         Some(Ok(k)) if !k.trim().is_empty() && k.len() <= domain::MAX_KEY_LEN => {
-            Some(k.trim().to_owned())
+            Some(client.scoped_key(k.trim()))
         }
         Some(_) => {
             return failure(
@@ -359,11 +363,14 @@ struct ByKey {
     ))]
 async fn find_order(
     State(HttpState { saga, .. }): State<HttpState>,
+    client: Option<Extension<ApiClient>>,
     ApiQuery(ByKey { idempotency_key }): ApiQuery<ByKey>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key
         .filter(|k| !k.is_empty())
         .ok_or_else(|| ApiError::BadRequest("idempotency_key is required".into()))?;
+    let client = client.map_or_else(ApiClient::anonymous, |Extension(c)| c);
+    let key = client.scoped_key(&key);
     let mut conn = saga.pool.acquire().await?;
     let order = db::find_by_keys(&mut conn, &[key.as_str()])
         .await?

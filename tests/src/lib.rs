@@ -142,6 +142,8 @@ pub struct Options {
     /// `API_TOKEN` and `ADMIN_TOKEN` (unset: the HTTP API is open). The
     /// harness's own requests carry the admin token.
     pub tokens: Option<Tokens>,
+    /// `API_CLIENTS`, with `tokens`.
+    pub api_clients: Option<String>,
     /// Each service connects as a broker user of its own, and every service
     /// is told which (`PRODUCER_USERS`); unset: one shared user.
     pub broker_user_per_service: bool,
@@ -182,6 +184,7 @@ impl Default for Options {
             handler_timeout_ms: 30_000,
             smtp_url: None,
             tokens: None,
+            api_clients: None,
             broker_user_per_service: false,
             confined_broker_users: false,
             http_header_timeout_ms: None,
@@ -279,6 +282,12 @@ impl Options {
     /// Every service exports its spans to this OTLP/HTTP collector (JSON).
     pub fn otlp_endpoint(mut self, url: &str) -> Self {
         self.otlp_endpoint = Some(url.to_owned());
+        self
+    }
+
+    /// Named API clients besides (`API_CLIENTS`: `name=token,…`).
+    pub fn api_clients(mut self, spec: &str) -> Self {
+        self.api_clients = Some(spec.to_owned());
         self
     }
 
@@ -619,6 +628,11 @@ impl TestSystem {
             c.http_header_timeout_ms = ms;
         }
         c.api_token = self.options.tokens.as_ref().map(|t| t.api.parse().unwrap());
+        c.api_clients = self
+            .options
+            .api_clients
+            .as_ref()
+            .map(|s| s.parse().unwrap());
         c.admin_token = self
             .options
             .tokens

@@ -3,7 +3,7 @@
 //! | access | endpoints | token |
 //! |---|---|---|
 //! | open | `/health`, `/metrics`, `/openapi.json`, the Saga Explorer's static page (`/explorer`, its JS, CSS and icon) | none |
-//! | api | `/orders…`, `/sagas…` (placing and reading orders and sagas) | `API_TOKEN` or `ADMIN_TOKEN` |
+//! | api | `/orders…`, `/sagas…` (placing and reading orders and sagas) | `API_TOKEN`, a named client's token (`API_CLIENTS`) or `ADMIN_TOKEN` |
 //! | admin | everything else: every set-up `PUT`, every read of accounts, stock, customers and emails, `/admin/…` | `ADMIN_TOKEN` |
 //!
 //! Sent as `Authorization: Bearer <token>`; compared in constant time (of
@@ -11,6 +11,13 @@
 //! one: 401; the API token on an admin endpoint: 403. With neither token
 //! configured the service runs open, for local development only: it says so
 //! at start-up and in `/health` (`"auth": "disabled"`).
+//!
+//! Each request carries who made it ([`ApiClient`]): a named API client
+//! (`API_CLIENTS=shop=<token>,partner=<token>`), each with its own token
+//! and its own idempotency keys, or one of `api`, `admin`, `gateway`
+//! (`anonymous` with auth disabled). Customers are not authenticated here:
+//! that belongs to the gateway in front of order-svc, which calls it as one
+//! of these clients.
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,6 +57,41 @@ impl FromStr for Secret {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(Secret(s.trim().to_owned()))
+    }
+}
+
+/// Who made a request, by its token (in the request's extensions once the
+/// token is checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiClient(Arc<str>);
+
+impl ApiClient {
+    /// The built-in identities: their idempotency keys share one scope
+    /// (with AMQP clients').
+    const BUILT_IN: [&'static str; 4] = ["api", "admin", "gateway", "anonymous"];
+
+    fn named(name: &str) -> ApiClient {
+        ApiClient(Arc::from(name))
+    }
+
+    /// A request no token was checked for (auth disabled).
+    pub fn anonymous() -> ApiClient {
+        ApiClient::named("anonymous")
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// `key` as stored: a named client's keys are its own (another client
+    /// never finds, replays or squats them); the built-in identities' are
+    /// as given. The separator cannot be in a key (no control characters).
+    pub fn scoped_key(&self, key: &str) -> String {
+        if Self::BUILT_IN.contains(&self.name()) {
+            key.to_owned()
+        } else {
+            format!("{}\u{1f}{key}", self.name())
+        }
     }
 }
 
@@ -112,6 +154,9 @@ struct Tokens {
     admin: [u8; 32],
     /// The card gateway's, if set: it opens its callbacks and nothing else.
     gateway: Option<[u8; 32]>,
+    /// Named API clients (`API_CLIENTS`): each opens what the API token
+    /// opens, as itself.
+    clients: Vec<([u8; 32], ApiClient)>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -142,6 +187,7 @@ impl HttpAuth {
                 api: digest(api),
                 admin: digest(admin),
                 gateway: None,
+                clients: Vec::new(),
             }),
         })
     }
@@ -169,37 +215,99 @@ impl HttpAuth {
         Ok(self)
     }
 
+    /// With named API clients: `spec` is `name=token,name=token…`
+    /// (`API_CLIENTS`); names of lowercase letters, digits, `-` and `_`
+    /// (not `api`, `admin`, `gateway`, `anonymous`), tokens of at least
+    /// [`MIN_TOKEN_LEN`] characters, all different.
+    pub fn with_clients(mut self, spec: Option<&Secret>) -> Result<Self, String> {
+        let Some(spec) = spec.map(Secret::expose).filter(|s| !s.trim().is_empty()) else {
+            return Ok(self);
+        };
+        let Some(tokens) = &mut self.tokens else {
+            return Err("API_CLIENTS needs API_TOKEN and ADMIN_TOKEN too".to_owned());
+        };
+        for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (name, token) = entry
+                .split_once('=')
+                .ok_or("API_CLIENTS entries must be name=token")?;
+            let name = name.trim();
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+                || ApiClient::BUILT_IN.contains(&name)
+            {
+                return Err(format!(
+                    "API_CLIENTS: {name:?} is not a client name (lowercase letters, digits, - and _; \
+                     not api, admin, gateway or anonymous)"
+                ));
+            }
+            if token.trim().chars().count() < MIN_TOKEN_LEN {
+                return Err(format!(
+                    "API_CLIENTS: the token of {name} must be at least {MIN_TOKEN_LEN} characters"
+                ));
+            }
+            let token = digest(token.trim());
+            let taken = token == tokens.api
+                || token == tokens.admin
+                || tokens.gateway == Some(token)
+                || tokens.clients.iter().any(|(t, _)| *t == token);
+            if taken || tokens.clients.iter().any(|(_, c)| c.name() == name) {
+                return Err(format!(
+                    "API_CLIENTS: {name} repeats a name or another's token"
+                ));
+            }
+            tokens.clients.push((token, ApiClient::named(name)));
+        }
+        Ok(self)
+    }
+
     pub fn enabled(&self) -> bool {
         self.tokens.is_some()
     }
 
     /// What a request with `presented` (the bearer token, if any) may do
     /// on an endpoint needing `access`.
-    fn judge(&self, access: Access, presented: Option<&str>) -> Result<(), AuthError> {
+    fn judge(&self, access: Access, presented: Option<&str>) -> Result<ApiClient, AuthError> {
         let Some(tokens) = &self.tokens else {
-            return Ok(());
+            return Ok(ApiClient::named("anonymous"));
         };
-        if access == Access::Open {
-            return Ok(());
-        }
-        let presented = digest(presented.ok_or(AuthError::Unauthenticated)?);
-        let is_admin = bool::from(presented.ct_eq(&tokens.admin));
-        let is_api = bool::from(presented.ct_eq(&tokens.api));
-        let is_gateway = tokens
-            .gateway
-            .is_some_and(|gateway| bool::from(presented.ct_eq(&gateway)));
+        let presented = presented.map(digest);
+        let is = |token: &[u8; 32]| presented.is_some_and(|p| bool::from(p.ct_eq(token)));
+        let (is_admin, is_api) = (is(&tokens.admin), is(&tokens.api));
+        let is_gateway = tokens.gateway.as_ref().is_some_and(is);
+        // Every named client's token is compared (constant time whichever
+        // it is).
+        let client = tokens.clients.iter().fold(
+            None,
+            |found, (token, client)| if is(token) { Some(client) } else { found },
+        );
+        let who = if is_admin {
+            ApiClient::named("admin")
+        } else if is_api {
+            ApiClient::named("api")
+        } else if is_gateway {
+            ApiClient::named("gateway")
+        } else if let Some(client) = client {
+            client.clone()
+        } else {
+            ApiClient::named("anonymous")
+        };
+        let is_api_client = is_api || client.is_some();
         match access {
-            Access::Admin if is_admin => Ok(()),
-            Access::Api if is_admin || is_api => Ok(()),
-            Access::Gateway if is_admin || is_gateway => Ok(()),
+            Access::Open => Ok(who),
+            Access::Admin if is_admin => Ok(who),
+            Access::Api if is_admin || is_api_client => Ok(who),
+            Access::Gateway if is_admin || is_gateway => Ok(who),
             // A known token, on an endpoint it does not open.
-            Access::Admin if is_api || is_gateway => {
+            Access::Admin if is_api_client || is_gateway => {
                 Err(AuthError::Forbidden("this endpoint needs the admin token"))
             }
             Access::Api if is_gateway => Err(AuthError::Forbidden(
                 "this endpoint needs the API token or the admin token",
             )),
-            Access::Gateway if is_api => Err(AuthError::Forbidden(
+            Access::Gateway if is_api_client => Err(AuthError::Forbidden(
                 "this endpoint needs the gateway's token or the admin token",
             )),
             _ => Err(AuthError::Unauthenticated),
@@ -248,7 +356,11 @@ pub async fn require_token(
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
     match auth.judge(required_access(&route), presented) {
-        Ok(()) => next.run(req).await,
+        Ok(client) => {
+            let mut req = req;
+            req.extensions_mut().insert(client);
+            next.run(req).await
+        }
         Err(refusal) => refusal.into_response(),
     }
 }
@@ -374,5 +486,45 @@ mod tests {
     #[test]
     fn secrets_do_not_show_in_debug_output() {
         assert_eq!(format!("{:?}", secret(ADMIN)), "Secret(***)");
+    }
+
+    #[test]
+    fn named_clients_open_the_api_as_themselves_with_keys_of_their_own() {
+        const SHOP: &str = "shop-token-0123456789";
+        let auth = HttpAuth::new(Some(&secret(API)), Some(&secret(ADMIN)))
+            .unwrap()
+            .with_clients(Some(&secret(&format!(
+                "shop={SHOP}, partner=partner-token-0123456789"
+            ))))
+            .unwrap();
+        let shop = auth.judge(Access::Api, Some(SHOP)).ok().unwrap();
+        assert_eq!(shop.name(), "shop");
+        assert_eq!(shop.scoped_key("k1"), "shop\u{1f}k1");
+        let api = auth.judge(Access::Api, Some(API)).ok().unwrap();
+        assert_eq!(api.scoped_key("k1"), "k1");
+        assert!(matches!(
+            auth.judge(Access::Admin, Some(SHOP)),
+            Err(AuthError::Forbidden(_))
+        ));
+        assert!(matches!(
+            auth.judge(Access::Gateway, Some(SHOP)),
+            Err(AuthError::Forbidden(_))
+        ));
+        for bad in [
+            "shop",
+            "Shop=shop-token-0123456789",
+            "admin=shop-token-0123456789",
+            "shop=short",
+            &format!("shop={API}"),
+            "a=shop-token-0123456789,b=shop-token-0123456789",
+        ] {
+            assert!(
+                HttpAuth::new(Some(&secret(API)), Some(&secret(ADMIN)))
+                    .unwrap()
+                    .with_clients(Some(&secret(bad)))
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 }

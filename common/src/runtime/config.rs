@@ -19,6 +19,7 @@
 //! | `RETENTION_SECS` | 604800 | keep published outbox rows and inbox ids this long (7 days) |
 //! | `CLEANUP_INTERVAL_SECS` | 15 | how often the retention cleaner runs (and vacuums, if the server's autovacuum is off) |
 //! | `API_TOKEN` | unset | bearer token for placing and reading orders and sagas (see `runtime::auth`) |
+//! | `API_CLIENTS` | unset | named API clients, `name=token,…`: each opens what `API_TOKEN` opens, as itself, with idempotency keys of its own |
 //! | `ADMIN_TOKEN` | unset | bearer token for set-up, reads of accounts/stock/customers, `/admin/…`; with neither token the HTTP API is open (development only) |
 //! | `DEV_MODE` | unset | `1`: development mode — the built-in card keys are accepted; without it a service refuses to start on them |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | unset | OpenTelemetry collector (OTLP/HTTP base URL) the saga's spans are exported to; unset: none |
@@ -125,6 +126,10 @@ pub struct CommonConfig {
     /// 3-D Secure (`POST /payments/{order_id}/confirm`, `/decline`).
     #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
     pub gateway_token: Option<Secret>,
+    /// Named API clients, `name=token,name=token…`: each opens what the API
+    /// token opens, as itself, with idempotency keys of its own.
+    #[arg(long, env = "API_CLIENTS", hide_env_values = true)]
+    pub api_clients: Option<Secret>,
     /// Development mode: the public development card keys are accepted.
     #[arg(long, env = "DEV_MODE", action = clap::ArgAction::Set, default_value_t = false,
           value_parser = clap::builder::BoolishValueParser::new())]
@@ -169,6 +174,7 @@ impl CommonConfig {
             api_token: None,
             admin_token: None,
             gateway_token: None,
+            api_clients: None,
             dev_mode: false,
             otel_exporter_otlp_endpoint: None,
             otel_exporter_otlp_protocol: "http/protobuf".to_owned(),
@@ -205,7 +211,8 @@ impl CommonConfig {
     /// The HTTP API's tokens (`API_TOKEN`, `ADMIN_TOKEN`).
     pub fn http_auth(&self) -> Result<HttpAuth, String> {
         HttpAuth::new(self.api_token.as_ref(), self.admin_token.as_ref())?
-            .with_gateway(self.gateway_token.as_ref())
+            .with_gateway(self.gateway_token.as_ref())?
+            .with_clients(self.api_clients.as_ref())
     }
 
     /// Who may publish which events (`AMQP_URL`'s user, `PRODUCER_USERS`).
@@ -253,6 +260,7 @@ impl fmt::Debug for CommonConfig {
             .field("http_request_timeout_ms", &self.http_request_timeout_ms)
             .field("api_token", &self.api_token)
             .field("admin_token", &self.admin_token)
+            .field("api_clients", &self.api_clients)
             .field("gateway_token", &self.gateway_token)
             .field("dev_mode", &self.dev_mode)
             .field(

@@ -228,3 +228,85 @@ async fn without_tokens_the_api_is_open_and_says_so() {
     }
     sys.shutdown().await;
 }
+
+/// Places `order` as the client with `token`, with an `Idempotency-Key`.
+async fn place_with_key(
+    sys: &TestSystem,
+    token: &str,
+    key: &str,
+    order: &Value,
+) -> (StatusCode, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/orders", sys.url(Svc::Order)))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(order)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Issue 24, item 8: idempotency keys were global — any API client could
+/// look up another's order by its key, or squat a key so that its owner
+/// got a 409. Named API clients (`API_CLIENTS`) have a token each, and
+/// keys of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn named_clients_have_idempotency_keys_of_their_own() {
+    let tokens = Tokens::random();
+    let (shop, partner) = ("shop-token-0123456789abcdef", "partner-token-0123456789abc");
+    let sys = TestSystem::builder()
+        .tokens(tokens.clone())
+        .api_clients(&format!("shop={shop},partner={partner}"))
+        .spawn()
+        .await;
+    sys.set_price("productA", 1500).await;
+    sys.set_stock("productA", 10).await;
+    sys.set_balance("keys", 100_000).await;
+    let one = order_dict("keys", &[("productA", 1)]);
+    let two = order_dict("keys", &[("productA", 2)]);
+
+    let (status, placed) = place_with_key(&sys, shop, "order-1", &one).await;
+    assert_eq!(status, StatusCode::OK, "{placed}");
+    let shop_order = placed["order_id"].as_str().unwrap().to_owned();
+
+    // The partner neither finds the shop's order by its key...
+    let by_key = "/orders?idempotency_key=order-1";
+    let (status, _) = call(&sys, Method::GET, Svc::Order, by_key, Some(partner), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        &sys,
+        Method::GET,
+        Svc::Order,
+        by_key,
+        Some(&tokens.api),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // ...nor collides with it: the same key, another order, its own.
+    let (status, theirs) = place_with_key(&sys, partner, "order-1", &two).await;
+    assert_eq!(status, StatusCode::OK, "{theirs}");
+    assert_ne!(theirs["order_id"], placed["order_id"]);
+
+    // The shop still finds its own, and placing again answers it.
+    let (status, found) = call(&sys, Method::GET, Svc::Order, by_key, Some(shop), None).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["order_id"], shop_order.as_str());
+    let (_, again) = place_with_key(&sys, shop, "order-1", &one).await;
+    assert_eq!(again["order_id"], shop_order.as_str());
+
+    // A client's token opens the API only.
+    let (status, _) = call(
+        &sys,
+        Method::GET,
+        Svc::Payment,
+        "/accounts/keys",
+        Some(shop),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    sys.shutdown().await;
+}
