@@ -463,7 +463,9 @@ pub async fn roll_back(conn: &mut PgConnection, r: &Rollbacks<'_>) -> Result<(),
             update deferred_emails d
             set email_id = q.email_id, kind = q.kind, recipient = q.recipient,
                 subject = q.subject, body = q.body, attempts = 0, last_error = null,
-                next_attempt_at = greatest(now() + make_interval(secs => q.after_secs),
+                -- The statement's own clock, not the transaction's start:
+                -- the batch's sends may have taken seconds before it.
+                next_attempt_at = greatest(clock_timestamp() + make_interval(secs => q.after_secs),
                                            d.in_flight_until)
             from queue q
             where d.order_id = q.order_id
@@ -472,7 +474,7 @@ pub async fn roll_back(conn: &mut PgConnection, r: &Rollbacks<'_>) -> Result<(),
             insert into deferred_emails (order_id, email_id, kind, recipient, subject, body,
                                          next_attempt_at)
             select q.order_id, q.email_id, q.kind, q.recipient, q.subject, q.body,
-                   now() + make_interval(secs => q.after_secs)
+                   clock_timestamp() + make_interval(secs => q.after_secs)
             from queue q
             where not exists (select 1 from deferred_emails d where d.order_id = q.order_id)
             on conflict (order_id) do nothing

@@ -184,8 +184,10 @@ impl EmailTransport for SmtpTransport {
             match sent {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_permanent() => Err(SendError::Rejected(e.to_string())),
-                // A 4xx answer, or no connection at all: not taken.
-                Err(e) if e.is_transient() || never_connected(&e) => {
+                // A 4xx answer, no connection at all, or no TLS session
+                // (a certificate that does not verify, no STARTTLS): not
+                // taken — nothing of the email was sent.
+                Err(e) if e.is_transient() || e.is_tls() || never_connected(&e) => {
                     Err(SendError::Unavailable(e.to_string()))
                 }
                 Err(e) => Err(SendError::Uncertain(e.to_string())),

@@ -111,8 +111,10 @@ impl ExpensiveReads {
             .map_err(|_| ApiError::Unavailable)?
             .map_err(|_| ApiError::Unavailable)?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "set local statement_timeout = {}",
+        // Planned for the values at hand every time: a cached generic plan
+        // would walk the key with a filter where the values allow a range.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "set local statement_timeout = {}; set local plan_cache_mode = force_custom_plan",
             Self::STATEMENT_TIMEOUT_MS
         )))
         .execute(&mut *tx)
@@ -369,6 +371,12 @@ async fn find_order(
     let key = idempotency_key
         .filter(|k| !k.is_empty())
         .ok_or_else(|| ApiError::BadRequest("idempotency_key is required".into()))?;
+    if key.len() > domain::MAX_KEY_LEN || key.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "idempotency_key must be 1 to {} printable characters",
+            domain::MAX_KEY_LEN
+        )));
+    }
     let client = client.map_or_else(ApiClient::anonymous, |Extension(c)| c);
     let key = client.scoped_key(&key);
     let mut conn = saga.pool.acquire().await?;

@@ -18,7 +18,7 @@ use common::messaging::delivery::{
     CONTROL_HEADERS, H_DELIVERY_COUNT, H_LAST_ERROR, H_ORIGINAL_EXCHANGE, H_ORIGINAL_ROUTING_KEY,
     H_PARKED_AT, H_PARKED_BY, H_PARKED_REASON, H_PARKED_SENDER, H_RETRY_ATTEMPT, header,
 };
-use common::messaging::events::{EXCHANGE, EventType};
+use common::messaging::events::{EXCHANGE, EventType, REQUEUE_EXCHANGE};
 use common::messaging::topology::ServiceIdentity;
 use common::messaging::trust;
 use lapin::message::Delivery;
@@ -615,7 +615,7 @@ pub enum Selection {
 /// How a parked message is published again.
 #[derive(Debug)]
 pub struct Plan {
-    /// `""` (the default exchange: straight to the work queue) or
+    /// `saga.requeue` (straight to the work queue, by its name) or
     /// `saga.events`.
     pub exchange: String,
     pub routing_key: String,
@@ -631,8 +631,10 @@ pub struct Plan {
 ///
 /// - sent by the service's own broker user (the shared-user set-up; its own
 ///   retries), or an `order.requested` (anyone may send one): straight to
-///   its work queue, through the default exchange, as the service's own
-///   retries travel (`x-original-routing-key` says which event it is);
+///   its work queue, through `saga.requeue` by the queue's name, as the
+///   service's own retries travel (`x-original-routing-key` says which
+///   event it is) — or, for a client's `order.requested` the broker parked
+///   itself, to `saga.events` again as that client;
 /// - sent by another user (with a broker user per service, the owner of the
 ///   event): to `saga.events` with its own routing key, as that user — so
 ///   the connection must be that user's. Every service bound to the key sees
@@ -670,20 +672,30 @@ pub fn plan_replay(
     let mut fresh = without(&headers, &DROPPED_ON_REPLAY);
     let public_entry = trust::owner(event).is_none();
     let direct_user = if public_entry {
-        own_user.or_else(|| sender.clone())
+        own_user.clone().or_else(|| sender.clone())
     } else if own_user.is_some() && own_user == sender {
-        own_user
+        own_user.clone()
     } else {
         None
     };
     if let Some(user) = direct_user {
-        fresh.insert(H_ORIGINAL_ROUTING_KEY.into(), long_str(&key));
-        fresh.insert(H_ORIGINAL_EXCHANGE.into(), long_str(EXCHANGE));
+        if own_user.as_ref() == Some(&user) {
+            fresh.insert(H_ORIGINAL_ROUTING_KEY.into(), long_str(&key));
+            fresh.insert(H_ORIGINAL_EXCHANGE.into(), long_str(EXCHANGE));
+            return Ok(Plan {
+                exchange: REQUEUE_EXCHANGE.to_owned(),
+                routing_key: service.queue(),
+                user: Some(user),
+                headers: fresh,
+            });
+        }
+        // A client's order, parked by the broker itself: placed again as
+        // that client, through the exchange, by its routing key.
         return Ok(Plan {
-            exchange: String::new(),
-            routing_key: service.queue(),
+            exchange: EXCHANGE.to_owned(),
+            routing_key: key,
             user: Some(user),
-            headers: fresh,
+            headers: without(&fresh, &CONTROL_HEADERS),
         });
     }
     let Some(sender) = sender else {
@@ -879,7 +891,7 @@ async fn replay_selected(
             return (done, skipped, Some(error.into()));
         }
         let props = replay_properties(&m.delivery.properties, &plan);
-        let to = if plan.exchange.is_empty() {
+        let to = if plan.exchange == REQUEUE_EXCHANGE {
             format!("{} (its work queue)", plan.routing_key)
         } else {
             format!("{} with routing key {}", plan.exchange, plan.routing_key)
@@ -1055,7 +1067,7 @@ mod tests {
     fn a_message_from_the_services_own_user_goes_back_to_the_work_queue() {
         let props = parked_props("guest", "guest", "order.confirmed");
         let plan = plan_replay(&INVENTORY_SVC, "inventory-svc.parking", &props).unwrap();
-        assert_eq!(plan.exchange, "");
+        assert_eq!(plan.exchange, REQUEUE_EXCHANGE);
         assert_eq!(plan.routing_key, "inventory-svc.events");
         assert_eq!(plan.user.as_deref(), Some("guest"));
         assert_eq!(

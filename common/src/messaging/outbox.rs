@@ -69,7 +69,9 @@ pub struct OutboxMessage {
 impl OutboxMessage {
     /// A direct reply to a client's `reply_to` queue, through the default
     /// exchange. Mandatory, so that one with no queue to go to is known
-    /// (and counted, then dropped: see [`confirmation_outcome`]).
+    /// (and counted, then dropped: see [`confirmation_outcome`]) — but for
+    /// RabbitMQ's direct reply-to, which answers a mandatory publish with
+    /// a return even when it delivered it.
     pub fn reply(id: Uuid, reply_to: &str, correlation_id: &str, body: Vec<u8>) -> Self {
         Self {
             id,
@@ -78,7 +80,7 @@ impl OutboxMessage {
             message_type: REPLY_TYPE.to_owned(),
             correlation_id: Some(correlation_id.to_owned()),
             body,
-            mandatory: true,
+            mandatory: !reply_to.starts_with("amq.rabbitmq.reply-to"),
             traceparent: None,
         }
     }

@@ -523,7 +523,8 @@ fn redact_value(value: &mut serde_json::Value, depth: usize) -> bool {
 
 /// `text` with every card number in it (13 to 19 digits, perhaps grouped
 /// by spaces or dashes, passing the Luhn check) masked but for its last 4
-/// digits; `None` if it has none.
+/// digits, wherever it sits in a longer run of digits (an expiry date or a
+/// CVV written right after it); `None` if it has none.
 fn mask_card_numbers(text: &str) -> Option<String> {
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
@@ -536,13 +537,11 @@ fn mask_card_numbers(text: &str) -> Option<String> {
             continue;
         }
         // A run of digits, single spaces or dashes between them.
-        let mut end = i;
-        let mut digits = String::new();
+        let mut positions = Vec::new();
         let mut j = i;
         while j < chars.len() {
             if chars[j].is_ascii_digit() {
-                digits.push(chars[j]);
-                end = j + 1;
+                positions.push(j);
                 j += 1;
             } else if matches!(chars[j], ' ' | '-')
                 && chars.get(j + 1).is_some_and(char::is_ascii_digit)
@@ -552,13 +551,33 @@ fn mask_card_numbers(text: &str) -> Option<String> {
                 break;
             }
         }
-        if (13..=19).contains(&digits.len()) && luhn_valid(&digits) {
-            out.push_str("****");
-            out.push_str(&digits[digits.len() - 4..]);
-            changed = true;
-        } else {
-            out.extend(&chars[i..end]);
+        let end = j;
+        let digits: String = positions.iter().map(|&p| chars[p]).collect();
+        // Every window of 13 to 19 digits, longest first, left to right.
+        let mut masked: Vec<(usize, usize)> = Vec::new();
+        let mut start = 0;
+        while start + 13 <= digits.len() {
+            let found = (13..=19)
+                .rev()
+                .filter(|len| start + len <= digits.len())
+                .find(|len| luhn_valid(&digits[start..start + len]));
+            match found {
+                Some(len) => {
+                    masked.push((start, start + len));
+                    start += len;
+                }
+                None => start += 1,
+            }
         }
+        let mut at = i;
+        for (from, to) in &masked {
+            out.extend(&chars[at..positions[*from]]);
+            out.push_str("****");
+            out.push_str(&digits[to - 4..*to]);
+            at = positions[to - 1] + 1;
+        }
+        out.extend(&chars[at..end]);
+        changed |= !masked.is_empty();
         i = end;
     }
     changed.then_some(out)
@@ -818,6 +837,18 @@ mod tests {
             let digits: String = out.chars().filter(char::is_ascii_digit).collect();
             assert!(!digits.contains("4242424242"), "{body} → {out}");
             assert!(!out.contains("987"), "{body} → {out}");
+            assert!(out.contains("****4242"), "{body} → {out}");
+        }
+
+        // A number run into other digits (an expiry, a CVV in free text):
+        // the number is found within the run.
+        for body in [
+            r#"{"note": "4242 4242 4242 4242 12/30 987"}"#,
+            r#"{"note": "4242424242424242 987"}"#,
+        ] {
+            let out = String::from_utf8(redact_message(body.as_bytes()).into_owned()).unwrap();
+            let digits: String = out.chars().filter(char::is_ascii_digit).collect();
+            assert!(!digits.contains("4242424242"), "{body} → {out}");
             assert!(out.contains("****4242"), "{body} → {out}");
         }
 

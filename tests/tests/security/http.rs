@@ -297,6 +297,19 @@ async fn named_clients_have_idempotency_keys_of_their_own() {
     let (_, again) = place_with_key(&sys, shop, "order-1", &one).await;
     assert_eq!(again["order_id"], shop_order.as_str());
 
+    // Nor by spelling the stored form of the shop's key.
+    let stored = "/orders?idempotency_key=shop%1Forder-1";
+    let (status, _) = call(
+        &sys,
+        Method::GET,
+        Svc::Order,
+        stored,
+        Some(&tokens.api),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
     // A client's token opens the API only.
     let (status, _) = call(
         &sys,
