@@ -31,16 +31,22 @@ fn rows_read_from_orders(plan: &Value) -> f64 {
     total
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_search_reads_an_index_range_not_the_whole_orders_table() {
+/// order-svc's database of a sandbox of its own, migrated.
+async fn order_database(connections: u32) -> (Sandbox, sqlx::PgPool) {
     let sandbox = Sandbox::new().await;
     let pool = common::store::pool::connect_and_migrate(
         &sandbox.database_url(Svc::Order),
-        2,
+        connections,
         &order_svc::MIGRATOR,
     )
     .await
     .expect("order-svc's database");
+    (sandbox, pool)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_search_reads_an_index_range_not_the_whole_orders_table() {
+    let (sandbox, pool) = order_database(2).await;
     // A day of 20,000 decided orders (one every 4 s), and, older than all
     // of them, 3 still PENDING. Ids are time-ordered like UUIDv7.
     sqlx::raw_sql(
@@ -109,14 +115,7 @@ async fn a_search_reads_an_index_range_not_the_whole_orders_table() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expensive_reads_run_a_few_at_a_time_each_under_a_timeout() {
-    let sandbox = Sandbox::new().await;
-    let pool = common::store::pool::connect_and_migrate(
-        &sandbox.database_url(Svc::Order),
-        8,
-        &order_svc::MIGRATOR,
-    )
-    .await
-    .expect("order-svc's database");
+    let (sandbox, pool) = order_database(8).await;
     let reads = ExpensiveReads::new(pool.clone());
 
     // Every turn taken: the next one waits a moment, then is refused (503),
