@@ -621,14 +621,12 @@ pub async fn search_sagas(
     conn: &mut PgConnection,
     search: &SagaSearch,
 ) -> Result<Vec<SagaSummary>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(search_statement(search, "")))
-        .bind(search.status.map(OrderStatus::as_str))
-        .bind(search.since)
-        .bind(search.stuck_only)
-        .bind(search.limit)
-        .bind(lowest_id_since(search.since))
-        .fetch_all(conn)
-        .await
+    sqlx::query_as_with(
+        sqlx::AssertSqlSafe(search_statement(search, "")),
+        search_arguments(search)?,
+    )
+    .fetch_all(conn)
+    .await
 }
 
 /// The plan PostgreSQL runs [`search_sagas`] with, executed (`EXPLAIN
@@ -637,17 +635,27 @@ pub async fn explain_search(
     conn: &mut PgConnection,
     search: &SagaSearch,
 ) -> Result<serde_json::Value, sqlx::Error> {
-    let plan: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(
-        search_statement(search, "explain (analyze, format json) "),
-    ))
-    .bind(search.status.map(OrderStatus::as_str))
-    .bind(search.since)
-    .bind(search.stuck_only)
-    .bind(search.limit)
-    .bind(lowest_id_since(search.since))
+    let plan: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar_with(
+        sqlx::AssertSqlSafe(search_statement(search, "explain (analyze, format json) ")),
+        search_arguments(search)?,
+    )
     .fetch_one(conn)
     .await?;
     Ok(plan.0)
+}
+
+/// The values of [`search_statement`]'s `$1`…`$5`.
+fn search_arguments(search: &SagaSearch) -> Result<sqlx::postgres::PgArguments, sqlx::Error> {
+    use sqlx::Arguments as _;
+    let mut args = sqlx::postgres::PgArguments::default();
+    let added = args
+        .add(search.status.map(OrderStatus::as_str))
+        .and_then(|()| args.add(search.since))
+        .and_then(|()| args.add(search.stuck_only))
+        .and_then(|()| args.add(search.limit))
+        .and_then(|()| args.add(lowest_id_since(search.since)));
+    added.map_err(sqlx::Error::Encode)?;
+    Ok(args)
 }
 
 /// The smallest UUIDv7 of an order created at `since` or later (a second
